@@ -1,0 +1,92 @@
+"""The one switch that decides how the model's arithmetic runs.
+
+Every matmul, norm, softmax, attention and expert GEMM of the model goes through the functions in
+`kernels/__init__.py`, which look up the active backend here. A backend is a plain object with the
+methods of `Backend` below; `torch` (stock PyTorch/vendor kernels) and `batch_invariant` (our Triton
+kernels with a fixed reduction order) are registered by name.
+
+    with kernels.use_backend("batch_invariant"):
+        logits, routings = model(tokens, cu_seqlens)
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Callable, Iterator, Protocol
+
+import torch
+
+
+class Backend(Protocol):
+    """What a backend must provide. Shapes use T = tokens (rows), K = reduction dim, N = output dim."""
+
+    name: str
+
+    def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [T, K] @ w [K, N] -> [T, N] in x's dtype (fp32 accumulate)."""
+
+    def grouped_matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Rows of x [T, K] sorted by group; w [E, K, N]; offsets [E] int32 cumulative row ends.
+        Row t of group e gives x[t] @ w[e]. Returns [T, N]."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x [T, D] normalised per row, times weight [D]."""
+
+    def softmax(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax over the last dim, computed and returned in fp32."""
+
+    def log_softmax(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-softmax over the last dim, computed and returned in fp32."""
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+        """Causal attention for a ragged batch over a KV cache.
+
+        q [Tq, H, Dh]: the step's queries, sequence b owning rows cu_seqlens_q[b]:cu_seqlens_q[b+1].
+        k_cache, v_cache [S, L, Hkv, Dh]: cache slots; sequence b reads slot slots[b], positions
+        0..kv_lens[b]-1 (the step's own keys already written). Its queries sit at the last positions,
+        so query i of a sequence with n queries is at position kv_lens[b] - n + i and sees keys <= it.
+        H must be a multiple of Hkv (grouped-query attention). Returns [Tq, H, Dh] in q's dtype.
+        """
+
+
+_BACKENDS: dict[str, Callable[[], Backend]] = {}
+_state = threading.local()
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    """Make a backend selectable by name; `factory` is called once, on first use."""
+    _BACKENDS[name] = factory
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+_instances: dict[str, Backend] = {}
+
+
+def _instance(name: str) -> Backend:
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {available_backends()}, got {name!r}")
+    if name not in _instances:
+        _instances[name] = _BACKENDS[name]()
+    return _instances[name]
+
+
+def get_backend() -> Backend:
+    """The backend in force on this thread (`torch` unless a `use_backend` block says otherwise)."""
+    return _instance(getattr(_state, "name", "torch"))
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[Backend]:
+    """Run the enclosed model code on the named backend; nests and restores on exit."""
+    backend = _instance(name)
+    previous = getattr(_state, "name", "torch")
+    _state.name = name
+    try:
+        yield backend
+    finally:
+        _state.name = previous

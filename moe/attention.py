@@ -1,0 +1,47 @@
+"""RoPE self-attention with grouped KV heads over a ragged batch and a KV cache.
+
+Legend: T = tokens in the step, D = d_model, H = query heads, Hkv = key/value heads, Dh = head dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import kernels
+from moe.cache import KVCache
+from moe.config import ModelConfig
+from moe.step import Step
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate x [T, heads, Dh] by its positions, half-split layout (Llama / HF `rotate_half`).
+    Elementwise in fp32, so a token's result depends only on its own position."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / theta ** (torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angle = positions.float()[:, None] * inv_freq[None, :]                     # [T, Dh/2]
+    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        H, Hkv, Dh, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+        self.wq = nn.Parameter(torch.empty(D, H * Dh))
+        self.wk = nn.Parameter(torch.empty(D, Hkv * Dh))
+        self.wv = nn.Parameter(torch.empty(D, Hkv * Dh))
+        self.wo = nn.Parameter(torch.empty(H * Dh, D))
+
+    def forward(self, x: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
+        cfg, T = self.cfg, x.shape[0]
+        q = kernels.matmul(x, self.wq).view(T, cfg.n_heads, cfg.head_dim)
+        k = kernels.matmul(x, self.wk).view(T, cfg.n_kv_heads, cfg.head_dim)
+        v = kernels.matmul(x, self.wv).view(T, cfg.n_kv_heads, cfg.head_dim)
+        q, k = rope(q, step.positions, cfg.rope_theta), rope(k, step.positions, cfg.rope_theta)
+        cache.write(self.layer, step.slots, step.positions, step.seq_idx, k, v)
+        out = kernels.attention(q, cache.k[self.layer], cache.v[self.layer], step.cu_seqlens,
+                                step.kv_lens, step.slots, cfg.head_dim ** -0.5)   # [T, H, Dh]
+        return kernels.matmul(out.reshape(T, cfg.n_heads * cfg.head_dim), self.wo)
+

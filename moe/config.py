@@ -1,0 +1,114 @@
+"""Model and MoE configuration: validated dataclasses, mirrored by `configs/model/*.yaml`.
+
+Bad values fail early with a `ValueError` that names the field and what is allowed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+ROUTERS = ("topk", "capacity", "expert_choice", "sequence_capacity")
+COMBINES = ("ordered", "scatter_add")
+DROP_ORDERS = ("position", "score")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class MoEConfig:
+    n_experts: int
+    top_k: int
+    d_expert: int                      # hidden size of each SwiGLU expert
+    n_shared_experts: int = 0          # dense SwiGLU experts every token goes through (Qwen2-MoE, DeepSeek)
+    router: str = "topk"               # one of ROUTERS
+    capacity_factor: float = 1.25      # capacity routers: slots per expert = ceil(cf * tokens * top_k / E)
+    combine: str = "ordered"           # one of COMBINES
+    renormalize: bool = True           # divide the top-k weights by their sum (Mixtral, norm_topk_prob)
+    drop_order: str = "position"       # capacity routers: who keeps a slot (batch position, or higher score)
+    group_size: int = 64               # sequence_capacity: tokens per fixed chunk of one sequence
+    min_capacity: int = 0              # lower bound on slots per expert (DeepSpeed uses 8)
+    shared_expert_gate: bool = False   # scale shared experts by sigmoid(x @ w) (Qwen2-MoE)
+
+    def __post_init__(self) -> None:
+        _check(self.n_experts >= 1, f"n_experts must be >= 1, got {self.n_experts}")
+        _check(1 <= self.top_k <= self.n_experts,
+               f"top_k must be in 1..n_experts={self.n_experts}, got {self.top_k}")
+        _check(self.d_expert >= 1, f"d_expert must be >= 1, got {self.d_expert}")
+        _check(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        _check(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
+        _check(self.capacity_factor > 0, f"capacity_factor must be > 0, got {self.capacity_factor}")
+        _check(self.combine in COMBINES, f"combine must be one of {COMBINES}, got {self.combine!r}")
+        _check(self.drop_order in DROP_ORDERS,
+               f"drop_order must be one of {DROP_ORDERS}, got {self.drop_order!r}")
+        _check(self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}")
+        _check(self.min_capacity >= 0, f"min_capacity must be >= 0, got {self.min_capacity}")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    moe: MoEConfig
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    max_seq_len: int = 2048            # KV-cache length per sequence
+    dtype: str = "float32"             # parameter and activation dtype, one of DTYPES
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    seed: int = 0                      # weights are a function of the config: same seed, same model
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):  # from Hydra/YAML
+            self.moe = MoEConfig(**self.moe)
+        _check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
+        _check(self.n_layers >= 1, f"n_layers must be >= 1, got {self.n_layers}")
+        _check(self.n_heads >= 1 and self.d_model % self.n_heads == 0,
+               f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        _check((self.d_model // self.n_heads) % 2 == 0,
+               f"head dim d_model/n_heads must be even for RoPE, got {self.d_model // self.n_heads}")
+        _check(self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0,
+               f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        _check(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        _check(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelConfig":
+        """A named preset (see PRESETS), with fields overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
+        kw = dict(PRESETS[name])
+        moe_kw = dict(kw.pop("moe"))
+        moe_kw.update(overrides.pop("moe", {}))
+        kw.update(overrides)
+        return cls(moe=MoEConfig(**moe_kw), **kw)
+
+
+# Named presets; configs/model/*.yaml mirror them.
+PRESETS: dict[str, dict] = {
+    # CPU-sized: fast enough for tests and the default ablation on 2 cores.
+    "tiny": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256,
+                 moe=dict(n_experts=8, top_k=2, d_expert=64)),
+    "small": dict(vocab_size=512, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=1024,
+                  moe=dict(n_experts=16, top_k=4, d_expert=128, n_shared_experts=1)),
+    # Shaped like a production MoE layer (OLMoE/Qwen3-MoE class), for the GPU.
+    "large": dict(vocab_size=32768, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=4,
+                  max_seq_len=8192, dtype="bfloat16",
+                  moe=dict(n_experts=64, top_k=8, d_expert=1024)),
+}

@@ -1,0 +1,68 @@
+"""Batched generation with the KV cache: one ragged prefill of all prompts, then decode steps.
+
+Greedy at temperature 0 (ties go to the lowest token id); otherwise temperature / top-p sampling where
+prompt i draws from its own generator seeded with seed + i, so a sample does not depend on how many
+other prompts are drawn beside it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from moe.model import MoETransformer, cu_seqlens_of
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generators: Optional[list[torch.Generator]] = None) -> torch.Tensor:
+    """Next token per row of logits [B, V]. Row b uses generators[b] when sampling."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = torch.cumsum(sorted_p, dim=-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    rows = [torch.multinomial(probs[b].cpu(), 1, generator=generators[b]) for b in range(probs.shape[0])]
+    return torch.cat(rows).to(logits.device)
+
+
+def generate(model: MoETransformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: Optional[int] = None, eos_id: Optional[int] = None) -> list[list[int]]:
+    """Generate up to max_new_tokens for each prompt (a list of token ids); returns the new tokens."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature > 0 and seed is None:
+        seed = int(torch.seed() % 2**31)
+    generators = None if temperature == 0 else [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    out: list[list[int]] = [[] for _ in prompts]
+    if max_new_tokens == 0:
+        return out
+    cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens)
+    tokens, cu = cu_seqlens_of(prompts, model.device)
+    logits, _ = model(tokens, cu, cache)
+    last = logits[cu[1:] - 1]                                                  # [B, V]
+    active = list(range(len(prompts)))
+    for step in range(max_new_tokens):
+        gens = None if generators is None else [generators[i] for i in active]
+        nxt = sample_next(last, temperature, top_p, gens).tolist()
+        still = []
+        for i, t in zip(active, nxt):
+            out[i].append(t)
+            if t != eos_id and step + 1 < max_new_tokens:
+                still.append(i)
+        active = still
+        if not active:
+            break
+        tokens = torch.tensor([out[i][-1] for i in active], device=model.device)
+        cu = torch.arange(len(active) + 1, device=model.device)
+        last, _ = model(tokens, cu, cache, slots=torch.tensor(active, device=model.device))
+    return out

@@ -1,0 +1,132 @@
+"""A small MoE decoder: embedding -> n_layers x [RMSNorm, RoPE attention, RMSNorm, MoE] -> RMSNorm ->
+LM head. It takes a ragged batch (cu_seqlens as in varlen attention), so one step can mix prefill
+chunks and decode tokens of different sequences, as a continuous-batching server does. No padding
+enters any computation; all math goes through `kernels` and so through the backend switch.
+
+Legend: T = tokens in the step, B = sequences, D = d_model, V = vocab.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+import kernels
+from moe.attention import Attention
+from moe.cache import KVCache
+from moe.config import ModelConfig
+from moe.layer import MoELayer
+from moe.routing import Routing
+from moe.step import Step
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.eps = layer, cfg.norm_eps
+        self.attn_norm = nn.Parameter(torch.ones(cfg.d_model))
+        self.attn = Attention(cfg, layer)
+        self.moe_norm = nn.Parameter(torch.ones(cfg.d_model))
+        self.moe = MoELayer(cfg.moe, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, step: Step, cache: KVCache) -> tuple[torch.Tensor, Routing]:
+        x = x + self.attn(kernels.rms_norm(x, self.attn_norm, self.eps), step, cache)
+        state = cache.router_state(self.layer, step.slots)
+        y, routing = self.moe(kernels.rms_norm(x, self.moe_norm, self.eps), step.seq_idx, step.positions,
+                              state)
+        if routing.state is not None:
+            cache.set_router_state(self.layer, step.slots, routing.state)
+        return x + y, routing
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.final_norm = nn.Parameter(torch.ones(cfg.d_model))
+        self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.d_model, cfg.vocab_size))
+        self.reset_parameters()
+        self.to(cfg.torch_dtype)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights, ones for norms, from a generator seeded by cfg.seed: the same
+        config always gives the same model, on any device."""
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * self.cfg.init_std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def new_cache(self, n_slots: int, max_len: Optional[int] = None) -> KVCache:
+        return KVCache(self.cfg, n_slots, max_len, device=self.device)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, cache: Optional[KVCache] = None,
+                slots: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[Routing]]:
+        """tokens [T] of B sequences laid end to end (sequence b is tokens[cu_seqlens[b]:cu_seqlens[b+1]]).
+
+        With a cache, sequence b continues the one stored in cache slot slots[b] (default b) and its
+        tokens are appended there. Returns logits [T, V] (fp32) and one Routing per layer.
+        """
+        tokens, cu_seqlens = tokens.to(self.device), cu_seqlens.to(self.device)
+        self._check_batch(tokens, cu_seqlens)
+        B = cu_seqlens.shape[0] - 1
+        q_lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        if cache is None:
+            cache = self.new_cache(B, int(q_lens.max()))
+            slots = None
+        if slots is None:
+            slots = torch.arange(B, device=self.device)
+        slots = slots.to(self.device)
+        self._check_slots(slots, B, q_lens, cache)
+        step = Step.build(cu_seqlens, slots, cache.lengths[slots])
+        x = self.embed[tokens]                                                      # [T, D]
+        routings = []
+        for block in self.blocks:
+            x, routing = block(x, step, cache)
+            routings.append(routing)
+        cache.lengths[slots] = step.kv_lens
+        x = kernels.rms_norm(x, self.final_norm, self.cfg.norm_eps)
+        head = self.embed.t() if self.lm_head is None else self.lm_head
+        return kernels.matmul(x, head).float(), routings                          # [T, V]
+
+    def _check_batch(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+        if tokens.dim() != 1 or tokens.numel() == 0:
+            raise ValueError(f"tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size:
+            raise ValueError(f"tokens must be in 0..vocab_size-1={self.cfg.vocab_size - 1}, "
+                             f"got range {int(tokens.min())}..{int(tokens.max())}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got {tuple(cu_seqlens.shape)}")
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != tokens.numel() or bool((lens < 1).any()):
+            raise ValueError("cu_seqlens must start at 0, end at len(tokens) and grow strictly "
+                             f"(every sequence has >= 1 token), got {cu_seqlens.tolist()}")
+
+    def _check_slots(self, slots: torch.Tensor, B: int, q_lens: torch.Tensor, cache: KVCache) -> None:
+        if slots.shape != (B,):
+            raise ValueError(f"slots must have one entry per sequence ({B}), got {tuple(slots.shape)}")
+        if int(slots.min()) < 0 or int(slots.max()) >= cache.n_slots or slots.unique().numel() != B:
+            raise ValueError(f"slots must be distinct cache slots in 0..{cache.n_slots - 1}, got {slots.tolist()}")
+        if bool((cache.lengths[slots] + q_lens > cache.max_len).any()):
+            raise ValueError(f"a sequence would exceed the cache's max_len={cache.max_len}")
+
+
+def cu_seqlens_of(seqs: list[list[int]] | list[torch.Tensor], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack sequences of token ids into (tokens [T], cu_seqlens [B+1])."""
+    parts = [torch.as_tensor(s, dtype=torch.long) for s in seqs]
+    if not parts or any(p.dim() != 1 or p.numel() == 0 for p in parts):
+        raise ValueError("seqs must be a non-empty list of non-empty 1-D token sequences")
+    lens = torch.tensor([0] + [p.numel() for p in parts])
+    return torch.cat(parts).to(device), torch.cumsum(lens, 0).to(device)

@@ -1,0 +1,71 @@
+"""Shared machinery of all routers: fp32 probabilities, top-k with ties broken by expert index, and
+the rank of each assignment inside its expert's queue (for capacity limits).
+
+A router subclass overrides one method, `assign(probs, seq_ids, positions, state)`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+import kernels
+from moe.routing import ChunkState, Routing
+
+
+class Router:
+    """Base class: `router(logits, seq_ids, positions, state) -> Routing`."""
+
+    name = "base"
+
+    def __init__(self, n_experts: int, top_k: int, renormalize: bool = True):
+        self.n_experts = n_experts
+        self.top_k = top_k
+        self.renormalize = renormalize
+
+    def __call__(self, logits: torch.Tensor, seq_ids: torch.Tensor,
+                 positions: Optional[torch.Tensor] = None, state: Optional[ChunkState] = None) -> Routing:
+        if logits.dim() != 2 or logits.shape[1] != self.n_experts:
+            raise ValueError(f"logits must have shape [tokens, n_experts={self.n_experts}], "
+                             f"got {tuple(logits.shape)}")
+        probs = kernels.softmax(logits)  # fp32, through the backend switch
+        return self.assign(probs, seq_ids, positions, state)
+
+    def assign(self, probs: torch.Tensor, seq_ids: torch.Tensor, positions: Optional[torch.Tensor],
+               state: Optional[ChunkState]) -> Routing:
+        raise NotImplementedError
+
+    def top_k_choice(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's top-k experts, best first; equal probabilities go to the lower expert index
+        (a stable sort, so the tie rule holds on every backend and device)."""
+        order = torch.sort(probs, dim=1, descending=True, stable=True).indices[:, : self.top_k]
+        weights = probs.gather(1, order)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=1, keepdim=True)
+        return order, weights
+
+
+def capacity(capacity_factor: float, tokens: int, top_k: int, n_experts: int, min_capacity: int = 0) -> int:
+    """GShard/Switch slots per expert: ceil(cf * tokens * top_k / E), at least min_capacity."""
+    return max(math.ceil(capacity_factor * tokens * top_k / n_experts), min_capacity)
+
+
+def rank_in_queue(experts: torch.Tensor, priority: torch.Tensor,
+                  group: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """For assignments (flat [A]) to `experts`, the 0-based rank of each in its expert's queue, ordered
+    by ascending `priority` (ties: lower index first); with `group`, queues are per (group, expert).
+    Deterministic: successive stable sorts, no atomics."""
+    order = torch.argsort(priority, stable=True)
+    order = order[torch.argsort(experts[order], stable=True)]
+    key = experts[order]
+    if group is not None:
+        order = order[torch.argsort(group[order], stable=True)]
+        key = group[order] * (int(experts.max()) + 1 if experts.numel() else 1) + experts[order]
+    idx = torch.arange(key.numel(), device=key.device)
+    starts = torch.ones_like(key, dtype=torch.bool)
+    starts[1:] = key[1:] != key[:-1]
+    run_start = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=0).values
+    rank = torch.empty_like(idx)
+    rank[order] = idx - run_start
+    return rank

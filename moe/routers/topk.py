@@ -1,0 +1,20 @@
+"""Dropless per-token top-k (Mixtral, Qwen-MoE, OLMoE; MegaBlocks dMoE).
+
+softmax -> top-k experts per token -> optionally renormalised weights. Nothing is dropped and a
+token's route reads only its own logits, so routing is batch-invariant by design; the numbers that
+reach the router are invariant only if the kernels are.
+"""
+from __future__ import annotations
+
+import torch
+
+from moe.routers.base import Router
+from moe.routing import Routing
+
+
+class TopKRouter(Router):
+    name = "topk"
+
+    def assign(self, probs, seq_ids, positions, state) -> Routing:
+        experts, weights = self.top_k_choice(probs)
+        return Routing(experts, weights, torch.zeros_like(experts, dtype=torch.bool), probs)

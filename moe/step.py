@@ -1,0 +1,24 @@
+"""The bookkeeping of one forward step over a ragged batch: which tokens belong to which sequence,
+their positions, and the cache slots they read and write. Computed once per step, shared by layers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Step:
+    cu_seqlens: torch.Tensor  # [B+1] token offsets of the sequences in this step
+    seq_idx: torch.Tensor     # [T] which sequence (0..B-1) each token belongs to
+    positions: torch.Tensor   # [T] absolute position of each token in its sequence
+    slots: torch.Tensor       # [B] cache slot of each sequence
+    kv_lens: torch.Tensor     # [B] sequence lengths after this step
+
+    @classmethod
+    def build(cls, cu_seqlens: torch.Tensor, slots: torch.Tensor, start: torch.Tensor) -> "Step":
+        q_lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        B = q_lens.shape[0]
+        seq_idx = torch.repeat_interleave(torch.arange(B, device=cu_seqlens.device), q_lens)
+        offset = torch.arange(seq_idx.shape[0], device=cu_seqlens.device) - cu_seqlens[seq_idx]
+        return cls(cu_seqlens, seq_idx, start[seq_idx] + offset, slots, start + q_lens)
