@@ -63,14 +63,15 @@ class MoELayer(nn.Module):
         gate, up = h.chunk(2, dim=1)
         out = kernels.grouped_matmul(F.silu(gate) * up, self.w_down, offsets)     # [A, D]
         w = routing.weights.flatten()[order, None]
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 accumulate (fp64 stays fp64)
         if self.cfg.combine == "scatter_add":
             # what most MoE code does: atomic adds, order of arrival decides the rounding on GPU
-            y = torch.zeros(T, self.d_model, dtype=torch.float32, device=x.device)
-            y.index_add_(0, order // S, out.float() * w)
+            y = torch.zeros(T, self.d_model, dtype=acc, device=x.device)
+            y.index_add_(0, order // S, out.to(acc) * w)
             return y.to(x.dtype)
         # ordered: put each output in its (token, slot) cell, then sum slots 0..S-1 in that order in fp32
-        cells = torch.zeros(T * S, self.d_model, dtype=torch.float32, device=x.device)
-        cells[order] = out.float() * w
+        cells = torch.zeros(T * S, self.d_model, dtype=acc, device=x.device)
+        cells[order] = out.to(acc) * w
         cells = cells.view(T, S, self.d_model)
         y = cells[:, 0]
         for j in range(1, S):

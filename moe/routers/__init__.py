@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from moe.config import ROUTERS, MoEConfig
-from moe.routers.base import Router, capacity
+from moe.routers.base import Router, expert_capacity
 from moe.routers.capacity import CapacityRouter
 from moe.routers.expert_choice import ExpertChoiceRouter
 from moe.routers.sequence_capacity import SequenceCapacityRouter
@@ -39,4 +39,4 @@ def router_from_config(cfg: MoEConfig) -> Router:
 
 
 __all__ = ["Router", "TopKRouter", "CapacityRouter", "ExpertChoiceRouter", "SequenceCapacityRouter",
-           "build_router", "router_from_config", "capacity"]
+           "build_router", "router_from_config", "expert_capacity"]

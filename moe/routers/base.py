@@ -46,7 +46,7 @@ class Router:
         return order, weights
 
 
-def capacity(capacity_factor: float, tokens: int, top_k: int, n_experts: int, min_capacity: int = 0) -> int:
+def expert_capacity(capacity_factor: float, tokens: int, top_k: int, n_experts: int, min_capacity: int = 0) -> int:
     """GShard/Switch slots per expert: ceil(cf * tokens * top_k / E), at least min_capacity."""
     return max(math.ceil(capacity_factor * tokens * top_k / n_experts), min_capacity)
 

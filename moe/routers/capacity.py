@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from moe.routers.base import Router, capacity, rank_in_queue
+from moe.routers.base import Router, expert_capacity, rank_in_queue
 from moe.routing import Routing
 
 
@@ -29,7 +29,7 @@ class CapacityRouter(Router):
     def assign(self, probs, seq_ids, positions, state) -> Routing:
         T = probs.shape[0]
         experts, weights = self.top_k_choice(probs)                       # [T, k]
-        slots = capacity(self.capacity_factor, T, self.top_k, self.n_experts, self.min_capacity)
+        slots = expert_capacity(self.capacity_factor, T, self.top_k, self.n_experts, self.min_capacity)
         position = torch.arange(T * self.top_k, device=probs.device)      # token-major: t*k + j
         if self.drop_order == "score":
             # flat positions are already in batch order, so the stable sort breaks score ties by it

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from moe.routers.base import Router, capacity, rank_in_queue
+from moe.routers.base import Router, expert_capacity, rank_in_queue
 from moe.routing import ChunkState, Routing
 
 
@@ -24,7 +24,7 @@ class SequenceCapacityRouter(Router):
                  capacity_factor: float = 1.25, group_size: int = 64, min_capacity: int = 0):
         super().__init__(n_experts, top_k, renormalize)
         self.group_size = group_size
-        self.slots = capacity(capacity_factor, group_size, top_k, n_experts, min_capacity)
+        self.slots = expert_capacity(capacity_factor, group_size, top_k, n_experts, min_capacity)
 
     def assign(self, probs, seq_ids, positions, state: Optional[ChunkState]) -> Routing:
         T, E, k = probs.shape[0], self.n_experts, self.top_k
