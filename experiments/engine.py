@@ -1,0 +1,122 @@
+"""A small continuous-batching engine over `MoETransformer`, the way a serving stack runs it.
+
+Each step packs every active request into one ragged batch: a request still reading its prompt
+contributes its next prefill chunk, a request generating contributes its last token. Requests arrive
+at a given step, join the running batch, finish after `max_new_tokens` and free their cache slot.
+Greedy decoding (temperature 0), since the question is why temperature 0 is not deterministic.
+
+For `track=True` requests the engine keeps, per processed token, the logits and a compact routing
+record per layer (`TokenRoutes`), which the attribution reads.
+
+Legend: T = tokens in a step, E = experts, k = top_k, L = layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from moe import MoETransformer, Routing, cu_seqlens_of
+
+
+@dataclass
+class TokenRoutes:
+    """Routing of one request's tokens, all layers: kept [n, L, E] bool (experts that processed the
+    token), preferred [n, L, k] (its own top-k by router probability, whatever was dropped) and margin
+    [n, L] (k-th minus (k+1)-th probability)."""
+    kept: torch.Tensor
+    preferred: torch.Tensor
+    margin: torch.Tensor
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    arrival: int = 0                  # step at which it joins the batch
+    order: float = 0.0                # place in the batch among requests active together (lower first)
+    chunk: Optional[int] = None       # prefill chunk size (None: whole prompt in one step)
+    track: bool = False
+    # filled in by the engine
+    generated: list[int] = field(default_factory=list)
+    fed: int = 0                      # tokens already processed
+    slot: int = -1
+    logits: list[torch.Tensor] = field(default_factory=list)
+    route_parts: list[TokenRoutes] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return len(self.generated) >= self.max_new_tokens
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.generated
+
+    def next_input(self) -> list[int]:
+        if self.fed < len(self.prompt):
+            end = len(self.prompt) if self.chunk is None else min(len(self.prompt), self.fed + self.chunk)
+            return self.prompt[self.fed:end]
+        return [self.generated[-1]]
+
+    def token_logits(self) -> torch.Tensor:
+        """[n, V] logits predicting the token after each processed token (tracked requests)."""
+        return torch.cat(self.logits)
+
+    def token_routes(self) -> TokenRoutes:
+        parts = self.route_parts
+        return TokenRoutes(*(torch.cat([getattr(p, f) for p in parts]) for f in ("kept", "preferred", "margin")))
+
+
+def routes_of_rows(routings: list[Routing], rows: slice, top_k: int) -> TokenRoutes:
+    """The compact record of some rows of a step, all layers."""
+    kept = torch.stack([r.expert_sets()[rows] for r in routings], 1)
+    # a token's own top-k as a sorted set, ties to the lower id as the routers break them
+    preferred = torch.stack([torch.sort(r.probs[rows], dim=1, descending=True, stable=True)
+                             .indices[:, :top_k].sort(dim=1).values for r in routings], 1)
+    margin = torch.stack([r.margins(top_k)[rows] for r in routings], 1)
+    return TokenRoutes(kept.cpu(), preferred.cpu(), margin.cpu())
+
+
+class Engine:
+    def __init__(self, model: MoETransformer, n_slots: int, max_len: int):
+        self.model = model
+        self.cache = model.new_cache(n_slots, max_len)
+        self.free_slots = list(range(n_slots))
+        self.steps = 0
+
+    def run(self, requests: list[Request], max_steps: int = 100_000) -> list[Request]:
+        """Serve the requests to completion; returns them with `generated` (and tracked data) filled."""
+        pending = sorted(requests, key=lambda r: r.arrival)
+        active: list[Request] = []
+        while pending or active:
+            while pending and pending[0].arrival <= self.steps and self.free_slots:
+                r = pending.pop(0)
+                r.slot = self.free_slots.pop(0)
+                active.append(r)
+            if active:
+                active.sort(key=lambda r: r.order)
+                self._step(active)
+                for r in [r for r in active if r.done]:
+                    self.cache.free(r.slot)
+                    self.free_slots.append(r.slot)
+                    active.remove(r)
+            self.steps += 1
+            if self.steps > max_steps:
+                raise RuntimeError(f"engine did not finish within max_steps={max_steps}")
+        return requests
+
+    def _step(self, batch: list[Request]) -> None:
+        inputs = [r.next_input() for r in batch]
+        tokens, cu = cu_seqlens_of(inputs, self.model.device)
+        slots = torch.tensor([r.slot for r in batch], device=self.model.device)
+        logits, routings = self.model(tokens, cu, self.cache, slots)
+        cu = cu.tolist()
+        for b, r in enumerate(batch):
+            rows = slice(cu[b], cu[b + 1])
+            r.fed += len(inputs[b])
+            if r.track:
+                r.logits.append(logits[rows].cpu())
+                r.route_parts.append(routes_of_rows(routings, rows, self.model.cfg.moe.top_k))
+            if r.fed >= len(r.prompt):
+                r.generated.append(int(logits[cu[b + 1] - 1].argmax()))
