@@ -28,7 +28,7 @@ import kernels
 from experiments.attribution import CAUSES, attribute_divergence
 from experiments.compositions import make_compositions, make_probes
 from experiments.engine import Engine, Request
-from experiments.hydra_utils import model_config, run_dir, write_csv, write_json
+from experiments.hydra_utils import CONFIG_DIR, model_config, run_dir, write_csv, write_json
 from moe import MoETransformer
 
 INVARIANT_ROUTERS = ("topk", "sequence_capacity")
@@ -146,11 +146,14 @@ def summary(results: dict, out: Path) -> str:
     return text
 
 
-@hydra.main(config_path="../configs", config_name="ablate", version_base=None)
+@hydra.main(config_path=CONFIG_DIR, config_name="ablate", version_base=None)
 def main(cfg: DictConfig) -> None:
     out = run_dir()
     print(summary(run_ablation(cfg, out), out))
 
 
 if __name__ == "__main__":
-    main()
+    # run the importable module's main, not __main__'s: sweep launchers (joblib) pickle the task
+    # function by reference, which works only for a function of an importable module
+    from experiments.ablate import main as importable_main
+    importable_main()

@@ -10,6 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe import ModelConfig
 
+# absolute, so @hydra.main finds it however the app is started (python -m, or imported by a launcher)
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
 ROUTER_OPTIONS = ("capacity_factor", "drop_order", "group_size", "min_capacity", "renormalize")
 
 
