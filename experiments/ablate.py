@@ -48,7 +48,7 @@ def run_cell(model: MoETransformer, probes, compositions, max_new_tokens: int) -
     by_size: dict[int, list[int]] = {}
     for (pi, ref), comp in itertools.product(enumerate(refs), compositions):
         probe_req, batch = comp.requests(probes[pi], max_new_tokens)
-        Engine(model, len(batch), max_len).run(batch)
+        Engine(model, len(batch), max_len).run(batch, until_tracked_done=True)
         d = attribute_divergence(ref, probe_req)
         tokens += d.n_compared
         differ += int(d.logits_differ.sum())

@@ -85,11 +85,15 @@ class Engine:
         self.free_slots = list(range(n_slots))
         self.steps = 0
 
-    def run(self, requests: list[Request], max_steps: int = 100_000) -> list[Request]:
-        """Serve the requests to completion; returns them with `generated` (and tracked data) filled."""
+    def run(self, requests: list[Request], max_steps: int = 100_000, until_tracked_done: bool = False) -> list[Request]:
+        """Serve the requests to completion (or, with until_tracked_done, until every tracked request has
+        finished: what the others do afterwards cannot affect it); returns them with `generated` filled."""
         pending = sorted(requests, key=lambda r: r.arrival)
         active: list[Request] = []
+        tracked = [r for r in requests if r.track]
         while pending or active:
+            if until_tracked_done and tracked and all(r.done for r in tracked):
+                break
             while pending and pending[0].arrival <= self.steps and self.free_slots:
                 r = pending.pop(0)
                 r.slot = self.free_slots.pop(0)
