@@ -110,5 +110,5 @@ PRESETS: dict[str, dict] = {
     # Shaped like a production MoE layer (OLMoE/Qwen3-MoE class), for the GPU.
     "large": dict(vocab_size=32768, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=4,
                   max_seq_len=8192, dtype="bfloat16",
-                  moe=dict(n_experts=64, top_k=8, d_expert=1024)),
+                  moe=dict(n_experts=64, top_k=8, d_expert=768)),
 }

@@ -41,15 +41,16 @@ class Block(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.final_norm = nn.Parameter(torch.ones(cfg.d_model))
-        self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.d_model, cfg.vocab_size))
-        self.reset_parameters()
+        with torch.device(device or "cpu"):  # build in place: a large preset never passes through CPU memory
+            self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model, dtype=cfg.torch_dtype))
+            self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+            self.final_norm = nn.Parameter(torch.ones(cfg.d_model))
+            self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.d_model, cfg.vocab_size))
         self.to(cfg.torch_dtype)
+        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -59,8 +60,8 @@ class MoETransformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm"):
                 p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * self.cfg.init_std)
+            else:  # drawn on the CPU one tensor at a time, so every device gets the same weights
+                p.copy_(torch.randn(p.shape, generator=g).mul_(self.cfg.init_std))
 
     @property
     def device(self) -> torch.device:
