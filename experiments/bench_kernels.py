@@ -117,7 +117,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(int(time.time()))
     rows: list[dict] = []
-    tables = args.only or ["matmul", "grouped", "attention"]
+    tables = args.only or ["grouped", "attention", "matmul"]
     for name in tables:
         {"matmul": run_matmul, "grouped": run_grouped, "attention": run_attention}[name](rows, args.quick)
     summary = {}

@@ -10,6 +10,7 @@ from kernels.backend import Backend, available_backends, get_backend, register_b
 from kernels.torch_backend import TorchBackend
 
 register_backend("torch", TorchBackend)
+register_backend("batch_invariant", lambda: __import__("kernels.batch_invariant", fromlist=["_"]).BatchInvariantBackend())
 
 BACKENDS = ("torch", "batch_invariant")
 

@@ -1,0 +1,49 @@
+"""The `batch_invariant` backend: our Triton kernels, each with a reduction order fixed per weight shape.
+
+    with kernels.use_backend("batch_invariant"):
+        logits, routings = model(tokens, cu_seqlens)
+
+A row's output bits depend only on that row (and, for attention, its sequence's keys): not on the batch
+size, the row's position, its co-rows, the group sizes of the other experts, prefill vs decode, or the
+cache slot. On a CUDA GPU the kernels are compiled; on a machine without one they run under Triton's
+interpreter on CPU tensors (kernels/runtime.py switches it on before triton is imported, no env var
+needed). Importing `kernels` does not import this module (or triton): the backend is built on first use.
+
+Every op is one of ours: no stock op was kept (see kernels/NOTES.md: stock rms_norm/log_softmax measured
+invariant on the H100 in FACTS.md, but our kernels also run on the CPU interpreter and keep one code path).
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import runtime  # noqa: F401  (sets TRITON_INTERPRET on a CPU-only machine, before triton)
+from kernels.ops.attention import attention as _attention
+from kernels.ops.grouped_gemm import grouped_matmul as _grouped_matmul
+from kernels.ops.matmul import matmul as _matmul
+from kernels.ops.rmsnorm import rms_norm as _rms_norm
+from kernels.ops.softmax import log_softmax as _log_softmax
+from kernels.ops.softmax import softmax as _softmax
+
+
+class BatchInvariantBackend:
+    name = "batch_invariant"
+
+    def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return _matmul(x, w)
+
+    def grouped_matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return _grouped_matmul(x, w, offsets)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return _rms_norm(x, weight, eps)
+
+    def softmax(self, x: torch.Tensor) -> torch.Tensor:
+        return _softmax(x)
+
+    def log_softmax(self, x: torch.Tensor) -> torch.Tensor:
+        return _log_softmax(x)
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+        return _attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale)

@@ -1,0 +1,250 @@
+"""Batch-invariant causal attention for a ragged batch over a KV cache (prefill and decode alike).
+
+Legend: B = sequences, Tq = query rows of the step, H = query heads, Hkv = KV heads, G = H // Hkv,
+S = cache slots, L = cache length, Dh = head dim. q [Tq, H, Dh]; k_cache, v_cache [S, L, Hkv, Dh].
+Sequence b owns query rows cu_seqlens_q[b]:cu_seqlens_q[b+1], reads slot slots[b] at key positions
+0..kv_lens[b]-1, and its n queries sit at the last n positions.
+
+Why stock attention is batch-variant: flash/SDPA kernels choose their KV split (split-KV / flash-decoding)
+and query tiling from the batch and lengths, so the order in which a query's keys are summed differs
+between prefill (many queries) and decode (one), and with the batch.
+
+The fixed order used here, for one (query, head) at position p:
+  * keys are cut into splits of SPLIT positions (a FIXED SIZE, not a fixed number of splits), each split
+    into blocks of BLOCK_N positions, all aligned to key position 0;
+  * within split s, an online softmax runs over its blocks in order from the state (m=-inf, l=0, o=0);
+  * the split states are folded in split order: state = merge(state, split_s) for s = 0, 1, ... with
+    `_merge` (explicit fma, so the compiler cannot contract it differently in two kernels).
+A block or split after position p is fully masked for this query and leaves the state bit-for-bit as it
+was (max unchanged, rescale by exp2(0) = 1, adds of +0), so the result does not depend on how many
+positions the kernel walks past p: the same in prefill (p < kv_len - 1) and decode (p = kv_len - 1).
+
+Two schedules compute that order (chosen from the number of query rows; tests prove they agree bitwise):
+  * fold (prefill): one program per (query tile, KV head) walks all splits and folds them in registers;
+  * split (decode, few queries): one program per (query tile, KV head, split) writes its split state to
+    an fp32 workspace, and `_combine_kernel` folds the states in split order.
+Query tiles are rows (query, head-in-group) of one sequence and one KV head: row r = query r // G, head
+kv_head * G + r % G (GQA heads share their K/V loads). Rows never mix in a dot or a row reduction, and
+the tile shape is the same in both schedules, so a row's bits do not depend on its tile-mates.
+Not for: sliding windows, ALiBi or soft-capping (not implemented); non-causal attention.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels import runtime
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _merge(m, l, o, m_s, l_s, o_s):
+    """Fold split state (m_s, l_s, o_s) into the running state (m, l, o); log2 domain, rows independent."""
+    m_new = tl.maximum(m, m_s)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no visible key yet: no NaN
+    alpha = tl.exp2(m - m_safe)
+    beta = tl.exp2(m_s - m_safe)
+    l_new = tl.fma(l, alpha, l_s * beta)
+    o_new = tl.fma(o, alpha[:, None], o_s * beta[:, None])
+    return m_new, l_new, o_new
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, ws_n_ptr,
+    cu_q_ptr, kv_lens_ptr, slots_ptr, tile_starts_ptr, tile_ends_ptr,
+    B, H, Dh, qk_scale, n_split_slots,
+    stride_qt, stride_qh, stride_ks, stride_kl, stride_kh, stride_vs, stride_vl, stride_vh,
+    stride_ot, stride_oh,
+    G: tl.constexpr, FOLD: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, B_POW2: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # -- which sequence, query tile and KV head --
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seqs = tl.arange(0, B_POW2)
+    tile_ends = tl.load(tile_ends_ptr + seqs, mask=seqs < B, other=2147483647)
+    b = tl.sum((tile_ends <= pid).to(tl.int32), axis=0)
+    if b >= B:  # surplus program of the upper-bound grid
+        return
+    q_start = tl.load(cu_q_ptr + b)
+    n_q = tl.load(cu_q_ptr + b + 1) - q_start
+    kv_len = tl.load(kv_lens_ptr + b)
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+
+    # -- the tile's rows: (query, head) pairs, G heads of one query next to each other --
+    rows = (pid - tl.load(tile_starts_ptr + b)) * BLOCK_M + tl.arange(0, BLOCK_M)
+    qi = rows // G
+    head = kv_head * G + rows % G
+    row_ok = qi < n_q
+    q_pos = tl.where(row_ok, kv_len - n_q + qi, -1)                  # padding rows see no key
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + (q_start + qi).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < Dh), other=0.0)
+    k_base = k_ptr + slot * stride_ks + kv_head * stride_kh
+    v_base = v_ptr + slot * stride_vs + kv_head * stride_vh
+    last_pos = kv_len - n_q + tl.minimum((pid - tl.load(tile_starts_ptr + b) + 1) * BLOCK_M // G, n_q) - 1
+    n_splits = tl.cdiv(last_pos + 1, SPLIT)                          # splits any row of the tile can see
+
+    # -- which splits: all of them, folded in registers (fold), or the one named by grid axis 2 (split) --
+    if FOLD:
+        s_lo = 0
+        s_hi = n_splits
+    else:
+        s_lo = tl.program_id(2)
+        s_hi = s_lo + 1
+        if s_lo >= n_splits:
+            return
+    offs_n = tl.arange(0, BLOCK_N)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)      # running state over splits (fold)
+    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    o = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for s in range(s_lo, s_hi):
+        # -- split s: online softmax over its BLOCK_N blocks, from the empty state --
+        m_s = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        o_s = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for n0 in range(s * SPLIT, (s + 1) * SPLIT, BLOCK_N):
+            pos = n0 + offs_n
+            in_cache = pos < kv_len
+            # k^T [BLOCK_D, BLOCK_N], v [BLOCK_N, BLOCK_D]; positions past kv_len read as 0, never garbage
+            kt = tl.load(k_base + pos[None, :] * stride_kl + offs_d[:, None],
+                         mask=in_cache[None, :] & (offs_d[:, None] < Dh), other=0.0)
+            v = tl.load(v_base + pos[:, None] * stride_vl + offs_d[None, :],
+                        mask=in_cache[:, None] & (offs_d[None, :] < Dh), other=0.0)
+            scores = tl.dot(q, kt, input_precision=PRECISION) * qk_scale                # [BLOCK_M, BLOCK_N]
+            scores = tl.where(pos[None, :] <= q_pos[:, None], scores, float("-inf"))   # causal + length
+            m_new = tl.maximum(m_s, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_s - m_safe)
+            p = tl.exp2(scores - m_safe[:, None])
+            l_s = tl.fma(l_s, alpha, tl.sum(p, axis=1))
+            o_s = tl.dot(p.to(v.dtype), v, o_s * alpha[:, None], input_precision=PRECISION)
+            m_s = m_new
+        if FOLD:
+            m, l, o = _merge(m, l, o, m_s, l_s, o_s)
+        else:
+            # -- split schedule: this split's state to the workspace; _combine_kernel folds them --
+            ws_row = ((q_start + qi) * H + head).to(tl.int64) * n_split_slots + s       # [BLOCK_M]
+            tl.store(ws_o_ptr + ws_row[:, None] * BLOCK_D + offs_d[None, :], o_s, mask=row_ok[:, None])
+            tl.store(ws_ml_ptr + ws_row * 2, m_s, mask=row_ok)
+            tl.store(ws_ml_ptr + ws_row * 2 + 1, l_s, mask=row_ok)
+            if s == 0:  # how many splits each row's fold must read (those up to its own position)
+                tl.store(ws_n_ptr + (q_start + qi) * H + head, tl.cdiv(q_pos + 1, SPLIT), mask=row_ok)
+    if FOLD:
+        out = o / tl.where(row_ok, l, 1.0)[:, None]
+        tl.store(out_ptr + (q_start + qi).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < Dh))
+
+
+@triton.jit
+def _combine_kernel(out_ptr, ws_o_ptr, ws_ml_ptr, ws_n_ptr, R, Dh, n_split_slots,
+                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Fold each (query, head) row's split states in split order: the fold schedule's merges, unchanged."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)       # flattened (query, head)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < R
+    n = tl.load(ws_n_ptr + rows, mask=row_ok, other=0)
+    m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    o = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for s in range(0, tl.max(n, axis=0)):
+        have = row_ok & (s < n)
+        ws_row = rows.to(tl.int64) * n_split_slots + s
+        m_s = tl.load(ws_ml_ptr + ws_row * 2, mask=have, other=float("-inf"))
+        l_s = tl.load(ws_ml_ptr + ws_row * 2 + 1, mask=have, other=0.0)
+        o_s = tl.load(ws_o_ptr + ws_row[:, None] * BLOCK_D + offs_d[None, :], mask=have[:, None], other=0.0)
+        m, l, o = _merge(m, l, o, m_s, l_s, o_s)
+    out = o / tl.where(row_ok, l, 1.0)[:, None]
+    tl.store(out_ptr + rows[:, None] * Dh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < Dh))
+
+
+def tiles() -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, SPLIT) for this device: fixed, never chosen from the batch or the lengths."""
+    if runtime.interpreting():
+        return 256, 64, 128
+    return 64, 64, 512
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+              kv_lens: torch.Tensor, slots: torch.Tensor, scale: float,
+              schedule: str | None = None) -> torch.Tensor:
+    """Causal ragged attention over a KV cache -> [Tq, H, Dh] in q's dtype (see module docstring).
+
+    `schedule` ("fold" or "split") is a test hook; by default split when the step has few query rows.
+    """
+    # 1. check shapes
+    runtime.check_float("q", q)
+    runtime.check_device("q", q)
+    if q.dim() != 3:
+        raise ValueError(f"q must be [Tq, H, Dh], got shape {tuple(q.shape)}")
+    Tq, H, Dh = q.shape
+    if k_cache.dim() != 4 or k_cache.shape[-1] != Dh or v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache, v_cache must be [S, L, Hkv, Dh={Dh}], got {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"k_cache/v_cache must have q's dtype {q.dtype}, got {k_cache.dtype}, {v_cache.dtype}")
+    Hkv = k_cache.shape[2]
+    if H % Hkv != 0:
+        raise ValueError(f"q heads H={H} must be a multiple of the cache's KV heads Hkv={Hkv}")
+    B = kv_lens.shape[0]
+    if cu_seqlens_q.shape != (B + 1,) or slots.shape != (B,):
+        raise ValueError(f"cu_seqlens_q must be [B+1={B + 1}] and slots [B={B}], got "
+                         f"{tuple(cu_seqlens_q.shape)}, {tuple(slots.shape)}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache must be contiguous in their last dim (Dh)")
+    G = H // Hkv
+    block_m, block_n, split = tiles()
+    block_d = triton.next_power_of_2(Dh)
+    if schedule is None:
+        few_rows = triton.cdiv(Tq * G, block_m) + B
+        schedule = "fold" if runtime.interpreting() or few_rows * Hkv >= 2 * runtime.num_sms() else "split"
+    if schedule not in ("fold", "split"):
+        raise ValueError(f"schedule must be 'fold' or 'split', got {schedule!r}")
+
+    # 2. allocate output and the tile map (device ops only)
+    out = runtime.empty((Tq, H, Dh), q.device, q.dtype)
+    if Tq == 0 or B == 0:
+        return out
+    cu = cu_seqlens_q.to(torch.int32)
+    q_tiles = (cu[1:] - cu[:-1]) * G
+    tiles_per_seq = (q_tiles + block_m - 1) // block_m
+    tile_ends = torch.cumsum(tiles_per_seq, 0, dtype=torch.int32)
+    tile_starts = tile_ends - tiles_per_seq
+    kv = kv_lens.to(torch.int32)
+    if runtime.interpreting():   # exact grid: every interpreted program costs milliseconds
+        n_tiles = int(tile_ends[-1])
+        n_split_slots = triton.cdiv(int(kv.max()), split)
+    else:                        # upper bounds: no host sync; surplus programs return at once
+        n_tiles = triton.cdiv(Tq * G, block_m) + B
+        n_split_slots = triton.cdiv(k_cache.shape[1], split)
+    fold = schedule == "fold"
+    if fold:
+        ws_o = ws_ml = ws_n = out  # unused
+    else:
+        ws_o = runtime.empty((Tq * H, n_split_slots, block_d), q.device, torch.float32)
+        ws_ml = runtime.empty((Tq * H, n_split_slots, 2), q.device, torch.float32)
+        ws_n = runtime.empty((Tq * H,), q.device, torch.int32)
+
+    # 3. launch
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (n_tiles, Hkv, 1 if fold else n_split_slots)
+    _attention_kernel[grid](
+        q, k_cache, v_cache, out, ws_o, ws_ml, ws_n, cu, kv, slots, tile_starts, tile_ends,
+        B, H, Dh, scale * LOG2E, n_split_slots,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        G=G, FOLD=fold, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        B_POW2=triton.next_power_of_2(B), PRECISION=precision, num_warps=4, num_stages=2,
+    )
+    if not fold:
+        block_r = 16
+        _combine_kernel[(triton.cdiv(Tq * H, block_r),)](out, ws_o, ws_ml, ws_n, Tq * H, Dh, n_split_slots,
+                                                         BLOCK_R=block_r, BLOCK_D=block_d)
+    return out

@@ -1,0 +1,101 @@
+"""Where the Triton kernels run: compiled on a CUDA GPU, or under Triton's interpreter on the CPU.
+
+Every kernel module imports this module *before* it imports `triton`, so that on a machine without a GPU
+`use_backend("batch_invariant")` works with no environment variable set by the user.
+
+How triton 3.x reads the switch: `@triton.jit` looks at `triton.knobs.runtime.interpret` when it decorates
+a function, and that knob reads the environment variable `TRITON_INTERPRET` at that moment (it is not
+cached at `import triton`). So setting `os.environ["TRITON_INTERPRET"] = "1"` before our kernels are
+decorated is enough, even if something imported triton earlier. We only set it when CUDA is unavailable
+and the user has not set it themselves; the choice is process-wide (Triton has no per-kernel switch).
+
+Under the interpreter, `tl.dot` is a numpy matmul of the two blocks, and numpy's BLAS (OpenBLAS here) is
+NOT row-invariant: measured on this 2-core CPU, row 5 of a fixed-shape [128,128] @ [128,256] fp32 block
+product changed bits when the same row sat at positions 6-11, 18-31, ... of the block. So while
+interpreting we replace the interpreter's dot (`InterpreterBuilder.create_dot`, a private triton API) by a
+stacked matmul of [M, 1, K] @ [1, K, N]: numpy makes one BLAS call per row, so a row is reduced by the
+same call on the same data whatever the other rows of the block are (measured: 0 of 128 positions
+differ, against 70 of 128 for the plain block matmul), at BLAS speed. This is process-wide and only changes the summation order of an
+interpreted dot (it also upcasts bf16/fp16 blocks to fp32 first; products of bf16 values are exact there).
+
+Under the interpreter each program instance runs as Python + numpy (a few ms per program on a small
+CPU), so the launchers pick large blocks there to keep the number of program instances small. Block
+shapes never depend on the number of rows, only on the device and the weight's (N, K, dtype).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import triton  # noqa: E402  (must come after the switch above)
+
+
+def interpreting() -> bool:
+    """True when @triton.jit kernels run under the interpreter (numpy on the CPU)."""
+    return bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else \
+        os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int = 0) -> int:
+    """Streaming multiprocessors of the GPU (used to size split-K / grids); 1 under the interpreter."""
+    if interpreting() or not torch.cuda.is_available():
+        return 1
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    """Compiled kernels need CUDA tensors; the interpreter needs CPU tensors."""
+    if interpreting() and t.is_cuda:
+        raise ValueError(f"{name} is on {t.device} but Triton runs in interpreter mode (CPU tensors only)")
+    if not interpreting() and not t.is_cuda:
+        raise ValueError(f"{name} is on {t.device}; compiled Triton kernels need CUDA tensors")
+
+
+_TL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _TL_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+def _as_fp32(handle) -> "np.ndarray":
+    """An interpreter block as fp32 numpy (bf16 is stored as uint16 bit patterns there)."""
+    import triton.language as tl
+    data = handle.data
+    if handle.dtype.scalar == tl.bfloat16:
+        return (data.astype(np.uint32) << 16).view(np.float32)
+    return data.astype(np.float32)
+
+
+def _rowwise_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    """tl.dot for the interpreter, row by row: d + a[m] @ b for each row m, in fp32."""
+    from triton.runtime.interpreter import TensorHandle
+    a32, b32 = _as_fp32(a), _as_fp32(b)                        # [M, K], [K, N]
+    rows = np.matmul(a32[..., :, None, :], b32[..., None, :, :])   # [M, 1, N]: one BLAS call per row
+    acc = d.data.astype(np.float32) + rows[..., 0, :]
+    return TensorHandle(acc.astype(d.data.dtype, copy=False), d.dtype.scalar)
+
+
+if interpreting():
+    from triton.runtime import interpreter as _interpreter
+    _interpreter.InterpreterBuilder.create_dot = _rowwise_dot
+
+
+# Test hook: when True, launchers fill outputs and workspaces with NaN instead of leaving them
+# uninitialised, so a test sees any element a kernel failed to write (tests/kernels/conftest.py sets it).
+poison_outputs = False
+
+
+def empty(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty, or NaN-filled (-1 for integers) while `poison_outputs` is set."""
+    if not poison_outputs:
+        return torch.empty(shape, device=device, dtype=dtype)
+    return torch.full(shape, float("nan") if dtype.is_floating_point else -1, device=device, dtype=dtype)

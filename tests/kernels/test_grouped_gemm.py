@@ -1,0 +1,66 @@
+"""Grouped expert GEMM: a token's bits do not depend on its group's size or its place in the group."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.ops.grouped_gemm import grouped_matmul
+from tests.kernels.conftest import DEVICE, TOL, needs_gpu, randn, rel_err
+
+
+def _offsets(sizes: list[int]) -> torch.Tensor:
+    return torch.tensor(sizes, device=DEVICE).cumsum(0).to(torch.int32)
+
+
+def _reference(x, w, sizes):
+    outs, start = [], 0
+    for e, n in enumerate(sizes):
+        outs.append(x[start:start + n].double() @ w[e].double())
+        start += n
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_invariant_to_group_size_and_position(gen, dtype):
+    E, K, N = 5, 64, 48
+    w = randn(gen, E, K, N, dtype=dtype)
+    probe = randn(gen, K, dtype=dtype)
+    e = 3
+    alone = grouped_matmul(probe[None], w, _offsets([0, 0, 0, 1, 0]))[0]
+    for n in [1, 2, 5, 31, 64, 67, 130]:
+        for pos in sorted({0, n // 2, n - 1}):
+            sizes = torch.randint(0, 40, (E,), generator=gen).tolist()
+            sizes[e] = n
+            x = randn(gen, sum(sizes), K, dtype=dtype)
+            row = sum(sizes[:e]) + pos
+            x[row] = probe
+            out = grouped_matmul(x, w, _offsets(sizes))
+            assert torch.equal(out[row], alone), f"token changed: group size {n}, position {pos}, {sizes}"
+    assert rel_err(out, _reference(x, w, sizes)) < TOL[dtype]
+
+
+def test_bad_offsets_named():
+    with pytest.raises(ValueError, match="offsets"):
+        grouped_matmul(torch.randn(4, 8, device=DEVICE), torch.randn(3, 8, 5, device=DEVICE),
+                       torch.tensor([4], device=DEVICE, dtype=torch.int32))
+
+
+@needs_gpu
+@pytest.mark.parametrize("E,K,N", [(64, 2048, 768), (8, 4096, 14336)])
+def test_gpu_token_invariant(gen, E, K, N):
+    w = randn(gen, E, K, N, dtype=torch.bfloat16)
+    probe = randn(gen, K, dtype=torch.bfloat16)
+    sizes0 = [0] * E
+    sizes0[E // 2] = 1
+    alone = grouped_matmul(probe[None], w, _offsets(sizes0))[0]
+    for total in [64, 300, 1024, 8192, 65536]:
+        sizes = torch.multinomial(torch.ones(E), total, replacement=True, generator=gen).bincount(
+            minlength=E).tolist()
+        sizes[E // 2] = max(sizes[E // 2], 1)
+        x = randn(gen, sum(sizes), K, dtype=torch.bfloat16)
+        for pos in sorted({0, sizes[E // 2] - 1}):
+            row = sum(sizes[:E // 2]) + pos
+            x[row] = probe
+            out = grouped_matmul(x, w, _offsets(sizes))
+            assert torch.equal(out[row], alone), f"token changed: {total} tokens, position {pos}"
+    assert rel_err(out[:4096], _reference(x, w, sizes)[:4096]) < 1e-2
