@@ -3,7 +3,8 @@
 Each step packs every active request into one ragged batch: a request still reading its prompt
 contributes its next prefill chunk, a request generating contributes its last token. Requests arrive
 at a given step, join the running batch, finish after `max_new_tokens` and free their cache slot.
-Greedy decoding (temperature 0), since the question is why temperature 0 is not deterministic.
+Greedy decoding by default (temperature 0: the question is why temperature 0 is not deterministic);
+a request with temperature > 0 samples from its own generator, seeded per request, as an RL sampler does.
 
 For `track=True` requests the engine keeps, per processed token, the logits and a compact routing
 record per layer (`TokenRoutes`), which the attribution reads.
@@ -18,6 +19,7 @@ from typing import Optional
 import torch
 
 from moe import MoETransformer, Routing, cu_seqlens_of
+from moe.generate import sample_next
 
 
 @dataclass
@@ -38,10 +40,14 @@ class Request:
     order: float = 0.0                # place in the batch among requests active together (lower first)
     chunk: Optional[int] = None       # prefill chunk size (None: whole prompt in one step)
     track: bool = False
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0                     # the request's own sampling generator (temperature > 0)
     # filled in by the engine
     generated: list[int] = field(default_factory=list)
     fed: int = 0                      # tokens already processed
     slot: int = -1
+    generator: Optional[torch.Generator] = None
     logits: list[torch.Tensor] = field(default_factory=list)
     route_parts: list[TokenRoutes] = field(default_factory=list)
 
@@ -123,4 +129,12 @@ class Engine:
                 r.logits.append(logits[rows].cpu())
                 r.route_parts.append(routes_of_rows(routings, rows, self.model.cfg.moe.top_k))
             if r.fed >= len(r.prompt):
-                r.generated.append(int(logits[cu[b + 1] - 1].argmax()))
+                r.generated.append(self._next_token(r, logits[cu[b + 1] - 1]))
+
+    @staticmethod
+    def _next_token(r: Request, logits: torch.Tensor) -> int:
+        if r.temperature == 0.0:
+            return int(logits.argmax())
+        if r.generator is None:
+            r.generator = torch.Generator().manual_seed(r.seed)
+        return int(sample_next(logits[None], r.temperature, r.top_p, [r.generator])[0])
