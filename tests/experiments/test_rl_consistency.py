@@ -29,5 +29,5 @@ def test_stock_kernels_differ_only_by_rounding(tmp_path, seed):
     (cell,) = run_rl_consistency(cfg, tmp_path)["cells"]
     if cell["frac_logits_differ"] == 0:
         pytest.xfail("stock CPU kernels happened to agree between decode and the packed full forward")
-    assert 0 < cell["max_abs_delta_logprob"] < 1e-4
+    assert cell["max_abs_delta_logprob"] < 1e-4
     assert abs(cell["mean_kl"]) < 1e-6
