@@ -112,7 +112,7 @@ def run_ablation(cfg: DictConfig, out: Path) -> dict:
             continue
         mcfg = model_config(cfg.model, cfg.router, router, combine, dtype)
         mcfg.seed = cfg.seed
-        model = MoETransformer(mcfg).to(device)
+        model = MoETransformer(mcfg, device=device)
         with kernels.use_backend(backend):
             cell = dict(router=router, backend=backend, combine=combine, dtype=dtype,
                         **run_cell(model, probes, comps, exp.max_new_tokens))

@@ -105,7 +105,7 @@ def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
             continue
         mcfg = model_config(cfg.model, cfg.router, router, cfg.combine, cfg.dtype)
         mcfg.seed = cfg.seed
-        model = MoETransformer(mcfg).to(device)
+        model = MoETransformer(mcfg, device=device)
         _, copies, every = make_traffic(serve, mcfg.vocab_size, cfg.seed)
         max_len = max(serve.probe_len, serve.traffic_max_len) + max(serve.max_new_tokens, serve.traffic_max_new) + 1
         with kernels.use_backend(backend):
