@@ -22,13 +22,11 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
-import kernels
 from experiments.attribution import CAUSES, attribute_divergence
 from experiments.compositions import make_compositions, make_probes
 from experiments.engine import Engine, Request
-from experiments.hydra_utils import CONFIG_DIR, model_config, run_dir, write_csv, write_json
+from experiments.hydra_utils import CONFIG_DIR, run_cells, run_dir, write_csv, write_json
 from moe import MoETransformer
 
 INVARIANT_ROUTERS = ("topk", "sequence_capacity")
@@ -98,26 +96,13 @@ def check_claims(cells: list[dict]) -> dict:
 
 def run_ablation(cfg: DictConfig, out: Path) -> dict:
     exp = cfg.experiment
-    device = torch.device(cfg.device)
     probes = make_probes(exp.n_probes, cfg.model.vocab_size, exp.probe_min_len, exp.probe_max_len, cfg.seed)
     comps = make_compositions(list(exp.batch_sizes), exp.per_size, cfg.model.vocab_size, exp.co_max_len,
                               exp.max_new_tokens, cfg.seed)
-    grid = list(itertools.product(cfg.router.names, cfg.kernels.backends, cfg.combines, cfg.dtypes))
-    cells = []
-    for router, backend, combine, dtype in tqdm(grid, desc="ablation cells", unit="cell"):
-        key = f"{router}-{backend}-{combine}-{dtype}"
-        path = out / "cells" / f"{key}.json"
-        if path.exists():  # finished in an earlier, interrupted run
-            cells.append(json.loads(path.read_text()))
-            continue
-        mcfg = model_config(cfg.model, cfg.router, router, combine, dtype)
-        mcfg.seed = cfg.seed
-        model = MoETransformer(mcfg, device=device)
-        with kernels.use_backend(backend):
-            cell = dict(router=router, backend=backend, combine=combine, dtype=dtype,
-                        **run_cell(model, probes, comps, exp.max_new_tokens))
-        write_json(path, cell)
-        cells.append(cell)
+    grid = [dict(router=r, backend=b, combine=c, dtype=d) for r, b, c, d in
+            itertools.product(cfg.router.names, cfg.kernels.backends, cfg.combines, cfg.dtypes)]
+    cells = run_cells(cfg, out, grid, lambda model: run_cell(model, probes, comps, exp.max_new_tokens),
+                      desc="ablation cells")
     results = dict(config=OmegaConf.to_container(cfg, resolve=True), claims=check_claims(cells), cells=cells)
     write_json(out / "results.json", results)
     keys = ("router", "backend", "combine", "dtype", "tokens", "frac_logits_differ", "frac_routes_differ",

@@ -48,7 +48,7 @@ def bench_preset(preset: str, batch_sizes: list[int], prefill_len: int, context:
             for mode, t, n in (("prefill", t_prefill, B * prefill_len), ("decode", t_decode, B)):
                 rows.append(dict(preset=preset, mode=mode, batch=B, backend=backend, ms=t, tokens_per_s=n / t * 1e3))
             print(f"{preset:6} B={B:4d} {backend:16} prefill {t_prefill:9.3f} ms  decode {t_decode:8.3f} ms", flush=True)
-        del cache
+        cache = None  # free the KV cache before the next batch size
         torch.cuda.empty_cache()
     return rows
 

@@ -1,14 +1,17 @@
-"""Glue between Hydra configs and the library: build a ModelConfig from the `model` and `router`
-groups, find the run directory, write JSON/CSV results."""
+"""Glue between Hydra configs and the library: build a model from the `model` and `router` groups,
+run a grid of cells that survives interruption, find the run directory, write JSON/CSV results."""
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
-from moe import ModelConfig
+import kernels
+from moe import ModelConfig, MoETransformer
 
 # absolute, so @hydra.main finds it however the app is started (python -m, or imported by a launcher)
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -27,6 +30,33 @@ def model_config(model: DictConfig, router: DictConfig, router_name: str, combin
     if dtype is not None:
         kw["dtype"] = dtype
     return ModelConfig(moe=moe_kw, **kw)
+
+
+def build_model(cfg: DictConfig, router: str, combine: str, dtype: str) -> MoETransformer:
+    """One cell's model. Weights come from cfg.seed, so every cell of a run shares them."""
+    mcfg = model_config(cfg.model, cfg.router, router, combine, dtype)
+    mcfg.seed = cfg.seed
+    return MoETransformer(mcfg, device=cfg.device)
+
+
+def run_cells(cfg: DictConfig, out: Path, grid: list[dict], measure: Callable[[MoETransformer], dict],
+              desc: str) -> list[dict]:
+    """For each grid point (router, backend and optionally combine, dtype; cfg's otherwise), build its
+    model and record `measure(model)` under its backend. Each cell is saved as it finishes, and a cell
+    already saved in `out` (an interrupted run) is loaded instead of run again."""
+    cells = []
+    for point in tqdm(grid, desc=desc, unit="cell"):
+        path = out / "cells" / ("-".join(map(str, point.values())) + ".json")
+        if path.exists():
+            cells.append(json.loads(path.read_text()))
+            continue
+        model = build_model(cfg, point["router"], point.get("combine", cfg.get("combine")),
+                            point.get("dtype", cfg.get("dtype")))
+        with kernels.use_backend(point["backend"]):
+            cell = {**point, **measure(model)}
+        write_json(path, cell)
+        cells.append(cell)
+    return cells
 
 
 def run_dir() -> Path:

@@ -16,7 +16,6 @@ exactly zero; stock kernels or a capacity router make it non-zero.
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from pathlib import Path
 
@@ -27,11 +26,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import kernels  # noqa: E402
 from experiments.engine import Engine, Request  # noqa: E402
-from experiments.hydra_utils import CONFIG_DIR, model_config, run_dir, write_csv, write_json  # noqa: E402
+from experiments.hydra_utils import CONFIG_DIR, run_cells, run_dir, write_csv, write_json  # noqa: E402
 from moe import MoETransformer, cu_seqlens_of  # noqa: E402
 
 
@@ -119,22 +117,12 @@ def plot(cells: list[dict], path: Path) -> Path:
 
 
 def run_rl_consistency(cfg: DictConfig, out: Path) -> dict:
-    cells = []
-    for router, backend in tqdm(list(itertools.product(cfg.router.names, cfg.kernels.backends)),
-                                desc="router x backend", unit="cell"):
-        path = out / "cells" / f"{router}-{backend}.json"
-        if path.exists():
-            cells.append(json.loads(path.read_text()))
-            continue
-        mcfg = model_config(cfg.model, cfg.router, router, cfg.combine, cfg.dtype)
-        mcfg.seed = cfg.seed
-        model = MoETransformer(mcfg, device=cfg.device)
-        with kernels.use_backend(backend):
-            requests = sample(model, cfg.rl, cfg.seed)
-            trainer = trainer_logits(model, requests, cfg.rl.trainer_microbatches, cfg.seed)
-            cell = dict(router=router, backend=backend, **compare(requests, trainer))
-        write_json(path, cell)
-        cells.append(cell)
+    def measure(model: MoETransformer) -> dict:
+        requests = sample(model, cfg.rl, cfg.seed)
+        return compare(requests, trainer_logits(model, requests, cfg.rl.trainer_microbatches, cfg.seed))
+
+    grid = [dict(router=r, backend=b) for r, b in itertools.product(cfg.router.names, cfg.kernels.backends)]
+    cells = run_cells(cfg, out, grid, measure, desc="router x backend")
     results = dict(config=OmegaConf.to_container(cfg, resolve=True), cells=cells)
     write_json(out / "results.json", results)
     write_csv(out / "rl_consistency.csv", cells)

@@ -13,7 +13,6 @@ then results.json, distinct_completions.csv and distinct_completions.png.
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -23,13 +22,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-import kernels  # noqa: E402
 from experiments.engine import Engine, Request  # noqa: E402
-from experiments.hydra_utils import CONFIG_DIR, model_config, run_dir, write_csv, write_json  # noqa: E402
+from experiments.hydra_utils import CONFIG_DIR, run_cells, run_dir, write_csv, write_json  # noqa: E402
 from moe import MoETransformer  # noqa: E402
 
 
@@ -95,24 +91,15 @@ def plot_distinct(cells: list[dict], max_new_tokens: int, path: Path) -> Path:
 
 def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
     serve = cfg.serve
-    device = torch.device(cfg.device)
-    cells = []
-    grid = list(itertools.product(cfg.router.names, cfg.kernels.backends))
-    for router, backend in tqdm(grid, desc="serving configurations", unit="config"):
-        path = out / "cells" / f"{router}-{backend}.json"
-        if path.exists():
-            cells.append(json.loads(path.read_text()))
-            continue
-        mcfg = model_config(cfg.model, cfg.router, router, cfg.combine, cfg.dtype)
-        mcfg.seed = cfg.seed
-        model = MoETransformer(mcfg, device=device)
-        _, copies, every = make_traffic(serve, mcfg.vocab_size, cfg.seed)
-        max_len = max(serve.probe_len, serve.traffic_max_len) + max(serve.max_new_tokens, serve.traffic_max_new) + 1
-        with kernels.use_backend(backend):
-            Engine(model, serve.max_slots, max_len).run(every)
-        cell = dict(router=router, backend=backend, **summarize([r.generated for r in copies]))
-        write_json(path, cell)
-        cells.append(cell)
+    max_len = max(serve.probe_len, serve.traffic_max_len) + max(serve.max_new_tokens, serve.traffic_max_new) + 1
+
+    def measure(model: MoETransformer) -> dict:
+        _, copies, every = make_traffic(serve, model.cfg.vocab_size, cfg.seed)
+        Engine(model, serve.max_slots, max_len).run(every)
+        return summarize([r.generated for r in copies])
+
+    grid = [dict(router=r, backend=b) for r, b in itertools.product(cfg.router.names, cfg.kernels.backends)]
+    cells = run_cells(cfg, out, grid, measure, desc="serving configurations")
     results = dict(config=OmegaConf.to_container(cfg, resolve=True), cells=cells)
     write_json(out / "results.json", results)
     write_csv(out / "distinct_completions.csv",

@@ -42,8 +42,7 @@ class TorchBackend:
     def attention(self, q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale):
         # One batched SDPA call over the padded batch, as a serving stack does; the mask keeps padding
         # out of every real row (padded query rows attend to key 0 only and are discarded).
-        B = kv_lens.shape[0]
-        H, Dh = q.shape[1], q.shape[2]
+        H = q.shape[1]
         q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
         max_q, max_k = int(q_lens.max()), int(kv_lens.max())
         # gather the batch into [B, max_q, H, Dh]

@@ -4,13 +4,15 @@ Bad values fail early with a `ValueError` that names the field and what is allow
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 ROUTERS = ("topk", "capacity", "expert_choice", "sequence_capacity")
 COMBINES = ("ordered", "scatter_add")
 DROP_ORDERS = ("position", "score")
+QK_NORMS = ("full", "head")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 
@@ -65,24 +67,31 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     seed: int = 0                      # weights are a function of the config: same seed, same model
+    # Options of real checkpoints (moe.from_pretrained); the defaults leave the model as it was.
+    attn_head_dim: Optional[int] = None  # per-head width when not d_model / n_heads (Qwen3-MoE)
+    qkv_bias: bool = False             # biases on the q/k/v projections (Qwen2-MoE)
+    qk_norm: Optional[str] = None      # RMSNorm on q, k before RoPE: "full" projection (OLMoE), "head" (Qwen3)
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):  # from Hydra/YAML
             self.moe = MoEConfig(**self.moe)
         _check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
         _check(self.n_layers >= 1, f"n_layers must be >= 1, got {self.n_layers}")
-        _check(self.n_heads >= 1 and self.d_model % self.n_heads == 0,
+        _check(self.attn_head_dim is None or self.attn_head_dim >= 1,
+               f"attn_head_dim must be None or >= 1, got {self.attn_head_dim}")
+        _check(self.n_heads >= 1 and (self.attn_head_dim is not None or self.d_model % self.n_heads == 0),
                f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        _check((self.d_model // self.n_heads) % 2 == 0,
-               f"head dim d_model/n_heads must be even for RoPE, got {self.d_model // self.n_heads}")
+        _check(self.head_dim % 2 == 0, f"head dim must be even for RoPE, got {self.head_dim}")
         _check(self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0,
                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         _check(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
         _check(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        _check(self.qk_norm is None or self.qk_norm in QK_NORMS,
+               f"qk_norm must be None or one of {QK_NORMS}, got {self.qk_norm!r}")
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim or self.d_model // self.n_heads
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -107,6 +116,9 @@ PRESETS: dict[str, dict] = {
                  moe=dict(n_experts=8, top_k=2, d_expert=64)),
     "small": dict(vocab_size=512, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=1024,
                   moe=dict(n_experts=16, top_k=4, d_expert=128, n_shared_experts=1)),
+    # Trained on the Python stdlib's bytes by experiments/train.py; weights in experiments/checkpoints/.
+    "trained": dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256,
+                    moe=dict(n_experts=8, top_k=2, d_expert=64)),
     # Shaped like a production MoE layer (OLMoE/Qwen3-MoE class), for the GPU.
     "large": dict(vocab_size=32768, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=4,
                   max_seq_len=8192, dtype="bfloat16",

@@ -4,7 +4,6 @@ the bitwise claims live in tests/kernels and tests/test_invariance.py."""
 import pytest
 import torch
 
-import moe
 from moe import cu_seqlens_of
 from tests.conftest import random_prompts
 

@@ -133,7 +133,6 @@ def test_invariant_routers_ignore_the_batch(name, n_others, where, probe_len, to
 @pytest.mark.parametrize("name", ["capacity", "expert_choice"])
 def test_batch_dependent_routers_have_a_counterexample(name):
     # a co-request that comes first and wants the probe's expert takes its slot
-    E = 4
     # alone: capacity ceil(1 * 1 * 1 / 4) = 1 slot per expert; with 6 co-tokens: 2 slots, both taken
     probe = torch.tensor([[3.0, 0.0, 0.0, 0.0]])
     hog = torch.tensor([[9.0, 0.0, 0.0, 0.0]] * 6)
