@@ -33,12 +33,25 @@ class Attention(nn.Module):
         self.wk = nn.Parameter(torch.empty(D, Hkv * Dh))
         self.wv = nn.Parameter(torch.empty(D, Hkv * Dh))
         self.wo = nn.Parameter(torch.empty(H * Dh, D))
+        if cfg.qkv_bias:  # Qwen2-MoE
+            self.bq, self.bk, self.bv = (nn.Parameter(torch.empty(n * Dh)) for n in (H, Hkv, Hkv))
+        if cfg.qk_norm:   # OLMoE normalises the whole projection, Qwen3-MoE each head
+            self.q_norm = nn.Parameter(torch.ones(H * Dh if cfg.qk_norm == "full" else Dh))
+            self.k_norm = nn.Parameter(torch.ones(Hkv * Dh if cfg.qk_norm == "full" else Dh))
 
     def forward(self, x: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         cfg, T = self.cfg, x.shape[0]
-        q = kernels.matmul(x, self.wq).view(T, cfg.n_heads, cfg.head_dim)
-        k = kernels.matmul(x, self.wk).view(T, cfg.n_kv_heads, cfg.head_dim)
-        v = kernels.matmul(x, self.wv).view(T, cfg.n_kv_heads, cfg.head_dim)
+        q, k, v = kernels.matmul(x, self.wq), kernels.matmul(x, self.wk), kernels.matmul(x, self.wv)
+        if cfg.qkv_bias:
+            q, k, v = q + self.bq, k + self.bk, v + self.bv
+        if cfg.qk_norm == "full":
+            q, k = kernels.rms_norm(q, self.q_norm, cfg.norm_eps), kernels.rms_norm(k, self.k_norm, cfg.norm_eps)
+        q = q.view(T, cfg.n_heads, cfg.head_dim)
+        k = k.view(T, cfg.n_kv_heads, cfg.head_dim)
+        v = v.view(T, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "head":
+            q = kernels.rms_norm(q.reshape(-1, cfg.head_dim), self.q_norm, cfg.norm_eps).view_as(q)
+            k = kernels.rms_norm(k.reshape(-1, cfg.head_dim), self.k_norm, cfg.norm_eps).view_as(k)
         q, k = rope(q, step.positions, cfg.rope_theta), rope(k, step.positions, cfg.rope_theta)
         cache.write(self.layer, step.slots, step.positions, step.seq_idx, k, v)
         out = kernels.attention(q, cache.k[self.layer], cache.v[self.layer], step.cu_seqlens,

@@ -56,6 +56,8 @@ class MoETransformer(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights, ones for norms, from a generator seeded by cfg.seed: the same
         config always gives the same model, on any device."""
+        if self.embed.is_meta:  # shapes only (moe.from_pretrained fills them in): nothing to draw
+            return
         g = torch.Generator().manual_seed(self.cfg.seed)
         for name, p in self.named_parameters():
             if name.endswith("norm"):
@@ -78,6 +80,15 @@ class MoETransformer(nn.Module):
         With a cache, sequence b continues the one stored in cache slot slots[b] (default b) and its
         tokens are appended there. Returns logits [T, V] (fp32) and one Routing per layer.
         """
+        return self._forward(tokens, cu_seqlens, cache, slots)
+
+    def forward_train(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, list[Routing]]:
+        """The same computation as `forward` (no cache), with autograd on: for training. Run it under
+        `kernels.use_backend("torch")`; the batch-invariant kernels have no backward."""
+        return self._forward(tokens, cu_seqlens, None, None)
+
+    def _forward(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, cache: Optional[KVCache],
+                 slots: Optional[torch.Tensor]) -> tuple[torch.Tensor, list[Routing]]:
         tokens, cu_seqlens = tokens.to(self.device), cu_seqlens.to(self.device)
         self._check_batch(tokens, cu_seqlens)
         B = cu_seqlens.shape[0] - 1
