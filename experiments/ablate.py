@@ -26,7 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.attribution import CAUSES, attribute_divergence
 from experiments.compositions import make_compositions, make_probes
 from experiments.engine import Engine, Request
-from experiments.hydra_utils import CONFIG_DIR, run_cells, run_dir, write_csv, write_json
+from experiments.hydra_utils import (CONFIG_DIR, TRAINED_PRESET, run_cells, run_dir, vocab_size, write_csv,
+                                     write_json)
+from experiments.stdlib_text import load_corpus
 from moe import MoETransformer
 
 INVARIANT_ROUTERS = ("topk", "sequence_capacity")
@@ -96,9 +98,12 @@ def check_claims(cells: list[dict]) -> dict:
 
 def run_ablation(cfg: DictConfig, out: Path) -> dict:
     exp = cfg.experiment
-    probes = make_probes(exp.n_probes, cfg.model.vocab_size, exp.probe_min_len, exp.probe_max_len, cfg.seed)
-    comps = make_compositions(list(exp.batch_sizes), exp.per_size, cfg.model.vocab_size, exp.co_max_len,
-                              exp.max_new_tokens, cfg.seed)
+    vocab = vocab_size(cfg)
+    # the byte-level trained model reads real text (held-out stdlib source); other models random ids
+    text = bytes(load_corpus(max_bytes=400_000).val) if cfg.model.get("preset") == TRAINED_PRESET and not cfg.get("pretrained") else None
+    probes = make_probes(exp.n_probes, vocab, exp.probe_min_len, exp.probe_max_len, cfg.seed, text)
+    comps = make_compositions(list(exp.batch_sizes), exp.per_size, vocab, exp.co_max_len, exp.max_new_tokens,
+                              cfg.seed, text)
     grid = [dict(router=r, backend=b, combine=c, dtype=d) for r, b, c, d in
             itertools.product(cfg.router.names, cfg.kernels.backends, cfg.combines, cfg.dtypes)]
     cells = run_cells(cfg, out, grid, lambda model: run_cell(model, probes, comps, exp.max_new_tokens),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 from experiments.engine import Request
 
@@ -35,15 +36,23 @@ class Composition:
         return probe_req, [probe_req] + others
 
 
+def prompt(rng: random.Random, vocab: int, length: int, text: Optional[bytes] = None) -> list[int]:
+    """Random token ids, or (for a byte-level model) a window of real text at a random offset."""
+    if text is None:
+        return [rng.randrange(vocab) for _ in range(length)]
+    start = rng.randrange(len(text) - length)
+    return list(text[start:start + length])
+
+
 def make_compositions(batch_sizes: list[int], per_size: int, vocab: int, max_len: int,
-                      max_new_tokens: int, seed: int) -> list[Composition]:
+                      max_new_tokens: int, seed: int, text: Optional[bytes] = None) -> list[Composition]:
     """`per_size` random compositions for each batch size, cycling through the modes."""
     rng = random.Random(seed)
     out = []
     for B in batch_sizes:
         for i in range(per_size):
             mode = "prefill" if B == 1 else MODES[(len(out) + i) % len(MODES)]
-            co = [[rng.randrange(vocab) for _ in range(rng.randint(1, max_len))] for _ in range(B - 1)]
+            co = [prompt(rng, vocab, rng.randint(1, max_len), text) for _ in range(B - 1)]
             out.append(Composition(
                 batch_size=B, probe_index=rng.randrange(B), mode=mode, co_prompts=co,
                 # co-requests run at least as long as the probe, so it always has company
@@ -52,6 +61,7 @@ def make_compositions(batch_sizes: list[int], per_size: int, vocab: int, max_len
     return out
 
 
-def make_probes(n: int, vocab: int, min_len: int, max_len: int, seed: int) -> list[list[int]]:
+def make_probes(n: int, vocab: int, min_len: int, max_len: int, seed: int,
+                text: Optional[bytes] = None) -> list[list[int]]:
     rng = random.Random(seed + 1)
-    return [[rng.randrange(vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)]
+    return [prompt(rng, vocab, rng.randint(min_len, max_len), text) for _ in range(n)]

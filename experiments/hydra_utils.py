@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import kernels
-from moe import ModelConfig, MoETransformer
+from experiments.default_model import PRESET as TRAINED_PRESET, load_trained_weights
+from moe import ModelConfig, MoETransformer, from_pretrained, pretrained_config
 
 # absolute, so @hydra.main finds it however the app is started (python -m, or imported by a launcher)
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -33,10 +34,22 @@ def model_config(model: DictConfig, router: DictConfig, router_name: str, combin
 
 
 def build_model(cfg: DictConfig, router: str, combine: str, dtype: str) -> MoETransformer:
-    """One cell's model. Weights come from cfg.seed, so every cell of a run shares them."""
+    """One cell's model, with the weights every cell of a run shares: a local Hugging Face checkpoint
+    (`pretrained=/path`), the shipped trained model (`model=trained`), or random ones from cfg.seed."""
+    if cfg.get("pretrained"):
+        options = {k: cfg.router[k] for k in ROUTER_OPTIONS if k in cfg.router}
+        return from_pretrained(cfg.pretrained, dtype=dtype, device=cfg.device, router=router, combine=combine,
+                               **options)
     mcfg = model_config(cfg.model, cfg.router, router, combine, dtype)
     mcfg.seed = cfg.seed
-    return MoETransformer(mcfg, device=cfg.device)
+    model = MoETransformer(mcfg, device=cfg.device)
+    if cfg.model.get("preset") == TRAINED_PRESET:
+        load_trained_weights(model)
+    return model
+
+
+def vocab_size(cfg: DictConfig) -> int:
+    return pretrained_config(cfg.pretrained).vocab_size if cfg.get("pretrained") else cfg.model.vocab_size
 
 
 def run_cells(cfg: DictConfig, out: Path, grid: list[dict], measure: Callable[[MoETransformer], dict],
