@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import math
 import os
@@ -114,7 +115,15 @@ def main() -> None:
     ap.add_argument("--only", choices=["matmul", "grouped", "attention"], action="append")
     ap.add_argument("--quick", action="store_true", help="fewer matmul M values")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=INT",
+                    help="override a module constant for this run, e.g. kernels.ops.matmul.FLAT_K=0 "
+                         "(to compare kernel variants; the defaults are what the backend runs)")
+    ap.add_argument("--tag", default="", help="added to the output file names")
     args = ap.parse_args()
+    for item in args.set:
+        name, value = item.split("=")
+        module, attr = name.rsplit(".", 1)
+        setattr(importlib.import_module(module), attr, int(value))
     torch.manual_seed(int(time.time()))
     rows: list[dict] = []
     tables = args.only or ["grouped", "attention", "matmul"]
@@ -127,7 +136,7 @@ def main() -> None:
         print(f"{name:10s} geo-mean ratio {summary[name]['geomean']:.3f}  max {summary[name]['max']:.2f}  "
               f"min {summary[name]['min']:.2f}  ({len(ratios)} cells)")
     os.makedirs(args.out, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S") + (f"_{args.tag}" if args.tag else "")
     with open(os.path.join(args.out, f"bench_kernels_{stamp}.csv"), "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
         wr.writeheader()

@@ -24,8 +24,10 @@ Two schedules compute that order (chosen from the number of query rows; tests pr
   * split (decode, few queries): one program per (query tile, KV head, split) writes its split state to
     an fp32 workspace, and `_combine_kernel` folds the states in split order.
 Query tiles are rows (query, head-in-group) of one sequence and one KV head: row r = query r // G, head
-kv_head * G + r % G (GQA heads share their K/V loads). Rows never mix in a dot or a row reduction, and
-the tile shape is the same in both schedules, so a row's bits do not depend on its tile-mates.
+kv_head * G + r % G (GQA heads share their K/V loads). Rows never mix in a dot or a row reduction, so a
+row's bits do not depend on its tile-mates (the tile shape of each schedule is a module constant; the
+tests compare the schedules bitwise). Under the interpreter a third schedule, packed, runs the fold
+schedule's per-row operations on many tiles per program (`_attention_packed_kernel`).
 Not for: sliding windows, ALiBi or soft-capping (not implemented); non-causal attention.
 """
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _merge(m, l, o, m_s, l_s, o_s):
 @triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, ws_n_ptr,
-    cu_q_ptr, kv_lens_ptr, slots_ptr, tile_starts_ptr, tile_ends_ptr,
+    cu_q_ptr, kv_lens_ptr, slots_ptr,
     B, H, Dh, qk_scale, n_split_slots,
     stride_qt, stride_qh, stride_ks, stride_kl, stride_kh, stride_vs, stride_vl, stride_vh,
     stride_ot, stride_oh,
@@ -64,21 +66,26 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, B_POW2: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # -- which sequence, query tile and KV head --
+    # -- which sequence, query tile and KV head. The tile map (cumulative query tiles per sequence) is
+    #    built here from cu_seqlens (a cumsum over B_POW2 lanes), not by torch ops before the launch:
+    #    those tiny kernels cost more than the attention itself at small decode sizes. --
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     seqs = tl.arange(0, B_POW2)
-    tile_ends = tl.load(tile_ends_ptr + seqs, mask=seqs < B, other=2147483647)
+    starts = tl.load(cu_q_ptr + seqs, mask=seqs < B, other=0)
+    n_tiles = ((tl.load(cu_q_ptr + seqs + 1, mask=seqs < B, other=0) - starts) * G + BLOCK_M - 1) // BLOCK_M
+    tile_ends = tl.where(seqs < B, tl.cumsum(n_tiles, axis=0), 2147483647)
     b = tl.sum((tile_ends <= pid).to(tl.int32), axis=0)
     if b >= B:  # surplus program of the upper-bound grid
         return
+    tile = pid - tl.sum(tl.where(seqs == b, tile_ends - n_tiles, 0), axis=0)   # the tile's index in b
     q_start = tl.load(cu_q_ptr + b)
     n_q = tl.load(cu_q_ptr + b + 1) - q_start
     kv_len = tl.load(kv_lens_ptr + b)
     slot = tl.load(slots_ptr + b).to(tl.int64)
 
     # -- the tile's rows: (query, head) pairs, G heads of one query next to each other --
-    rows = (pid - tl.load(tile_starts_ptr + b)) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     qi = rows // G
     head = kv_head * G + rows % G
     row_ok = qi < n_q
@@ -88,7 +95,7 @@ def _attention_kernel(
                 mask=row_ok[:, None] & (offs_d[None, :] < Dh), other=0.0)
     k_base = k_ptr + slot * stride_ks + kv_head * stride_kh
     v_base = v_ptr + slot * stride_vs + kv_head * stride_vh
-    last_pos = kv_len - n_q + tl.minimum((pid - tl.load(tile_starts_ptr + b) + 1) * BLOCK_M // G, n_q) - 1
+    last_pos = kv_len - n_q + tl.minimum(((tile + 1) * BLOCK_M + G - 1) // G, n_q) - 1   # deepest row
     n_splits = tl.cdiv(last_pos + 1, SPLIT)                          # splits any row of the tile can see
 
     # -- which splits: all of them, folded in registers (fold), or the one named by grid axis 2 (split) --
@@ -109,7 +116,9 @@ def _attention_kernel(
         m_s = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
         o_s = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for n0 in range(s * SPLIT, (s + 1) * SPLIT, BLOCK_N):
+        # blocks past the tile's deepest row are fully masked for all its rows: skipping them leaves
+        # every row's state bit for bit as it is (see module docstring), and saves the causal half
+        for n0 in range(s * SPLIT, tl.minimum((s + 1) * SPLIT, last_pos + 1), BLOCK_N):
             pos = n0 + offs_n
             in_cache = pos < kv_len
             # k^T [BLOCK_D, BLOCK_N], v [BLOCK_N, BLOCK_D]; positions past kv_len read as 0, never garbage
@@ -143,6 +152,90 @@ def _attention_kernel(
 
 
 @triton.jit
+def _attention_packed_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr,
+    cu_q_ptr, kv_lens_ptr, slots_ptr, tile_seq_ptr, tile_kvh_ptr, tile_row0_ptr,
+    n_tiles, Dh, qk_scale,
+    stride_qt, stride_qh, stride_ks, stride_kl, stride_kh, stride_vs, stride_vl, stride_vh,
+    stride_ot, stride_oh,
+    G: tl.constexpr, SPLIT: tl.constexpr, TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The fold schedule for the interpreter, TILES query tiles per program (a leading block dim).
+
+    Interpreted, every tl op costs ~0.1-1 ms of Python whatever its block size, so one program works on
+    TILES independent (sequence, KV head, row tile) tiles at once: q [TILES, BLOCK_M, Dh] against keys
+    [TILES, Dh, BLOCK_N] gathered per tile (each tile its own slot and KV head), with a batched tl.dot.
+    Per row, the operations are exactly those of `_attention_kernel`'s fold schedule: the same splits and
+    blocks from position 0, the same dot (the interpreter's dot is computed row by row, see runtime.py),
+    the same online softmax and the same merge, so its bits equal the fold schedule's (tested).
+    The program walks the splits of its deepest row; for every other row the extra blocks and splits are
+    fully masked and leave its state unchanged bit for bit.
+    """
+    # -- this program's tiles: each is BLOCK_M rows (query, head-in-group) of one sequence and KV head --
+    tile = tl.program_id(0) * TILES + tl.arange(0, TILES)
+    tile_ok = tile < n_tiles
+    b = tl.load(tile_seq_ptr + tile, mask=tile_ok, other=0)
+    kv_head = tl.load(tile_kvh_ptr + tile, mask=tile_ok, other=0)
+    q_start = tl.load(cu_q_ptr + b, mask=tile_ok, other=0)
+    n_q = tl.load(cu_q_ptr + b + 1, mask=tile_ok, other=0) - q_start   # padding tiles: no queries
+    kv_len = tl.load(kv_lens_ptr + b, mask=tile_ok, other=0)
+    slot = tl.load(slots_ptr + b, mask=tile_ok, other=0).to(tl.int64)
+
+    # -- rows [TILES, BLOCK_M], as in _attention_kernel: row r = query r // G, head kv_head * G + r % G --
+    rows = tl.load(tile_row0_ptr + tile, mask=tile_ok, other=0)[:, None] + tl.arange(0, BLOCK_M)[None, :]
+    qi = rows // G
+    head = kv_head[:, None] * G + rows % G
+    row_ok = qi < n_q[:, None]
+    q_pos = tl.where(row_ok, kv_len[:, None] - n_q[:, None] + qi, -1)     # padding rows see no key
+    offs_d = tl.arange(0, BLOCK_D)[None, None, :]                         # [1, 1, BLOCK_D]
+    q_off = (q_start[:, None] + qi).to(tl.int64) * stride_qt + head * stride_qh   # [TILES, BLOCK_M]
+    q = tl.load(q_ptr + q_off[:, :, None] + offs_d, mask=row_ok[:, :, None] & (offs_d < Dh), other=0.0)
+    k_base = (k_ptr + slot * stride_ks + kv_head * stride_kh)[:, None, None]      # [TILES, 1, 1]
+    v_base = (v_ptr + slot * stride_vs + kv_head * stride_vh)[:, None, None]
+    n_splits = tl.cdiv(tl.max(tl.max(q_pos, axis=1), axis=0) + 1, SPLIT)   # splits the deepest row sees
+
+    offs_n = tl.arange(0, BLOCK_N)
+    m = tl.full((TILES, BLOCK_M), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((TILES, BLOCK_M), dtype=tl.float32)
+    o = tl.zeros((TILES, BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for s in range(0, n_splits):
+        # -- split s: online softmax over its BLOCK_N blocks, from the empty state --
+        m_s = tl.full((TILES, BLOCK_M), float("-inf"), dtype=tl.float32)
+        l_s = tl.zeros((TILES, BLOCK_M), dtype=tl.float32)
+        o_s = tl.zeros((TILES, BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for n0 in range(s * SPLIT, (s + 1) * SPLIT, BLOCK_N):
+            pos = n0 + offs_n
+            in_cache = pos[None, :] < kv_len[:, None]                       # [TILES, BLOCK_N]
+            # k^T [TILES, BLOCK_D, BLOCK_N], v [TILES, BLOCK_N, BLOCK_D]; past kv_len reads 0
+            kt = tl.load(k_base + pos[None, None, :] * stride_kl + tl.arange(0, BLOCK_D)[None, :, None],
+                         mask=in_cache[:, None, :] & (tl.arange(0, BLOCK_D)[None, :, None] < Dh), other=0.0)
+            v = tl.load(v_base + pos[None, :, None] * stride_vl + offs_d,
+                        mask=in_cache[:, :, None] & (offs_d < Dh), other=0.0)
+            scores = tl.dot(q, kt, input_precision=PRECISION) * qk_scale            # [TILES, BLOCK_M, BLOCK_N]
+            scores = tl.where(pos[None, None, :] <= q_pos[:, :, None], scores, float("-inf"))
+            m_new = tl.maximum(m_s, tl.max(scores, axis=2))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_s - m_safe)
+            p = tl.exp2(scores - m_safe[:, :, None])
+            l_s = tl.fma(l_s, alpha, tl.sum(p, axis=2))
+            o_s = tl.dot(p.to(v.dtype), v, o_s * alpha[:, :, None], input_precision=PRECISION)
+            m_s = m_new
+        # -- fold split s into the running state: `_merge`, written out for the extra block dim --
+        m_new = tl.maximum(m, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        beta = tl.exp2(m_s - m_safe)
+        l = tl.fma(l, alpha, l_s * beta)
+        o = tl.fma(o, alpha[:, :, None], o_s * beta[:, :, None])
+        m = m_new
+    out = o / tl.where(row_ok, l, 1.0)[:, :, None]
+    o_off = (q_start[:, None] + qi).to(tl.int64) * stride_ot + head * stride_oh
+    tl.store(out_ptr + o_off[:, :, None] + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, :, None] & (offs_d < Dh))
+
+
+@triton.jit
 def _combine_kernel(out_ptr, ws_o_ptr, ws_ml_ptr, ws_n_ptr, R, Dh, n_split_slots,
                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Fold each (query, head) row's split states in split order: the fold schedule's merges, unchanged."""
@@ -166,10 +259,28 @@ def _combine_kernel(out_ptr, ws_o_ptr, ws_ml_ptr, ws_n_ptr, R, Dh, n_split_slots
 
 
 def tiles() -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, SPLIT) for this device: fixed, never chosen from the batch or the lengths."""
+    """(BLOCK_M, BLOCK_N, SPLIT) for this device: fixed, never chosen from the batch or the lengths.
+
+    Interpreter: short splits (the CPU model's sequences are < 64 positions: one split of two blocks).
+    """
     if runtime.interpreting():
-        return 256, 64, 128
+        return 256, 32, 64
     return 64, 64, 512
+
+
+# The fold schedule's tile rows on the GPU. 128 rows with 8 warps (two warpgroups, each running the
+# 64-row tile's instructions on its rows) passed the GPU tests (prefill == decode, whose split schedule
+# uses 64 rows) but measured slower overall than 64 (kernels/NOTES.md): 64, the split schedule's tile.
+FOLD_BLOCK_M = 64
+
+# The interpreter's packed schedule: PACKED_TILES tiles of PACKED_BLOCK_M rows per program. Small tiles
+# waste little on decode (G useful rows per tile); many tiles per program keep the program count low.
+PACKED_BLOCK_M, PACKED_TILES = 16, 128
+
+
+def schedules() -> tuple[str, ...]:
+    """The schedules this device can run (test hook): packed is the interpreter's."""
+    return ("packed", "fold", "split") if runtime.interpreting() else ("fold", "split")
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -202,29 +313,33 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_
     G = H // Hkv
     block_m, block_n, split = tiles()
     block_d = triton.next_power_of_2(Dh)
-    if schedule is None:
+    if schedule is None and runtime.interpreting():
+        schedule = "packed"
+    elif schedule is None:
         few_rows = triton.cdiv(Tq * G, block_m) + B
-        schedule = "fold" if runtime.interpreting() or few_rows * Hkv >= 2 * runtime.num_sms() else "split"
-    if schedule not in ("fold", "split"):
-        raise ValueError(f"schedule must be 'fold' or 'split', got {schedule!r}")
+        schedule = "fold" if few_rows * Hkv >= 2 * runtime.num_sms() else "split"
+    if schedule not in schedules():
+        raise ValueError(f"schedule must be one of {schedules()}, got {schedule!r}")
 
-    # 2. allocate output and the tile map (device ops only)
+    # 2. allocate output (the tile map is built in the kernel: no host sync, no extra launches)
     out = runtime.empty((Tq, H, Dh), q.device, q.dtype)
     if Tq == 0 or B == 0:
         return out
-    cu = cu_seqlens_q.to(torch.int32)
-    q_tiles = (cu[1:] - cu[:-1]) * G
-    tiles_per_seq = (q_tiles + block_m - 1) // block_m
-    tile_ends = torch.cumsum(tiles_per_seq, 0, dtype=torch.int32)
-    tile_starts = tile_ends - tiles_per_seq
-    kv = kv_lens.to(torch.int32)
+    cu = cu_seqlens_q if cu_seqlens_q.dtype == torch.int32 else cu_seqlens_q.to(torch.int32)
+    kv = kv_lens if kv_lens.dtype == torch.int32 else kv_lens.to(torch.int32)
+    if schedule == "packed":
+        _launch_packed(q, k_cache, v_cache, out, cu, kv, slots, (cu[1:] - cu[:-1]) * G, scale, G, Hkv,
+                       block_n, split, block_d)
+        return out
+    fold = schedule == "fold"
+    if fold and not runtime.interpreting():
+        block_m = FOLD_BLOCK_M
     if runtime.interpreting():   # exact grid: every interpreted program costs milliseconds
-        n_tiles = int(tile_ends[-1])
+        n_tiles = int((((cu[1:] - cu[:-1]) * G + block_m - 1) // block_m).sum())
         n_split_slots = triton.cdiv(int(kv.max()), split)
     else:                        # upper bounds: no host sync; surplus programs return at once
         n_tiles = triton.cdiv(Tq * G, block_m) + B
         n_split_slots = triton.cdiv(k_cache.shape[1], split)
-    fold = schedule == "fold"
     if fold:
         ws_o = ws_ml = ws_n = out  # unused
     else:
@@ -236,15 +351,38 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (n_tiles, Hkv, 1 if fold else n_split_slots)
     _attention_kernel[grid](
-        q, k_cache, v_cache, out, ws_o, ws_ml, ws_n, cu, kv, slots, tile_starts, tile_ends,
+        q, k_cache, v_cache, out, ws_o, ws_ml, ws_n, cu, kv, slots,
         B, H, Dh, scale * LOG2E, n_split_slots,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         G=G, FOLD=fold, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        B_POW2=triton.next_power_of_2(B), PRECISION=precision, num_warps=4, num_stages=2,
+        B_POW2=triton.next_power_of_2(B), PRECISION=precision,
+        num_warps=8 if block_m >= 128 else 4, num_stages=2,
     )
     if not fold:
         block_r = 16
         _combine_kernel[(triton.cdiv(Tq * H, block_r),)](out, ws_o, ws_ml, ws_n, Tq * H, Dh, n_split_slots,
                                                          BLOCK_R=block_r, BLOCK_D=block_d)
     return out
+
+
+def _launch_packed(q, k_cache, v_cache, out, cu, kv, slots, q_rows, scale, G, Hkv, block_n, split, block_d):
+    """Interpreter only: list the (sequence, KV head, row tile) tiles on the host, TILES per program."""
+    bm = PACKED_BLOCK_M
+    tiles_per_seq = (q_rows + bm - 1) // bm                          # per sequence, for each KV head
+    per_seq = tiles_per_seq.repeat_interleave(Hkv)                   # [(b, kv_head)]
+    tile_seq = torch.arange(len(q_rows), dtype=torch.int32).repeat_interleave(Hkv).repeat_interleave(per_seq)
+    tile_kvh = torch.arange(Hkv, dtype=torch.int32).repeat(len(q_rows)).repeat_interleave(per_seq)
+    first = torch.cumsum(per_seq, 0) - per_seq                       # first tile of each (b, kv_head)
+    tile_row0 = ((torch.arange(len(tile_seq)) - first.repeat_interleave(per_seq)) * bm).to(torch.int32)
+    n_tiles = len(tile_seq)
+    if n_tiles == 0:
+        return
+    _attention_packed_kernel[(triton.cdiv(n_tiles, PACKED_TILES),)](
+        q, k_cache, v_cache, out, cu, kv, slots, tile_seq, tile_kvh, tile_row0,
+        n_tiles, q.shape[2], scale * LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        G=G, SPLIT=split, TILES=PACKED_TILES, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=block_d,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )

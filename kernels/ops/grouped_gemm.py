@@ -10,9 +10,11 @@ BLOCK_M is chosen from the average group size on the GPU (64 or 128); the GPU te
 leaves a row's bits unchanged.
 
 Tile scheduling without a host sync: tile_ends[e] = cumulative number of BLOCK_M tiles of groups 0..e,
-computed on the device; program m finds its expert as #{e : tile_ends[e] <= m}. On the GPU the grid is
-the upper bound cdiv(T, BLOCK_M) + E (surplus programs return at once); under the interpreter, where
-every program costs milliseconds, the exact count is read on the host.
+computed inside each program from `offsets` (tl.cumsum); program m finds its expert as
+#{e : tile_ends[e] <= m}. On the GPU the grid is
+the upper bound cdiv(T, BLOCK_M) + E (surplus programs return at once). Under the interpreter, where
+every program costs milliseconds, `_grouped_mm_packed_kernel` runs instead: one program per row tile of
+all experts at once (the per-tile kernel stays reachable there with packed=False, for the tests).
 Not for: unsorted rows (sort by expert first), or groups whose rows are not contiguous.
 """
 from __future__ import annotations
@@ -27,21 +29,28 @@ import triton.language as tl  # noqa: E402
 
 @triton.jit
 def _grouped_mm_kernel(
-    x_ptr, w_ptr, out_ptr, row_starts_ptr, row_ends_ptr, tile_starts_ptr, tile_ends_ptr, E, N, K,
+    x_ptr, w_ptr, out_ptr, row_ends_ptr, E, N, K,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # -- which expert and which of its row tiles this program computes --
+    # -- which expert and which of its row tiles this program computes. The tile map is built here from
+    #    the group ends (a cumsum over E_POW2 lanes per program), not by torch ops before the launch:
+    #    those tiny kernels cost more than the GEMM itself at decode sizes. --
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     experts = tl.arange(0, E_POW2)
-    tile_ends = tl.load(tile_ends_ptr + experts, mask=experts < E, other=2147483647)
+    ends = tl.load(row_ends_ptr + experts, mask=experts < E, other=0)
+    starts = tl.load(row_ends_ptr + experts - 1, mask=(experts > 0) & (experts < E), other=0)
+    n_tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    tile_ends = tl.where(experts < E, tl.cumsum(n_tiles, axis=0), 2147483647)
     e = tl.sum((tile_ends <= pid_m).to(tl.int32), axis=0)
     if e >= E:  # surplus program of the upper-bound grid
         return
-    row_end = tl.load(row_ends_ptr + e)
-    first_row = tl.load(row_starts_ptr + e) + (pid_m - tl.load(tile_starts_ptr + e)) * BLOCK_M
+    this = experts == e
+    row_end = tl.sum(tl.where(this, ends, 0), axis=0)
+    tile_start = tl.sum(tl.where(this, tile_ends - n_tiles, 0), axis=0)
+    first_row = tl.sum(tl.where(this, starts, 0), axis=0) + (pid_m - tile_start) * BLOCK_M
 
     offs_m = (first_row + tl.arange(0, BLOCK_M)).to(tl.int64)   # int64: T*N can pass 2**31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,6 +73,47 @@ def _grouped_mm_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _grouped_mm_packed_kernel(
+    x_ptr, w_ptr, out_ptr, row_starts_ptr, row_ends_ptr, E, N, K,
+    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_on,
+    E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """`_grouped_mm_kernel` for the interpreter: program m computes row tile m of EVERY expert at once.
+
+    Interpreted, every tl op costs ~0.1-1 ms of Python whatever its block size, so one program works on
+    all experts with a batched dot: x [E, BLOCK_M, BLOCK_K] @ w [E, BLOCK_K, BLOCK_N], expert e's block
+    holding its rows m*BLOCK_M ... (m+1)*BLOCK_M - 1 (the grid has cdiv(largest group, BLOCK_M) programs).
+    Per row it does the same BLOCK_K steps and the same dot as the per-tile kernel (the interpreter's dot
+    runs row by row, see runtime.py), so a row's bits are the same (tested).
+    """
+    experts = tl.arange(0, E_POW2)
+    e_ok = experts < E
+    row_end = tl.load(row_ends_ptr + experts, mask=e_ok, other=0)                     # [E_POW2]
+    first_row = tl.load(row_starts_ptr + experts, mask=e_ok, other=0) + tl.program_id(0) * BLOCK_M
+    offs_m = (first_row[:, None] + tl.arange(0, BLOCK_M)[None, :]).to(tl.int64)        # [E_POW2, BLOCK_M]
+    row_ok = (offs_m < row_end[:, None])[:, :, None]                                   # [E_POW2, BLOCK_M, 1]
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, None, :]       # [1, 1, BLOCK_N]
+    offs_k = tl.arange(0, BLOCK_K)
+    w_e = (w_ptr + experts.to(tl.int64) * stride_we)[:, None, None]                    # [E_POW2, 1, 1]
+
+    acc = tl.zeros((E_POW2, BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        a = tl.load(x_ptr + offs_m[:, :, None] * stride_xm + k[None, None, :] * stride_xk,
+                    mask=row_ok & (k[None, None, :] < K), other=0.0)
+        b = tl.load(w_e + k[None, :, None] * stride_wk + offs_n * stride_wn,
+                    mask=e_ok[:, None, None] & (k[None, :, None] < K) & (offs_n < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    tl.store(out_ptr + offs_m[:, :, None] * stride_om + offs_n * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=row_ok & (offs_n < N))
+
+
+# Rows per expert per program of the interpreter's packed kernel.
+PACKED_BLOCK_M = 128
+
+
 def _block_m_for(T: int, E: int) -> int:
     """The one size-dependent choice (GPU only); tests prove it leaves a row's bits unchanged."""
     if runtime.interpreting():
@@ -72,10 +122,11 @@ def _block_m_for(T: int, E: int) -> int:
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
-                   block_m: int | None = None) -> torch.Tensor:
+                   block_m: int | None = None, packed: bool | None = None) -> torch.Tensor:
     """x [T, K] (sorted by group), w [E, K, N], offsets [E] cumulative row ends -> [T, N] in x's dtype.
 
-    Rows at or after offsets[-1] are not written (as torch._grouped_mm). `block_m` is a test hook.
+    Rows at or after offsets[-1] are not written (as torch._grouped_mm). `block_m` and `packed` (the
+    interpreter's many-tiles-per-program kernel; default: on under the interpreter) are test hooks.
     """
     # 1. check shapes
     runtime.check_float("x", x)
@@ -94,24 +145,45 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
     cfg = config_for(N, K, x.dtype)   # the dense matmul's BLOCK_N / BLOCK_K for this (N, K)
     bm = block_m or _block_m_for(T, E)
 
-    # 2. allocate output and the tile map (device ops only: no host sync on the GPU)
+    # 2. allocate output (the tile map is built in the kernel: no host sync, no extra launches on the GPU)
     out = runtime.empty((T, N), x.device, x.dtype)
     if T == 0 or N == 0:
         return out
-    row_ends = offsets.to(torch.int32)
-    row_starts = torch.cat([row_ends.new_zeros(1), row_ends[:-1]])
-    tiles = (row_ends - row_starts + bm - 1) // bm
-    tile_ends = torch.cumsum(tiles, 0, dtype=torch.int32)
-    tile_starts = tile_ends - tiles
-    m_programs = int(tile_ends[-1]) if runtime.interpreting() else triton.cdiv(T, bm) + E
+    row_ends = offsets if offsets.dtype == torch.int32 else offsets.to(torch.int32)
+    if packed if packed is not None else runtime.interpreting():
+        row_starts = torch.cat([row_ends.new_zeros(1), row_ends[:-1]])
+        _launch_packed(x, w, out, row_starts, row_ends, cfg)
+        return out
+    if runtime.interpreting():   # exact grid: every interpreted program costs milliseconds
+        sizes = torch.diff(row_ends, prepend=row_ends.new_zeros(1))
+        m_programs = int(((sizes + bm - 1) // bm).sum())
+    else:                        # upper bound: surplus programs return at once
+        m_programs = triton.cdiv(T, bm) + E
 
-    # 3. launch
-    grid = lambda meta: (m_programs, triton.cdiv(N, meta["BLOCK_N"]))
+    # 3. launch. No split-K here, so BLOCK_N is free of the dense matmul's split: 128 wide columns
+    #    (fewer re-reads of x than 64 at N=768), and 3 pipeline stages for the large tiles.
+    block_n = cfg.BLOCK_N if runtime.interpreting() else max(cfg.BLOCK_N, min(128, triton.next_power_of_2(N)))
+    grid = (m_programs, triton.cdiv(N, block_n))
     _grouped_mm_kernel[grid](
-        x, w, out, row_starts, row_ends, tile_starts, tile_ends, E, N, K,
+        x, w, out, row_ends, E, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        BLOCK_M=bm, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, E_POW2=triton.next_power_of_2(E),
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=cfg.BLOCK_K, E_POW2=triton.next_power_of_2(E),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=4 if bm <= 64 else 8, num_stages=cfg.num_stages,
+        num_warps=4 if bm <= 64 else 8, num_stages=cfg.num_stages if bm <= 64 else 3,
     )
     return out
+
+
+def _launch_packed(x, w, out, row_starts, row_ends, cfg) -> None:
+    """Interpreter only: cdiv(largest group, PACKED_BLOCK_M) programs, each on all experts."""
+    E, K, N = w.shape
+    m_programs = triton.cdiv(int((row_ends - row_starts).max()), PACKED_BLOCK_M)
+    if m_programs == 0:
+        return
+    grid = (m_programs, triton.cdiv(N, cfg.BLOCK_N))
+    _grouped_mm_packed_kernel[grid](
+        x, w, out, row_starts, row_ends, E, N, K,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        E_POW2=triton.next_power_of_2(E), BLOCK_M=PACKED_BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+    )

@@ -42,7 +42,9 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, T, D, stride_xt, stride_ot, eps,
 def _tiles(D: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK_D, num_warps) for a row length D: fixed per (D, device), never per row count."""
     if runtime.interpreting():
-        return 256, min(triton.next_power_of_2(D), 4096), 1
+        # An interpreted op costs ~0.1 ms plus its elements: blocks of ~64k elements per op, at most 256 rows
+        block_d = min(triton.next_power_of_2(D), 4096)
+        return max(16, min(256, 65536 // block_d)), block_d, 1
     block_d = min(triton.next_power_of_2(D), 8192)
     return 1, block_d, 4 if block_d <= 2048 else 8
 

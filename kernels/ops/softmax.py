@@ -57,7 +57,9 @@ def _softmax_kernel(x_ptr, out_ptr, T, N, stride_xt, stride_ot,
 def _tiles(N: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK_N, num_warps) for a row length N: fixed per (N, device), never per row count."""
     if runtime.interpreting():
-        return 256, min(triton.next_power_of_2(N), 2048), 1
+        # An interpreted op costs ~0.1 ms plus its elements: blocks of ~64k elements per op, at most 256 rows
+        block_n = min(triton.next_power_of_2(N), 2048)
+        return max(16, min(256, 65536 // block_n)), block_n, 1
     block_n = min(triton.next_power_of_2(N), 4096)
     return 1, block_n, 4 if block_n <= 1024 else 8
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.ops.attention import attention, tiles
+from kernels.ops.attention import attention, schedules, tiles
 from kernels.torch_backend import TorchBackend
 from tests.kernels.conftest import DEVICE, TOL, needs_gpu, randn, rel_err
 
@@ -38,7 +38,7 @@ def test_prefill_equals_decode_and_batch_invariant(gen, dtype, H, Hkv):
     alone, meta = _run(q, k, v, [(n, kv_len, slot)], scale)
     ref = TorchBackend().attention(q.double(), k.double(), v.double(), *[t.long() for t in meta], scale)
     assert rel_err(alone, ref) < TOL[dtype]
-    for schedule in ("fold", "split"):
+    for schedule in schedules():
         others = [(7, 40, 0), (n, kv_len, slot), (1, 3 * split + 1, 4), (30, 30, 1)]
         qs = [randn(gen, m, H, Dh, dtype=dtype) for m, _, _ in others]
         qs[1] = q
@@ -55,7 +55,7 @@ def test_prefill_equals_decode_and_batch_invariant(gen, dtype, H, Hkv):
         assert torch.equal(dec[0], alone[i]), f"decode of query {i} (position {pos}) != prefill"
         batch = [(1, 77, 0), (1, pos + 1, 4), (1, 3 * split, 1)]
         qb = torch.cat([randn(gen, 1, H, Dh, dtype=dtype), q[i:i + 1], randn(gen, 1, H, Dh, dtype=dtype)])
-        for schedule in ("fold", "split"):
+        for schedule in schedules():
             out, _ = _run(qb, k2, v2, batch, scale, schedule)
             assert torch.equal(out[1], alone[i]), f"batched decode of query {i} != prefill ({schedule})"
 
