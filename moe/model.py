@@ -54,16 +54,17 @@ class MoETransformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights, ones for norms, from a generator seeded by cfg.seed: the same
-        config always gives the same model, on any device."""
+        """Normal(0, init_std) weights, ones for norms, from a generator seeded by cfg.seed."""
         if self.embed.is_meta:  # shapes only (moe.from_pretrained fills them in): nothing to draw
             return
-        g = torch.Generator().manual_seed(self.cfg.seed)
+        # drawn on the model's device (a large preset would take minutes on the CPU): the same config
+        # gives the same weights on every machine of one device type
+        g = torch.Generator(device=self.embed.device).manual_seed(self.cfg.seed)
         for name, p in self.named_parameters():
             if name.endswith("norm"):
                 p.fill_(1.0)
-            else:  # drawn on the CPU one tensor at a time, so every device gets the same weights
-                p.copy_(torch.randn(p.shape, generator=g).mul_(self.cfg.init_std))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, device=p.device).mul_(self.cfg.init_std))
 
     @property
     def device(self) -> torch.device:
