@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -56,20 +57,32 @@ def run_cells(cfg: DictConfig, out: Path, grid: list[dict], measure: Callable[[M
               desc: str) -> list[dict]:
     """For each grid point (router, backend and optionally combine, dtype; cfg's otherwise), build its
     model and record `measure(model)` under its backend. Each cell is saved as it finishes, and a cell
-    already saved in `out` (an interrupted run) is loaded instead of run again."""
-    cells = []
-    for point in tqdm(grid, desc=desc, unit="cell"):
-        path = out / "cells" / ("-".join(map(str, point.values())) + ".json")
-        if path.exists():
-            cells.append(json.loads(path.read_text()))
-            continue
-        model = build_model(cfg, point["router"], point.get("combine", cfg.get("combine")),
-                            point.get("dtype", cfg.get("dtype")))
-        with kernels.use_backend(point["backend"]):
-            cell = {**point, **measure(model)}
-        write_json(path, cell)
-        cells.append(cell)
-    return cells
+    already saved in `out` (an interrupted run) is loaded instead of run again. With cfg.jobs > 1 the
+    cells run in that many worker processes (the Triton interpreter is single-threaded)."""
+    path = lambda point: out / "cells" / ("-".join(map(str, point.values())) + ".json")
+    # slowest first (the interpreted Triton kernels on a CPU), so parallel workers finish together
+    todo = sorted((p for p in grid if not path(p).exists()), key=lambda p: p["backend"] != "batch_invariant")
+    jobs = min(int(cfg.get("jobs", 1)), len(todo))
+    if jobs > 1:
+        from joblib import Parallel, delayed
+        run = Parallel(n_jobs=jobs, return_as="generator_unordered")(
+            delayed(_run_cell)(cfg, p, measure, path(p), threads=max(1, torch.get_num_threads() // jobs)) for p in todo)
+        for _ in tqdm(run, total=len(todo), desc=desc, unit="cell"):
+            pass
+    else:
+        for p in tqdm(todo, desc=desc, unit="cell"):
+            _run_cell(cfg, p, measure, path(p))
+    return [json.loads(path(p).read_text()) for p in grid]
+
+
+def _run_cell(cfg: DictConfig, point: dict, measure: Callable[[MoETransformer], dict], path: Path,
+              threads: int | None = None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    model = build_model(cfg, point["router"], point.get("combine", cfg.get("combine")), point.get("dtype", cfg.get("dtype")))
+    with kernels.use_backend(point["backend"]):
+        cell = {**point, **measure(model)}
+    write_json(path, cell)
 
 
 def run_dir() -> Path:
