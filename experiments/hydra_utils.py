@@ -53,6 +53,10 @@ def vocab_size(cfg: DictConfig) -> int:
     return pretrained_config(cfg.pretrained).vocab_size if cfg.get("pretrained") else cfg.model.vocab_size
 
 
+def router_backend_grid(cfg: DictConfig) -> list[dict]:
+    return [dict(router=r, backend=b) for r in cfg.router.names for b in cfg.kernels.backends]
+
+
 def run_cells(cfg: DictConfig, out: Path, grid: list[dict], measure: Callable[[MoETransformer], dict],
               desc: str) -> list[dict]:
     """For each grid point (router, backend and optionally combine, dtype; cfg's otherwise), build its

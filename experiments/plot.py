@@ -18,6 +18,13 @@ import numpy as np  # noqa: E402
 CAUSE_COLORS = {"arithmetic": "#4C72B0", "structural": "#DD8452", "amplified": "#C44E52"}
 
 
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def load_cells(path: Path) -> list[dict]:
     """Cells of one run (results.json, or cells/*.json of an unfinished one), or of every run below."""
     path = Path(path)
@@ -64,11 +71,7 @@ def plot_heatmap(cells: list[dict], out: Path) -> Path:
     bx.set_xlabel("fraction of probe tokens, by cause")
     bx.set_title("Attribution")
     bx.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "divergence_heatmap.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "divergence_heatmap.png")
 
 
 def plot_by_batch_size(cells: list[dict], out: Path) -> Path:
@@ -83,11 +86,7 @@ def plot_by_batch_size(cells: list[dict], out: Path) -> Path:
     ax.set_ylabel("fraction of probe tokens whose logits differ")
     ax.set_title("Divergence vs batch size (solid: torch kernels, dashed: batch-invariant)")
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    path = out / "divergence_by_batch_size.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "divergence_by_batch_size.png")
 
 
 def plot_margins(cells: list[dict], out: Path) -> Path:
@@ -105,11 +104,7 @@ def plot_margins(cells: list[dict], out: Path) -> Path:
     ax.set_ylabel("density")
     ax.set_title("Near ties flip: margins of routing choices that flipped vs held")
     ax.legend()
-    fig.tight_layout()
-    path = out / "router_margins.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "router_margins.png")
 
 
 def plot_run(path: Path) -> list[Path]:

@@ -15,7 +15,6 @@ exactly zero; stock kernels or a capacity router make it non-zero.
 """
 from __future__ import annotations
 
-import itertools
 import random
 from pathlib import Path
 
@@ -29,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import kernels  # noqa: E402
 from experiments.engine import Engine, Request  # noqa: E402
-from experiments.hydra_utils import CONFIG_DIR, run_cells, run_dir, write_csv, write_json  # noqa: E402
+from experiments.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
+from experiments.plot import save_figure  # noqa: E402
 from moe import MoETransformer, cu_seqlens_of  # noqa: E402
 
 
@@ -110,10 +110,7 @@ def plot(cells: list[dict], path: Path) -> Path:
     bx.set_xlabel(f"size of the difference (log scale; {floor:g} means exactly 0)")
     bx.legend(fontsize=8)
     fig.suptitle("Trainer vs sampler: is the RL policy on-policy?")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run_rl_consistency(cfg: DictConfig, out: Path) -> dict:
@@ -121,7 +118,7 @@ def run_rl_consistency(cfg: DictConfig, out: Path) -> dict:
         requests = sample(model, cfg.rl, cfg.seed)
         return compare(requests, trainer_logits(model, requests, cfg.rl.trainer_microbatches, cfg.seed))
 
-    grid = [dict(router=r, backend=b) for r, b in itertools.product(cfg.router.names, cfg.kernels.backends)]
+    grid = router_backend_grid(cfg)
     cells = run_cells(cfg, out, grid, measure, desc="router x backend")
     results = dict(config=OmegaConf.to_container(cfg, resolve=True), cells=cells)
     write_json(out / "results.json", results)

@@ -12,7 +12,6 @@ then results.json, distinct_completions.csv and distinct_completions.png.
 """
 from __future__ import annotations
 
-import itertools
 import random
 from collections import Counter
 from pathlib import Path
@@ -25,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from experiments.engine import Engine, Request  # noqa: E402
-from experiments.hydra_utils import CONFIG_DIR, run_cells, run_dir, write_csv, write_json  # noqa: E402
+from experiments.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
+from experiments.plot import save_figure  # noqa: E402
 from moe import MoETransformer  # noqa: E402
 
 
@@ -83,10 +83,7 @@ def plot_distinct(cells: list[dict], max_new_tokens: int, path: Path) -> Path:
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
     fig.colorbar(sm, ax=ax, label="departure from the most common\n(1: at the first token, 0: never)")
     ax.set_title("Same prompt, temperature 0, among random traffic")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
@@ -98,7 +95,7 @@ def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
         Engine(model, serve.max_slots, max_len).run(every)
         return summarize([r.generated for r in copies])
 
-    grid = [dict(router=r, backend=b) for r, b in itertools.product(cfg.router.names, cfg.kernels.backends)]
+    grid = router_backend_grid(cfg)
     cells = run_cells(cfg, out, grid, measure, desc="serving configurations")
     results = dict(config=OmegaConf.to_container(cfg, resolve=True), cells=cells)
     write_json(out / "results.json", results)

@@ -148,9 +148,7 @@ def save_checkpoint(model: MoETransformer, metrics: dict, path: Path) -> None:
 
 
 def plot_curve(curve: dict, unigram: float, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from experiments.plot import plt, save_figure  # pyplot on the Agg backend
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(curve["step"], curve["loss"], lw=0.8, alpha=0.6, label="train (per step)")
     ax.plot(curve["val_step"], curve["val_loss"], "o-", label="validation")
@@ -158,9 +156,7 @@ def plot_curve(curve: dict, unigram: float, path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / byte)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=None)
