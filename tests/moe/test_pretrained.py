@@ -134,3 +134,22 @@ def test_ablation_core_on_a_loaded_model(saved):
     assert d.n_compared >= len(probe)
     assert all((c is None) == (not bool(x)) for c, x in zip(d.causes, d.logits_differ))
     assert max(d.max_abs_delta, 0.0) < 1e-3  # dropless top-k: only reduction order can differ
+
+
+def test_ablation_app_takes_a_pretrained_folder(saved, tmp_path):
+    """`python -m experiments.ablate pretrained=<folder>`: every cell's model is the checkpoint's, its
+    vocabulary sets the probes', and the routers still swap."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.ablate import run_ablation
+    from experiments.hydra_utils import CONFIG_DIR
+
+    folder, _ = saved["qwen3_moe"]
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        cfg = compose("ablate", overrides=[
+            f"pretrained={folder}", "kernels=torch", "router.names=[topk,capacity]", "combines=[ordered]",
+            "jobs=1", "experiment.batch_sizes=[1,3]", "experiment.max_new_tokens=2"])
+    cells = run_ablation(cfg, tmp_path)["cells"]
+    assert [c["router"] for c in cells] == ["topk", "capacity"]
+    assert all(c["tokens"] > 0 for c in cells)
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["pretrained"] == str(folder)
