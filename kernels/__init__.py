@@ -9,8 +9,16 @@ import torch
 from kernels.backend import Backend, available_backends, get_backend, register_backend, use_backend
 from kernels.torch_backend import TorchBackend
 
+
+
+def _batch_invariant_backend() -> Backend:
+    # imported on first use, so that `import kernels` does not import triton
+    from kernels.batch_invariant import BatchInvariantBackend
+    return BatchInvariantBackend()
+
+
 register_backend("torch", TorchBackend)
-register_backend("batch_invariant", lambda: __import__("kernels.batch_invariant", fromlist=["_"]).BatchInvariantBackend())
+register_backend("batch_invariant", _batch_invariant_backend)
 
 BACKENDS = ("torch", "batch_invariant")
 
