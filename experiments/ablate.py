@@ -44,7 +44,7 @@ def run_cell(model: MoETransformer, probes, compositions, max_new_tokens: int) -
         refs.append(ref)
     tokens = differ = route_differ = completions = completions_differ = 0
     causes = dict.fromkeys(CAUSES, 0)
-    max_delta, mean_deltas, first_div, flipped, unflipped = 0.0, [], [], [], []
+    max_delta, mean_deltas, first_div, flipped, unflipped, cascade_flips = 0.0, [], [], [], [], 0
     by_size: dict[int, list[int]] = {}
     for (pi, ref), comp in itertools.product(enumerate(refs), compositions):
         probe_req, batch = comp.requests(probes[pi], max_new_tokens)
@@ -62,6 +62,7 @@ def run_cell(model: MoETransformer, probes, compositions, max_new_tokens: int) -
         if d.first_divergence is not None:
             first_div.append(d.first_divergence)
         flipped += d.flipped_margins.tolist()
+        cascade_flips += d.cascade_flips
         unflipped += d.unflipped_margins[torch.isfinite(d.unflipped_margins)].tolist()
         s = by_size.setdefault(comp.batch_size, [0, 0, 0, 0])
         s[0] += d.n_compared
@@ -75,7 +76,7 @@ def run_cell(model: MoETransformer, probes, compositions, max_new_tokens: int) -
         first_divergence=first_div, causes=causes,
         by_batch_size={B: dict(tokens=v[0], frac_logits_differ=v[1] / max(v[0], 1),
                                frac_completions_differ=v[3] / v[2]) for B, v in sorted(by_size.items())},
-        flipped_margins=flipped, unflipped_margins=unflipped[:5000])
+        flipped_margins=flipped, cascade_flips=cascade_flips, unflipped_margins=unflipped[:5000])
 
 
 def check_claims(cells: list[dict]) -> dict:

@@ -32,7 +32,8 @@ class Divergence:
     mean_abs_delta: float
     completion_differs: bool
     first_divergence: int | None      # index into the generated tokens
-    flipped_margins: torch.Tensor     # reference margins of top-k choices that flipped
+    flipped_margins: torch.Tensor     # reference margins of primary flips (see below)
+    cascade_flips: int                # flips downstream of an earlier routing difference
     unflipped_margins: torch.Tensor   # reference margins of choices that held
 
     def cause_counts(self) -> dict[str, int]:
@@ -55,6 +56,12 @@ def attribute_divergence(ref: Request, test: Request) -> Divergence:
     # causality: position j sees every earlier position, so accumulate differences along positions
     seen_route = torch.cummax(kept_diff.int(), 0).values.bool()            # [n, L]
     seen_struct = torch.cummax((kept_diff & ~pref_diff).int(), 0).values.bool()
+    # a *primary* flip is a top-k choice that flipped with no routing difference in an earlier layer at
+    # this or an earlier position (what its router input depends on): only drift in the numbers can
+    # explain it, so its margin measures how near a tie must be to flip. Other flips are cascades.
+    earlier = torch.zeros_like(seen_route)
+    earlier[:, 1:] = torch.cummax(seen_route.int(), 1).values.bool()[:, :-1]
+    primary = pref_diff & ~earlier
     logits_differ = (ref_logits != test_logits).any(-1)
     causes = []
     for j in range(n):
@@ -72,4 +79,5 @@ def attribute_divergence(ref: Request, test: Request) -> Divergence:
         n_compared=n, logits_differ=logits_differ, routes_differ=kept_diff.any(-1), causes=causes,
         max_abs_delta=float(delta.max()) if n else 0.0, mean_abs_delta=float(delta.mean()) if n else 0.0,
         completion_differs=gen_ref != gen_test, first_divergence=first if gen_ref != gen_test else None,
-        flipped_margins=rr.margin[:n][pref_diff], unflipped_margins=rr.margin[:n][~pref_diff])
+        flipped_margins=rr.margin[:n][primary], cascade_flips=int((pref_diff & ~primary).sum()),
+        unflipped_margins=rr.margin[:n][~pref_diff])

@@ -98,11 +98,13 @@ def plot_margins(cells: list[dict], out: Path) -> Path:
     if held.size:
         ax.hist(np.clip(held, 1e-9, None), bins=bins, alpha=0.6, density=True, label=f"held ({held.size})")
     if flipped.size:
-        ax.hist(np.clip(flipped, 1e-9, None), bins=bins, alpha=0.8, density=True, label=f"flipped ({flipped.size})")
+        ax.hist(np.clip(flipped, 1e-9, None), bins=bins, alpha=0.8, density=True, label=f"primary flips ({flipped.size})")
+    cascades = sum(c.get("cascade_flips", 0) for c in cells)
+    ax.plot([], [], " ", label=f"cascade flips, not shown: {cascades}\n(after a routing change upstream)")
     ax.set_xscale("log")
     ax.set_xlabel("router top-k margin in the reference run (k-th minus (k+1)-th probability)")
     ax.set_ylabel("density")
-    ax.set_title("Near ties flip: margins of routing choices that flipped vs held")
+    ax.set_title("Margins of routing choices: primary flips (numeric drift crossed a near tie) vs held")
     ax.legend()
     return save_figure(fig, out / "router_margins.png")
 
