@@ -1,12 +1,15 @@
 """Attribute every divergence between a reference run and a test run of the same request.
 
 A token *diverges* when its logits differ bitwise from the reference. Its cause:
-- `arithmetic`: every layer routed this token and all earlier tokens of the request exactly as in the
-  reference; only the reduction order of some kernel differed.
-- `structural`: routing differed, and at the first layer where it did, some token kept its own top-k
-  preference but lost or gained an expert: another request took the slot (capacity, expert choice).
-- `amplified`: routing differed, and at the first such layer the token's own top-k choice flipped:
-  slightly different numbers crossed a near tie. The reference top-k margin of each flip is recorded.
+- `arithmetic`: routing that can reach this token (its own, at every layer; an earlier token's, at
+  every layer but the last, through attention) was identical to the reference; only the reduction
+  order of some kernel differed.
+- `structural`: routing differed, and at the first layer where it did, the earliest differing token
+  kept its own top-k preference but lost or gained an expert: another request took the slot
+  (capacity, expert choice).
+- `amplified`: routing differed, and at the first such layer the earliest differing token's own
+  top-k choice flipped: slightly different numbers crossed a near tie. The reference top-k margin of
+  each primary flip (one with nothing different upstream of its router) is recorded.
 
 Only positions whose inputs agree are compared: the prompt, then generated tokens up to and including
 the first one that differs (its logits are the divergence; everything after is a different request).
@@ -44,6 +47,20 @@ def _first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def _cause(j: int, route_diff: torch.Tensor, pref_diff: torch.Tensor) -> str:
+    """Cause of token j's divergence. What reaches its logits: its own routing at every layer, and an
+    earlier token's routing at every layer but the last (that reaches j only through attention in a
+    later layer). The first such layer with a difference decides, by its earliest differing token:
+    a flipped preference there is `amplified`, a lost or gained slot `structural`."""
+    L = route_diff.shape[1]
+    for layer in range(L):
+        tokens = range(j + 1) if layer < L - 1 else (j,)
+        first = next((i for i in tokens if route_diff[i, layer]), None)
+        if first is not None:
+            return "amplified" if pref_diff[first, layer] else "structural"
+    return "arithmetic"
+
+
 def attribute_divergence(ref: Request, test: Request) -> Divergence:
     """Compare a tracked request with its reference run, token by token, and name each cause."""
     if ref.prompt != test.prompt:
@@ -53,30 +70,23 @@ def attribute_divergence(ref: Request, test: Request) -> Divergence:
     rr, tr = ref.token_routes(), test.token_routes()
     kept_diff = (rr.kept[:n] != tr.kept[:n]).any(-1)                       # [n, L]
     pref_diff = (rr.preferred[:n] != tr.preferred[:n]).any(-1)             # [n, L]
-    # causality: position j sees every earlier position, so accumulate differences along positions
-    seen_route = torch.cummax(kept_diff.int(), 0).values.bool()            # [n, L]
-    seen_struct = torch.cummax((kept_diff & ~pref_diff).int(), 0).values.bool()
-    # a *primary* flip is a top-k choice that flipped with no routing difference in an earlier layer at
-    # this or an earlier position (what its router input depends on): only drift in the numbers can
-    # explain it, so its margin measures how near a tie must be to flip. Other flips are cascades.
-    earlier = torch.zeros_like(seen_route)
-    earlier[:, 1:] = torch.cummax(seen_route.int(), 1).values.bool()[:, :-1]
-    primary = pref_diff & ~earlier
+    # a flip onto an expert that is dropped in both runs leaves the kept set alone but still changes
+    # the weights: a routing difference too
+    route_diff = kept_diff | pref_diff
+    # a *primary* flip is a top-k choice that flipped with no routing difference upstream of its router
+    # input (an earlier layer, at this or an earlier position): only drift in the numbers explains it,
+    # so its margin measures how near a tie must be to flip. Other flips are cascades.
+    seen = torch.cummax(route_diff.int(), 0).values.bool()                 # [n, L] at this or an earlier position
+    upstream = torch.zeros_like(seen)
+    upstream[:, 1:] = torch.cummax(seen.int(), 1).values.bool()[:, :-1]
+    primary = pref_diff & ~upstream
     logits_differ = (ref_logits != test_logits).any(-1)
-    causes = []
-    for j in range(n):
-        if not logits_differ[j]:
-            causes.append(None)
-        elif not seen_route[j].any():
-            causes.append("arithmetic")
-        else:
-            first_layer = int(seen_route[j].int().argmax())
-            causes.append("structural" if seen_struct[j, first_layer] else "amplified")
+    causes = [_cause(j, route_diff, pref_diff) if logits_differ[j] else None for j in range(n)]
     delta = (ref_logits - test_logits).abs()
     gen_ref, gen_test = ref.generated, test.generated
     first = _first_difference(gen_ref, gen_test)
     return Divergence(
-        n_compared=n, logits_differ=logits_differ, routes_differ=kept_diff.any(-1), causes=causes,
+        n_compared=n, logits_differ=logits_differ, routes_differ=route_diff.any(-1), causes=causes,
         max_abs_delta=float(delta.max()) if n else 0.0, mean_abs_delta=float(delta.mean()) if n else 0.0,
         completion_differs=gen_ref != gen_test, first_divergence=first if gen_ref != gen_test else None,
         flipped_margins=rr.margin[:n][primary], cascade_flips=int((pref_diff & ~primary).sum()),

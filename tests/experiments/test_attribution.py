@@ -5,7 +5,7 @@ import torch
 import kernels
 import moe
 from experiments.attribution import attribute_divergence
-from experiments.engine import Engine, Request
+from experiments.engine import Engine, Request, TokenRoutes
 from tests.conftest import random_prompts, tiny_config
 from tests.experiments.rowwise_backend import PerturbedRowwiseBackend, RowwiseBackend
 
@@ -70,3 +70,56 @@ def test_injected_one_ulp_near_tie_is_amplified(seed):
     assert set(d.causes) == {"amplified"}
     # every token flips at layer 0, where nothing upstream differs: primary flips, each from an exact tie
     assert d.flipped_margins.numel() >= d.n_compared and bool((d.flipped_margins == 0).all())
+
+
+# ---- the cause logic on synthetic records, where every difference is placed by hand --------------
+
+def synthetic(n: int, L: int, flips=(), drops=(), bumps=()) -> Request:
+    """A tracked request of n processed tokens over L layers, top-1 of 4 experts: every token prefers
+    expert 0 and keeps it, except (token, layer) in `flips` (prefers expert 1) and in `drops` (expert
+    0 dropped); tokens in `bumps` get different logits."""
+    r = Request(list(range(n)), 1, track=True)
+    r.generated = [0]
+    logits = torch.zeros(n, 5)
+    for t in bumps:
+        logits[t, 1] = 1e-6
+    r.logits = [logits]
+    pref = torch.zeros(n, L, 1, dtype=torch.long)
+    for t, layer in flips:
+        pref[t, layer, 0] = 1
+    kept = torch.zeros(n, L, 4, dtype=torch.bool).scatter_(2, pref, True)
+    for t, layer in drops:
+        kept[t, layer] = False
+    r.route_parts = [TokenRoutes(kept, pref, torch.full((n, L), 0.5))]
+    return r
+
+
+def test_last_layer_routing_of_an_earlier_token_does_not_reach_later_tokens():
+    # token 1 flips at the last layer: only token 1 can feel it; token 3's drift is arithmetic
+    d = attribute_divergence(synthetic(4, 2), synthetic(4, 2, flips=[(1, 1)], bumps=[1, 3]))
+    assert d.causes == [None, "amplified", None, "arithmetic"]
+
+
+def test_earlier_token_routing_reaches_later_tokens_through_attention():
+    d = attribute_divergence(synthetic(4, 2), synthetic(4, 2, drops=[(1, 0)], bumps=[1, 3]))
+    assert d.causes == [None, "structural", None, "structural"]
+
+
+def test_the_earliest_difference_at_the_first_layer_decides():
+    # a flip at token 0 comes before a lost slot at token 2 (the flip shifted the queue): amplified
+    d = attribute_divergence(synthetic(4, 2), synthetic(4, 2, flips=[(0, 0)], drops=[(2, 0)], bumps=[2]))
+    assert d.causes[2] == "amplified"
+    d = attribute_divergence(synthetic(4, 2), synthetic(4, 2, drops=[(0, 0)], flips=[(2, 0)], bumps=[2]))
+    assert d.causes[2] == "structural"
+
+
+def test_a_flip_onto_a_dropped_expert_is_still_a_routing_difference():
+    # token 1 flips to expert 1, dropped in the test run, while the reference also dropped its expert:
+    # kept sets agree (empty), preferences do not
+    ref = synthetic(3, 2, drops=[(1, 0)])
+    test = synthetic(3, 2, flips=[(1, 0)], drops=[(1, 0)], bumps=[1])
+    d = attribute_divergence(ref, test)
+    assert d.causes[1] == "amplified" and bool(d.routes_differ[1])
+    # a primary flip, and a later flip downstream of it is a cascade
+    d = attribute_divergence(synthetic(3, 2), synthetic(3, 2, flips=[(0, 0), (2, 1)], bumps=[0, 2]))
+    assert d.flipped_margins.numel() == 1 and d.cascade_flips == 1
