@@ -36,7 +36,10 @@ INVARIANT_ROUTERS = ("topk", "sequence_capacity")
 
 def run_cell(model: MoETransformer, probes, compositions, max_new_tokens: int) -> dict:
     """All probes x compositions for one model on the backend in force; returns the cell's record."""
-    max_len = max(map(len, probes)) + 4 * max_new_tokens + 64
+    # room for the longest request: a probe or a co-request, and its new tokens
+    longest = max([len(p) for p in probes] + [len(p) for c in compositions for p in c.co_prompts])
+    most_new = max([max_new_tokens] + [n for c in compositions for n in c.co_new_tokens])
+    max_len = longest + most_new + 1
     refs = []
     for p in probes:
         ref = Request(p, max_new_tokens, track=True)

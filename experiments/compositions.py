@@ -55,7 +55,8 @@ def make_compositions(batch_sizes: list[int], per_size: int, vocab: int, max_len
             co = [prompt(rng, vocab, rng.randint(1, max_len), text) for _ in range(B - 1)]
             out.append(Composition(
                 batch_size=B, probe_index=rng.randrange(B), mode=mode, co_prompts=co,
-                # co-requests run at least as long as the probe, so it always has company
+                # co-requests generate more tokens than the probe, so it has company while it decodes
+                # (a chunked probe prefill takes extra steps, at whose end some may have left)
                 co_new_tokens=[rng.randint(max_new_tokens + 1, 2 * max_new_tokens + 1) for _ in co],
                 chunk=rng.randint(2, 4) if mode == "chunked" else None))
     return out

@@ -13,6 +13,8 @@ Legend: T = tokens in a step, E = experts, k = top_k, L = layers.
 """
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -84,6 +86,19 @@ def routes_of_rows(routings: list[Routing], rows: slice, top_k: int) -> TokenRou
     return TokenRoutes(kept.cpu(), preferred.cpu(), margin.cpu())
 
 
+def poisson(rng: random.Random, mean: float) -> int:
+    """Arrivals in one engine step, Poisson(mean), by inversion from a seeded generator."""
+    if mean < 0:
+        raise ValueError(f"mean arrivals per step (load) must be >= 0, got {mean}")
+    n, p, u = 0, math.exp(-mean), rng.random()
+    cdf = p
+    while u > cdf and p > 0:
+        n += 1
+        p *= mean / n
+        cdf += p
+    return n
+
+
 class Engine:
     def __init__(self, model: MoETransformer, n_slots: int, max_len: int):
         self.model = model
@@ -94,7 +109,7 @@ class Engine:
     def run(self, requests: list[Request], max_steps: int = 100_000, until_tracked_done: bool = False) -> list[Request]:
         """Serve the requests to completion (or, with until_tracked_done, until every tracked request has
         finished: what the others do afterwards cannot affect it); returns them with `generated` filled."""
-        pending = sorted(requests, key=lambda r: r.arrival)
+        pending = sorted((r for r in requests if not r.done), key=lambda r: r.arrival)  # 0 new tokens: done
         active: list[Request] = []
         tracked = [r for r in requests if r.track]
         while pending or active:

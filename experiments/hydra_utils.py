@@ -3,6 +3,7 @@ run a grid of cells that survives interruption, find the run directory, write JS
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -61,31 +62,47 @@ def run_cells(cfg: DictConfig, out: Path, grid: list[dict], measure: Callable[[M
               desc: str) -> list[dict]:
     """For each grid point (router, backend and optionally combine, dtype; cfg's otherwise), build its
     model and record `measure(model)` under its backend. Each cell is saved as it finishes, and a cell
-    already saved in `out` (an interrupted run) is loaded instead of run again. With cfg.jobs > 1 the
+    already saved in `out` with the same settings (an interrupted run) is loaded instead of run again;
+    one saved with other settings is run again. With cfg.jobs > 1 the
     cells run in that many worker processes (the Triton interpreter is single-threaded)."""
     path = lambda point: out / "cells" / ("-".join(map(str, point.values())) + ".json")
+    fingerprint = config_fingerprint(cfg)
+    done = lambda point: path(point).exists() and json.loads(path(point).read_text()).get("config") == fingerprint
     # slowest first (the interpreted Triton kernels on a CPU), so parallel workers finish together
-    todo = sorted((p for p in grid if not path(p).exists()), key=lambda p: p["backend"] != "batch_invariant")
+    todo = sorted((p for p in grid if not done(p)), key=lambda p: p["backend"] != "batch_invariant")
     jobs = min(int(cfg.get("jobs", 1)), len(todo))
     if jobs > 1:
         from joblib import Parallel, delayed
+        threads = max(1, torch.get_num_threads() // jobs)
         run = Parallel(n_jobs=jobs, return_as="generator_unordered")(
-            delayed(_run_cell)(cfg, p, measure, path(p), threads=max(1, torch.get_num_threads() // jobs)) for p in todo)
+            delayed(_run_cell)(cfg, p, measure, path(p), fingerprint, threads) for p in todo)
         for _ in tqdm(run, total=len(todo), desc=desc, unit="cell"):
             pass
     else:
         for p in tqdm(todo, desc=desc, unit="cell"):
-            _run_cell(cfg, p, measure, path(p))
+            _run_cell(cfg, p, measure, path(p), fingerprint)
     return [json.loads(path(p).read_text()) for p in grid]
 
 
+def config_fingerprint(cfg: DictConfig) -> str:
+    """A hash of everything that shapes a cell's result except which cells the grid holds, so a re-run
+    reuses a saved cell only if it was made with the same settings."""
+    kw = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("combines", "dtypes", "jobs", "hydra"):
+        kw.pop(key, None)
+    kw.get("router", {}).pop("names", None)
+    kw.get("kernels", {}).pop("backends", None)
+    return hashlib.sha256(json.dumps(kw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _run_cell(cfg: DictConfig, point: dict, measure: Callable[[MoETransformer], dict], path: Path,
-              threads: int | None = None) -> None:
+              fingerprint: str, threads: int | None = None) -> None:
     if threads:
         torch.set_num_threads(threads)
-    model = build_model(cfg, point["router"], point.get("combine", cfg.get("combine")), point.get("dtype", cfg.get("dtype")))
+    model = build_model(cfg, point["router"], point.get("combine", cfg.get("combine")),
+                        point.get("dtype", cfg.get("dtype")))
     with kernels.use_backend(point["backend"]):
-        cell = {**point, **measure(model)}
+        cell = {**point, **measure(model), "config": fingerprint}
     write_json(path, cell)
 
 

@@ -27,20 +27,22 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import kernels  # noqa: E402
-from experiments.engine import Engine, Request  # noqa: E402
+from experiments.engine import Engine, Request, poisson  # noqa: E402
 from experiments.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
 from experiments.plot import save_figure  # noqa: E402
 from moe import MoETransformer, cu_seqlens_of  # noqa: E402
 
 
 def sample(model: MoETransformer, rl: DictConfig, seed: int) -> list[Request]:
-    """The sampler: requests arrive over time (Poisson-like, `load` per step) and are served with the
+    """The sampler: requests arrive over time (Poisson, `load` per step) and are served with the
     KV cache and continuous batching; each samples from its own seeded generator."""
     rng = random.Random(seed)
     V = model.cfg.vocab_size
     requests, step = [], 0
+    if rl.load <= 0:
+        raise ValueError(f"rl.load (mean requests per step) must be > 0, got {rl.load}")
     while len(requests) < rl.n_samples:
-        for _ in range(rng.randint(0, int(2 * rl.load))):
+        for _ in range(poisson(rng, rl.load)):
             if len(requests) < rl.n_samples:
                 prompt = [rng.randrange(V) for _ in range(rng.randint(rl.prompt_min_len, rl.prompt_max_len))]
                 requests.append(Request(prompt, rl.max_new_tokens, arrival=step, order=len(requests), track=True,

@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from experiments.engine import Engine, Request  # noqa: E402
+from experiments.engine import Engine, Request, poisson  # noqa: E402
 from experiments.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
 from experiments.plot import save_figure  # noqa: E402
 from moe import MoETransformer  # noqa: E402
@@ -39,14 +39,7 @@ def make_traffic(serve: DictConfig, vocab: int, seed: int) -> tuple[list[int], l
               for _ in range(serve.n_probe_runs)]
     traffic = []
     for step in range(span):
-        # Poisson(load) arrivals by inversion, from the seeded generator
-        n, p, u = 0, pow(2.718281828459045, -serve.load), rng.random()
-        cdf = p
-        while u > cdf:
-            n += 1
-            p *= serve.load / n
-            cdf += p
-        for _ in range(n):
+        for _ in range(poisson(rng, serve.load)):
             prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, serve.traffic_max_len))]
             traffic.append(Request(prompt, rng.randint(1, serve.traffic_max_new), arrival=step, chunk=serve.chunk))
     every = sorted(copies + traffic, key=lambda r: r.arrival)

@@ -11,7 +11,7 @@ import torch
 
 ROUTERS = ("topk", "capacity", "expert_choice", "sequence_capacity")
 COMBINES = ("ordered", "scatter_add")
-DROP_ORDERS = ("position", "score")
+DROP_ORDERS = ("position", "choice", "score")
 QK_NORMS = ("full", "head")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -32,7 +32,7 @@ class MoEConfig:
     capacity_factor: float = 1.25      # capacity routers: slots per expert = ceil(cf * tokens * top_k / E)
     combine: str = "ordered"           # one of COMBINES
     renormalize: bool = True           # divide the top-k weights by their sum (Mixtral, norm_topk_prob)
-    drop_order: str = "position"       # capacity routers: who keeps a slot (batch position, or higher score)
+    drop_order: str = "position"       # capacity router: who keeps a slot (DROP_ORDERS; see routers/capacity.py)
     group_size: int = 64               # sequence_capacity: tokens per fixed chunk of one sequence
     min_capacity: int = 0              # lower bound on slots per expert (DeepSpeed uses 8)
     shared_expert_gate: bool = False   # scale shared experts by sigmoid(x @ w) (Qwen2-MoE)

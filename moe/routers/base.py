@@ -6,6 +6,7 @@ A router subclass overrides one method, `assign(probs, seq_ids, positions, state
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Optional
 
 import torch
@@ -48,7 +49,8 @@ class Router:
 
 def expert_capacity(capacity_factor: float, tokens: int, top_k: int, n_experts: int, min_capacity: int = 0) -> int:
     """GShard/Switch slots per expert: ceil(cf * tokens * top_k / E), at least min_capacity."""
-    return max(math.ceil(capacity_factor * tokens * top_k / n_experts), min_capacity)
+    # exact rational arithmetic: 1.1 * 25 * 8 / 4 is 55.000000000000007 in floats, and ceil would add a slot
+    return max(math.ceil(Fraction(str(capacity_factor)) * tokens * top_k / n_experts), min_capacity)
 
 
 def rank_in_queue(experts: torch.Tensor, priority: torch.Tensor,

@@ -9,11 +9,9 @@ Batch-dependent by design, and in a decoder it also looks at future tokens of th
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from moe.routers.base import Router
+from moe.routers.base import Router, expert_capacity
 from moe.routing import Routing
 
 
@@ -26,7 +24,7 @@ class ExpertChoiceRouter(Router):
 
     def assign(self, probs, seq_ids, positions, state) -> Routing:
         T, E = probs.shape
-        C = min(math.ceil(self.capacity_factor * T * self.top_k / E), T)
+        C = min(expert_capacity(self.capacity_factor, T, self.top_k, E), T)
         # per expert, its top-C tokens; ties go to the earlier token
         chosen_tokens = torch.sort(probs, dim=0, descending=True, stable=True).indices[:C]  # [C, E]
         taken = torch.zeros_like(probs, dtype=torch.bool)

@@ -32,4 +32,8 @@ def test_default_ablation_at_tiny_size_shows_the_claims(tmp_path, seed):
     cell_file.write_text(json.dumps({**json.loads(cell_file.read_text()), "mark": 1}))
     rerun = run_ablation(cfg, tmp_path)
     assert [c.get("mark") for c in rerun["cells"] if c["router"] == "topk" and c["backend"] == "torch"] == [1]
+    # ... but a re-run with other settings does not reuse it
+    cfg.experiment.max_new_tokens = 2
+    rerun = run_ablation(cfg, tmp_path)
+    assert [c.get("mark") for c in rerun["cells"] if c["router"] == "topk" and c["backend"] == "torch"] == [None]
     assert len(plot_run(tmp_path)) == 3

@@ -123,3 +123,4 @@ def test_a_flip_onto_a_dropped_expert_is_still_a_routing_difference():
     # a primary flip, and a later flip downstream of it is a cascade
     d = attribute_divergence(synthetic(3, 2), synthetic(3, 2, flips=[(0, 0), (2, 1)], bumps=[0, 2]))
     assert d.flipped_margins.numel() == 1 and d.cascade_flips == 1
+

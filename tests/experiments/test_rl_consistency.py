@@ -31,3 +31,12 @@ def test_stock_kernels_differ_only_by_rounding(tmp_path, seed):
         pytest.xfail("stock CPU kernels happened to agree between decode and the packed full forward")
     assert cell["max_abs_delta_logprob"] < 1e-4
     assert abs(cell["mean_kl"]) < 1e-6
+
+
+def test_sampler_arrivals_are_poisson_and_low_load_does_not_hang():
+    import random
+
+    from experiments.engine import poisson
+    rng = random.Random(0)
+    draws = [poisson(rng, 0.3) for _ in range(4000)]
+    assert abs(sum(draws) / len(draws) - 0.3) < 0.05 and max(draws) >= 1

@@ -139,3 +139,37 @@ def test_batch_dependent_routers_have_a_counterexample(name):
     alone, r, sl = _probe_in_batch(name, probe, [hog], 1, top_k=1, capacity_factor=1.0)
     assert not alone.dropped[:, 0].any()
     assert not torch.equal(r.expert_sets()[sl], alone.expert_sets())
+
+
+def test_capacity_choice_order_serves_first_choices_first():
+    # GShard / DeepSpeed top-2: every first choice queues before any second choice. Capacity
+    # ceil(0.5 * 3 * 2 / 2) = 2; expert 0 is t0's and t2's first choice, t1's second
+    logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    r = route("capacity", logits, top_k=2, capacity_factor=0.5, drop_order="choice")
+    # expert 0 queue: t0 (1st), t2 (1st), t1 (2nd) -> t1's second choice dropped
+    # expert 1 queue: t1 (1st), t0 (2nd), t2 (2nd) -> t2's second choice dropped
+    assert r.dropped.tolist() == [[False, False], [False, True], [False, True]]
+
+
+def test_capacity_is_exact_rational_arithmetic():
+    # 1.1 * 25 * 8 / 4 = 55 exactly; floats give 55.000000000000007
+    assert expert_capacity(1.1, 25, 8, 4) == 55
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps=st.lists(st.integers(1, 6), min_size=1, max_size=8), seed=st.integers(0, 2**31 - 1))
+def test_sequence_capacity_state_across_multi_token_steps(steps, seed):
+    """Prefill in steps of any sizes (crossing chunk boundaries), carrying the state: the same drops as
+    one whole-sequence prefill."""
+    g = torch.Generator().manual_seed(seed)
+    T = sum(steps)
+    logits = torch.randn(T, 4, generator=g) * 0.1
+    kw = dict(top_k=2, capacity_factor=0.6, group_size=4)
+    full = route("sequence_capacity", logits, **kw)
+    state, drops, start = None, [], 0
+    for n in steps:
+        r = route("sequence_capacity", logits[start:start + n], positions=torch.arange(start, start + n),
+                  state=state, **kw)
+        state, start = r.state, start + n
+        drops.append(r.dropped)
+    assert torch.equal(torch.cat(drops), full.dropped)

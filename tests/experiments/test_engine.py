@@ -1,0 +1,23 @@
+"""The continuous-batching engine: arrivals, slots, chunked prefill, requests with nothing to do."""
+import moe
+from experiments.engine import Engine, Request
+from tests.conftest import random_prompts, tiny_config
+
+
+def test_engine_finishes_requests_with_nothing_to_generate():
+    model = moe.MoETransformer(tiny_config("topk"))
+    r = Request([1, 2, 3], 0)
+    Engine(model, 1, 8).run([r])
+    assert r.generated == [] and r.fed == 0
+
+
+def test_chunked_prefill_and_late_arrivals_use_few_slots(seed):
+    """Six requests through two slots, prefilled in chunks of 3: every one is fed its whole prompt and
+    gets all its tokens, and every slot is free at the end."""
+    model = moe.MoETransformer(tiny_config("topk"))
+    prompts = random_prompts(6, model.cfg.vocab_size, 1, 9)
+    reqs = [Request(p, 4, arrival=i // 2, order=i, chunk=3) for i, p in enumerate(prompts)]
+    engine = Engine(model, 2, 16)
+    engine.run(reqs)
+    assert all(len(r.generated) == 4 and r.fed == len(r.prompt) + 3 for r in reqs)
+    assert sorted(engine.free_slots) == [0, 1]
