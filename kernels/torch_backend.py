@@ -41,7 +41,8 @@ class TorchBackend:
 
     def attention(self, q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale):
         # One batched SDPA call over the padded batch, as a serving stack does; the mask keeps padding
-        # out of every real row (padded query rows attend to key 0 only and are discarded).
+        # out of every real row. Padded query rows sit past their sequence's end, so they see all of its
+        # keys (never an empty row, so no NaN) and are discarded.
         H = q.shape[1]
         q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
         max_q, max_k = int(q_lens.max()), int(kv_lens.max())
@@ -55,7 +56,6 @@ class TorchBackend:
         q_pos = (kv_lens - q_lens)[:, None] + row[None, :]                     # [B, max_q]
         k_pos = torch.arange(max_k, device=q.device)
         mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < kv_lens[:, None, None])
-        mask = mask | (~valid_q[:, :, None] & (k_pos == 0)[None, None, :])
         out = F.scaled_dot_product_attention(
             qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2),
             attn_mask=mask[:, None], scale=scale, enable_gqa=H != k_cache.shape[2])
