@@ -99,6 +99,8 @@ def plot_margins(cells: list[dict], out: Path) -> Path:
         ax.hist(np.clip(held, 1e-9, None), bins=bins, alpha=0.6, density=True, label=f"held ({held.size})")
     if flipped.size:
         ax.hist(np.clip(flipped, 1e-9, None), bins=bins, alpha=0.8, density=True, label=f"primary flips ({flipped.size})")
+    else:
+        ax.plot([], [], " ", label="primary flips: none")
     cascades = sum(c.get("cascade_flips", 0) for c in cells)
     ax.plot([], [], " ", label=f"cascade flips, not shown: {cascades}\n(after a routing change upstream)")
     ax.set_xscale("log")
