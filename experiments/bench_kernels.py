@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer matmul M values")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=INT",
-                    help="override a module constant for this run, e.g. kernels.ops.matmul.FLAT_K=0 "
+                    help="override a module constant for this run, e.g. kernels.ops.attention.FOLD_BLOCK_M=128 "
                          "(to compare kernel variants; the defaults are what the backend runs)")
     ap.add_argument("--tag", default="", help="added to the output file names")
     args = ap.parse_args()

@@ -37,7 +37,7 @@ def _matmul_kernel(
     stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_os,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     CHUNK_K: tl.constexpr, N_CHUNKS: tl.constexpr, FUSED: tl.constexpr, GROUP_M: tl.constexpr,
-    PRECISION: tl.constexpr, FLAT_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # -- which output tile: grouped ordering so that GROUP_M row-tiles share the same W columns in L2 --
     pid = tl.program_id(0)
@@ -61,34 +61,22 @@ def _matmul_kernel(
         k_lo = tl.program_id(1) * CHUNK_K
         k_hi = k_lo + CHUNK_K
 
+    # -- one flat loop of BLOCK_K steps (the same steps whatever M is). Each chunk is summed from zero in
+    #    `acc`; at a chunk's end it is added to `total`: ((0 + c_0) + c_1) + ..., the adds the split
+    #    schedule's reduce does. Flat, so the software pipeline keeps prefetching across chunk ends
+    #    (a loop nested per chunk gives the same bits and measured the same speed on the H100). --
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FLAT_K:
-        # -- one flat loop of BLOCK_K steps (the same steps whatever M is). Each chunk is summed from zero
-        #    in `acc`; at a chunk's end it is added to `total`: ((0 + c_0) + c_1) + ..., the adds the split
-        #    schedule's reduce does. Flat, so the software pipeline keeps prefetching across chunk ends. --
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k = k0 + offs_k
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
-                        mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
-            b = tl.load(w_ptr + k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                        mask=(k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            if (k0 + BLOCK_K) % CHUNK_K == 0:       # end of a chunk (CHUNK_K is a multiple of BLOCK_K)
-                total = total + acc
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        # -- the same steps and adds as two nested loops: one chunk at a time, summed from zero --
-        for c0 in range(k_lo, k_hi, CHUNK_K):
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(c0, c0 + CHUNK_K, BLOCK_K):
-                k = k0 + offs_k
-                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
-                            mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
-                b = tl.load(w_ptr + k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                            mask=(k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + offs_k
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
+        b = tl.load(w_ptr + k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                    mask=(k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if (k0 + BLOCK_K) % CHUNK_K == 0:       # end of a chunk (CHUNK_K is a multiple of BLOCK_K)
             total = total + acc
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     # -- write: the final result (fused) or this chunk's fp32 sum into workspace slice c (split) --
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -146,11 +134,6 @@ def config_for(N: int, K: int, dtype: torch.dtype) -> MatmulConfig:
                         num_stages=4)
 
 
-# The K loop's form (same steps, same adds, so the same bits; tested): flat with a chunk-end add, or
-# nested per chunk. A module constant so that a benchmark can compare the two (bench_kernels.py --set).
-FLAT_K = True
-
-
 def _block_m_for(M: int) -> int:
     """BLOCK_M is the one M-dependent choice; the GPU tests prove it leaves a row's bits unchanged."""
     if runtime.interpreting():
@@ -194,7 +177,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor, config: MatmulConfig | None = None,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), target.stride(-2), target.stride(-1),
         0 if fused else target.stride(0),
         BLOCK_M=bm, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, CHUNK_K=cfg.CHUNK_K, N_CHUNKS=cfg.N_CHUNKS,
-        FUSED=fused, GROUP_M=8, FLAT_K=FLAT_K,
+        FUSED=fused, GROUP_M=8,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         # pipeline depth is a scheduling choice (same dots, same order): 3 stages for the large tiles,
         # which measured faster there than 4 (kernels/NOTES.md, runs 1 and 2)
