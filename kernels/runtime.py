@@ -61,6 +61,12 @@ def check_device(name: str, t: torch.Tensor) -> None:
 _TL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype or t.device != ref.device:
+        raise ValueError(f"{name} must match {ref_name}'s dtype/device ({ref.dtype}, {ref.device}), "
+                         f"got {t.dtype}, {t.device}")
+
+
 def check_float(name: str, t: torch.Tensor) -> None:
     if t.dtype not in _TL_DTYPES:
         raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")

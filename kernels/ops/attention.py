@@ -32,7 +32,6 @@ Not for: sliding windows, ALiBi or soft-capping (not implemented); non-causal at
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -135,8 +135,7 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
         raise ValueError(f"x must be 2-D [T, K], got shape {tuple(x.shape)}")
     if w.dim() != 3 or w.shape[1] != x.shape[1]:
         raise ValueError(f"w must be [E, K={x.shape[1]}, N], got shape {tuple(w.shape)}")
-    if w.dtype != x.dtype or w.device != x.device:
-        raise ValueError(f"w must match x's dtype/device ({x.dtype}, {x.device}), got {w.dtype}, {w.device}")
+    runtime.check_like("w", w, "x", x)
     if offsets.dim() != 1 or offsets.shape[0] != w.shape[0] or offsets.device != x.device:
         raise ValueError(f"offsets must be [E={w.shape[0]}] on {x.device}, got {tuple(offsets.shape)} "
                          f"on {offsets.device}")

@@ -154,8 +154,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor, config: MatmulConfig | None = None,
         raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
     if w.dim() != 2 or w.shape[0] != x.shape[1]:
         raise ValueError(f"w must be [K={x.shape[1]}, N], got shape {tuple(w.shape)}")
-    if w.dtype != x.dtype or w.device != x.device:
-        raise ValueError(f"w must match x's dtype/device ({x.dtype}, {x.device}), got {w.dtype}, {w.device}")
+    runtime.check_like("w", w, "x", x)
     M, K = x.shape
     N = w.shape[1]
     cfg = config or config_for(N, K, x.dtype)
