@@ -36,7 +36,7 @@ class Composition:
         return probe_req, [probe_req] + others
 
 
-def prompt(rng: random.Random, vocab: int, length: int, text: Optional[bytes] = None) -> list[int]:
+def random_prompt(rng: random.Random, vocab: int, length: int, text: Optional[bytes] = None) -> list[int]:
     """Random token ids, or (for a byte-level model) a window of real text at a random offset."""
     if text is None:
         return [rng.randrange(vocab) for _ in range(length)]
@@ -52,7 +52,7 @@ def make_compositions(batch_sizes: list[int], per_size: int, vocab: int, max_len
     for B in batch_sizes:
         for i in range(per_size):
             mode = "prefill" if B == 1 else MODES[(len(out) + i) % len(MODES)]
-            co = [prompt(rng, vocab, rng.randint(1, max_len), text) for _ in range(B - 1)]
+            co = [random_prompt(rng, vocab, rng.randint(1, max_len), text) for _ in range(B - 1)]
             out.append(Composition(
                 batch_size=B, probe_index=rng.randrange(B), mode=mode, co_prompts=co,
                 # co-requests generate more tokens than the probe, so it has company while it decodes
@@ -65,4 +65,4 @@ def make_compositions(batch_sizes: list[int], per_size: int, vocab: int, max_len
 def make_probes(n: int, vocab: int, min_len: int, max_len: int, seed: int,
                 text: Optional[bytes] = None) -> list[list[int]]:
     rng = random.Random(seed + 1)
-    return [prompt(rng, vocab, rng.randint(min_len, max_len), text) for _ in range(n)]
+    return [random_prompt(rng, vocab, rng.randint(min_len, max_len), text) for _ in range(n)]

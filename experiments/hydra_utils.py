@@ -22,13 +22,18 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 ROUTER_OPTIONS = ("capacity_factor", "drop_order", "group_size", "min_capacity", "renormalize")
 
 
+def router_options(router: DictConfig) -> dict:
+    """The router group's MoEConfig options (capacity_factor, drop_order, ...)."""
+    return {k: router[k] for k in ROUTER_OPTIONS if k in router}
+
+
 def model_config(model: DictConfig, router: DictConfig, router_name: str, combine: str = "ordered",
                  dtype: str | None = None) -> ModelConfig:
     """The model group's fields, with the router group's options and the chosen router/combine/dtype."""
     kw = OmegaConf.to_container(model, resolve=True)
     kw.pop("preset", None)
     moe_kw = dict(kw.pop("moe"))
-    moe_kw.update({k: router[k] for k in ROUTER_OPTIONS if k in router})
+    moe_kw.update(router_options(router))
     moe_kw.update(router=router_name, combine=combine)
     if dtype is not None:
         kw["dtype"] = dtype
@@ -39,9 +44,8 @@ def build_model(cfg: DictConfig, router: str, combine: str, dtype: str) -> MoETr
     """One cell's model, with the weights every cell of a run shares: a local Hugging Face checkpoint
     (`pretrained=/path`), the shipped trained model (`model=trained`), or random ones from cfg.seed."""
     if cfg.get("pretrained"):
-        options = {k: cfg.router[k] for k in ROUTER_OPTIONS if k in cfg.router}
         return from_pretrained(cfg.pretrained, dtype=dtype, device=cfg.device, router=router, combine=combine,
-                               **options)
+                               **router_options(cfg.router))
     mcfg = model_config(cfg.model, cfg.router, router, combine, dtype)
     mcfg.seed = cfg.seed
     model = MoETransformer(mcfg, device=cfg.device)

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import kernels  # noqa: E402
+from experiments.compositions import random_prompt  # noqa: E402
 from experiments.engine import Engine, Request, poisson  # noqa: E402
 from experiments.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
 from experiments.plot import save_figure  # noqa: E402
@@ -44,7 +45,7 @@ def sample(model: MoETransformer, rl: DictConfig, seed: int) -> list[Request]:
     while len(requests) < rl.n_samples:
         for _ in range(poisson(rng, rl.load)):
             if len(requests) < rl.n_samples:
-                prompt = [rng.randrange(V) for _ in range(rng.randint(rl.prompt_min_len, rl.prompt_max_len))]
+                prompt = random_prompt(rng, V, rng.randint(rl.prompt_min_len, rl.prompt_max_len))
                 requests.append(Request(prompt, rl.max_new_tokens, arrival=step, order=len(requests), track=True,
                                         temperature=rl.temperature, top_p=rl.top_p, seed=seed * 100_003 + len(requests)))
         step += 1

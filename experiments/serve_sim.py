@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from experiments.compositions import random_prompt  # noqa: E402
 from experiments.engine import Engine, Request, poisson  # noqa: E402
 from experiments.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
 from experiments.plot import save_figure  # noqa: E402
@@ -33,14 +34,14 @@ def make_traffic(serve: DictConfig, vocab: int, seed: int) -> tuple[list[int], l
     """The probe prompt, its n_probe_runs copies at random arrival steps, and Poisson background traffic
     over the same span. Traffic is a function of the seed only, the same for every configuration."""
     rng = random.Random(seed)
-    probe = [rng.randrange(vocab) for _ in range(serve.probe_len)]
+    probe = random_prompt(rng, vocab, serve.probe_len)
     span = max(1, int(serve.n_probe_runs / max(serve.load, 1e-9) * 2))
     copies = [Request(probe, serve.max_new_tokens, arrival=rng.randrange(span), chunk=serve.chunk)
               for _ in range(serve.n_probe_runs)]
     traffic = []
     for step in range(span):
         for _ in range(poisson(rng, serve.load)):
-            prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, serve.traffic_max_len))]
+            prompt = random_prompt(rng, vocab, rng.randint(1, serve.traffic_max_len))
             traffic.append(Request(prompt, rng.randint(1, serve.traffic_max_new), arrival=step, chunk=serve.chunk))
     every = sorted(copies + traffic, key=lambda r: r.arrival)
     for i, r in enumerate(every):
