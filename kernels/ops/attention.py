@@ -264,7 +264,12 @@ def tiles() -> tuple[int, int, int]:
     """
     if runtime.interpreting():
         return 256, 32, 64
-    return 64, 64, 512
+    return GPU_BLOCK_M, GPU_BLOCK_N, GPU_SPLIT
+
+
+# GPU: query-row tile of the split schedule, key block, and the fixed KV split size. BLOCK_N and SPLIT
+# set the bits (the online-softmax steps and the merge structure); BLOCK_M only groups query rows.
+GPU_BLOCK_M, GPU_BLOCK_N, GPU_SPLIT = 64, 64, 512
 
 
 # The fold schedule's tile rows on the GPU. 128 rows with 8 warps (two warpgroups, each running the

@@ -19,10 +19,12 @@ Not for: unsorted rows (sort by expert first), or groups whose rows are not cont
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from kernels import runtime
-from kernels.ops.matmul import config_for
+from kernels.ops.matmul import Tiles, _pow2_at_most, reduction_for
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -114,18 +116,31 @@ def _grouped_mm_packed_kernel(
 PACKED_BLOCK_M = 128
 
 
-def _block_m_for(T: int, E: int) -> int:
-    """The one size-dependent choice (GPU only); tests prove it leaves a row's bits unchanged."""
+def tiles_for(T: int, E: int, N: int) -> Tiles:
+    """Tiles for T rows over E experts: the size-dependent choice; tests prove it bit-neutral.
+
+    There is no split-K here, so BLOCK_N is free of the dense matmul's K order: 128-wide columns (fewer
+    re-reads of x than 64 at N=768)."""
     if runtime.interpreting():
-        return 128
-    return 64 if T <= 64 * E else 128
+        return Tiles(BLOCK_M=128, BLOCK_N=_pow2_at_most(N, 512))
+    for max_rows_per_expert, tiles in TILES_GPU:
+        if T <= max_rows_per_expert * E:
+            return dataclasses.replace(tiles, BLOCK_N=min(tiles.BLOCK_N, max(16, triton.next_power_of_2(N))))
+    raise AssertionError("TILES_GPU must end with an unbounded bucket")
+
+
+# GPU tiles by mean rows per expert: (largest mean of the bucket, Tiles).
+TILES_GPU: list[tuple[int, Tiles]] = [
+    (64, Tiles(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)),
+    (2**62, Tiles(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)),
+]
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
-                   block_m: int | None = None, packed: bool | None = None) -> torch.Tensor:
+                   tiles: Tiles | None = None, packed: bool | None = None) -> torch.Tensor:
     """x [T, K] (sorted by group), w [E, K, N], offsets [E] cumulative row ends -> [T, N] in x's dtype.
 
-    Rows at or after offsets[-1] are not written (as torch._grouped_mm). `block_m` and `packed` (the
+    Rows at or after offsets[-1] are not written (as torch._grouped_mm). `tiles` and `packed` (the
     interpreter's many-tiles-per-program kernel; default: on under the interpreter) are test hooks.
     """
     # 1. check shapes
@@ -141,8 +156,9 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                          f"on {offsets.device}")
     T, K = x.shape
     E, _, N = w.shape
-    cfg = config_for(N, K, x.dtype)   # the dense matmul's BLOCK_N / BLOCK_K for this (N, K)
-    bm = block_m or _block_m_for(T, E)
+    block_k = reduction_for(N, K, x.dtype).BLOCK_K   # the dense matmul's K step for this (N, K)
+    t = tiles or tiles_for(T, E, N)
+    bm = t.BLOCK_M
 
     # 2. allocate output (the tile map is built in the kernel: no host sync, no extra launches on the GPU)
     out = runtime.empty((T, N), x.device, x.dtype)
@@ -151,7 +167,7 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
     row_ends = offsets if offsets.dtype == torch.int32 else offsets.to(torch.int32)
     if packed if packed is not None else runtime.interpreting():
         row_starts = torch.cat([row_ends.new_zeros(1), row_ends[:-1]])
-        _launch_packed(x, w, out, row_starts, row_ends, cfg)
+        _launch_packed(x, w, out, row_starts, row_ends, t.BLOCK_N, block_k)
         return out
     if runtime.interpreting():   # exact grid: every interpreted program costs milliseconds
         sizes = torch.diff(row_ends, prepend=row_ends.new_zeros(1))
@@ -159,30 +175,29 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
     else:                        # upper bound: surplus programs return at once
         m_programs = triton.cdiv(T, bm) + E
 
-    # 3. launch. No split-K here, so BLOCK_N is free of the dense matmul's split: 128 wide columns
-    #    (fewer re-reads of x than 64 at N=768), and 3 pipeline stages for the large tiles.
-    block_n = cfg.BLOCK_N if runtime.interpreting() else max(cfg.BLOCK_N, min(128, triton.next_power_of_2(N)))
+    # 3. launch
+    block_n = t.BLOCK_N
     grid = (m_programs, triton.cdiv(N, block_n))
     _grouped_mm_kernel[grid](
         x, w, out, row_ends, E, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=cfg.BLOCK_K, E_POW2=triton.next_power_of_2(E),
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, E_POW2=triton.next_power_of_2(E),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=4 if bm <= 64 else 8, num_stages=cfg.num_stages if bm <= 64 else 3,
+        num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return out
 
 
-def _launch_packed(x, w, out, row_starts, row_ends, cfg) -> None:
+def _launch_packed(x, w, out, row_starts, row_ends, block_n: int, block_k: int) -> None:
     """Interpreter only: cdiv(largest group, PACKED_BLOCK_M) programs, each on all experts."""
     E, K, N = w.shape
     m_programs = triton.cdiv(int((row_ends - row_starts).max()), PACKED_BLOCK_M)
     if m_programs == 0:
         return
-    grid = (m_programs, triton.cdiv(N, cfg.BLOCK_N))
+    grid = (m_programs, triton.cdiv(N, block_n))
     _grouped_mm_packed_kernel[grid](
         x, w, out, row_starts, row_ends, E, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        E_POW2=triton.next_power_of_2(E), BLOCK_M=PACKED_BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        E_POW2=triton.next_power_of_2(E), BLOCK_M=PACKED_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )

@@ -37,7 +37,7 @@ def _matmul_kernel(
     stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_os,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     CHUNK_K: tl.constexpr, N_CHUNKS: tl.constexpr, FUSED: tl.constexpr, GROUP_M: tl.constexpr,
-    PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # -- which output tile: grouped ordering so that GROUP_M row-tiles share the same W columns in L2 --
     pid = tl.program_id(0)
@@ -52,6 +52,10 @@ def _matmul_kernel(
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)   # int64: M*N can pass 2**31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    w_cols = w_ptr + offs_n[None, :] * stride_wn
+    m_ok = offs_m[:, None] < M
+    n_ok = offs_n[None, :] < N
 
     # -- which K chunks: all of them (fused) or the one named by the second grid axis (split) --
     if FUSED:
@@ -61,25 +65,30 @@ def _matmul_kernel(
         k_lo = tl.program_id(1) * CHUNK_K
         k_hi = k_lo + CHUNK_K
 
-    # -- one flat loop of BLOCK_K steps (the same steps whatever M is). Each chunk is summed from zero in
-    #    `acc`; at a chunk's end it is added to `total`: ((0 + c_0) + c_1) + ..., the adds the split
-    #    schedule's reduce does. Flat, so the software pipeline keeps prefetching across chunk ends
-    #    (a loop nested per chunk gives the same bits and measured the same speed on the H100). --
-    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # -- one flat loop of BLOCK_K steps, the same steps whatever M is. With one chunk (the usual case)
+    #    there is one accumulator. With several, each chunk is summed from zero in `acc` and added to
+    #    `total` at its end: ((0 + c_0) + c_1) + ..., the adds the split schedule's reduce does. (The
+    #    second accumulator doubles the registers a tile needs, which is why one chunk is preferred.) --
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + offs_k
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
-        b = tl.load(w_ptr + k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                    mask=(k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+        if EVEN_K:
+            a = tl.load(x_rows + k[None, :] * stride_xk, mask=m_ok, other=0.0)
+            b = tl.load(w_cols + k[:, None] * stride_wk, mask=n_ok, other=0.0)
+        else:
+            a = tl.load(x_rows + k[None, :] * stride_xk, mask=m_ok & (k[None, :] < K), other=0.0)
+            b = tl.load(w_cols + k[:, None] * stride_wk, mask=n_ok & (k[:, None] < K), other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if (k0 + BLOCK_K) % CHUNK_K == 0:       # end of a chunk (CHUNK_K is a multiple of BLOCK_K)
-            total = total + acc
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if N_CHUNKS > 1:
+            if (k0 + BLOCK_K) % CHUNK_K == 0:       # end of a chunk (CHUNK_K is a multiple of BLOCK_K)
+                total = total + acc
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if N_CHUNKS == 1:
+        total = acc
 
     # -- write: the final result (fused) or this chunk's fp32 sum into workspace slice c (split) --
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    mask = m_ok & n_ok
     ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     if FUSED:
         tl.store(ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
@@ -99,12 +108,19 @@ def _sum_chunks_kernel(part_ptr, out_ptr, numel, N_CHUNKS: tl.constexpr, BLOCK: 
 
 
 @dataclasses.dataclass(frozen=True)
-class MatmulConfig:
-    """Tiles for one (N, K, dtype). Everything but BLOCK_M (and the schedule) is fixed per weight shape."""
-    BLOCK_N: int
+class Reduction:
+    """How a row's K products are summed. Fixed per (N, K, dtype, device kind): this alone sets the bits."""
     BLOCK_K: int
     CHUNK_K: int      # K elements per chunk, a multiple of BLOCK_K
-    N_CHUNKS: int     # cdiv(K, CHUNK_K): fixed per (N, K), never per M
+    N_CHUNKS: int     # cdiv(K, CHUNK_K); 1 = no split-K
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """How the output is cut into programs, chosen per M. The dense-M GPU test shows these leave a
+    row's bits unchanged (a tile only decides which rows and columns share a program, not the K order)."""
+    BLOCK_M: int
+    BLOCK_N: int
     num_warps: int = 4
     num_stages: int = 3
 
@@ -113,39 +129,42 @@ def _pow2_at_most(n: int, cap: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), cap)
 
 
-def config_for(N: int, K: int, dtype: torch.dtype) -> MatmulConfig:
-    """The fixed tiling for a weight of shape [K, N]. Depends on (N, K, dtype, device kind) only."""
+def reduction_for(N: int, K: int, dtype: torch.dtype) -> Reduction:
+    """The fixed K order for a weight of shape [K, N]: one BLOCK_K-step loop, no split-K."""
     if runtime.interpreting():
         # Few, large programs: each interpreted program costs milliseconds; numpy does the block dot.
         bk = _pow2_at_most(K, 512)
-        return MatmulConfig(BLOCK_N=_pow2_at_most(N, 512), BLOCK_K=bk, CHUNK_K=triton.cdiv(K, bk) * bk,
-                            N_CHUNKS=1)
-    bn = 128 if N >= 2048 else 64 if N >= 64 else _pow2_at_most(N, 64)
-    bk = 64 if dtype != torch.float32 else 32
-    # Split K only where the N tiles alone cannot fill the GPU (decode): up to ~2 programs per SM at
-    # M <= 64, chunks of at least 256. Fixed per (N, K), never per M.
-    n_tiles = triton.cdiv(N, bn)
-    chunks = 1
-    while (n_tiles * chunks * 2 <= 2 * runtime.num_sms() and K % (chunks * 2 * bk) == 0
-           and K // (chunks * 2) >= 256):
-        chunks *= 2
-    chunk_k = triton.cdiv(triton.cdiv(K, chunks), bk) * bk
-    return MatmulConfig(BLOCK_N=bn, BLOCK_K=bk, CHUNK_K=chunk_k, N_CHUNKS=triton.cdiv(K, chunk_k),
-                        num_stages=4)
+    else:
+        bk = BLOCK_K_GPU[dtype == torch.float32]
+    return Reduction(BLOCK_K=bk, CHUNK_K=triton.cdiv(K, bk) * bk, N_CHUNKS=1)
 
 
-def _block_m_for(M: int) -> int:
-    """BLOCK_M is the one M-dependent choice; the GPU tests prove it leaves a row's bits unchanged."""
+# GPU BLOCK_K for 16-bit inputs / fp32 inputs (one wgmma chain per 64 K elements for bf16).
+BLOCK_K_GPU = {False: 64, True: 32}
+# GPU tiles by the number of rows M: (largest M of the bucket, Tiles). Small M is memory-bound, so narrow
+# column tiles spread the weight over every SM; large M takes wide tiles with 8 warps.
+TILES_GPU: list[tuple[int, Tiles]] = [
+    (64, Tiles(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)),
+    (2**62, Tiles(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)),
+]
+
+
+def tiles_for(M: int, N: int) -> Tiles:
+    """Output tiles for M rows: the one M-dependent choice (proved bit-neutral by the GPU tests)."""
     if runtime.interpreting():
-        return 256
-    return 64 if M <= 64 else 128
+        return Tiles(BLOCK_M=256, BLOCK_N=_pow2_at_most(N, 512))
+    for max_m, tiles in TILES_GPU:
+        if M <= max_m:
+            return tiles
+    raise AssertionError("TILES_GPU must end with an unbounded bucket")
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor, config: MatmulConfig | None = None,
-           fused: bool | None = None, block_m: int | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, w: torch.Tensor, reduction: Reduction | None = None,
+           tiles: Tiles | None = None, fused: bool | None = None) -> torch.Tensor:
     """x [M, K] @ w [K, N] -> [M, N] in x's dtype, with a reduction order fixed per (N, K, dtype).
 
-    `config`, `fused` and `block_m` are for tests and benchmarks (defaults: `config_for`, automatic).
+    `reduction`, `tiles` and `fused` are for tests and benchmarks (defaults: `reduction_for`,
+    `tiles_for`, fused whenever there is one chunk or enough tiles to fill the GPU).
     """
     # 1. check shapes
     runtime.check_float("x", x)
@@ -157,33 +176,30 @@ def matmul(x: torch.Tensor, w: torch.Tensor, config: MatmulConfig | None = None,
     runtime.check_like("w", w, "x", x)
     M, K = x.shape
     N = w.shape[1]
-    cfg = config or config_for(N, K, x.dtype)
-    bm = block_m or _block_m_for(M)
+    red = reduction or reduction_for(N, K, x.dtype)
+    t = tiles or tiles_for(M, N)
+    n_tiles = triton.cdiv(M, t.BLOCK_M) * triton.cdiv(N, t.BLOCK_N)
     if fused is None:
-        fused = cfg.N_CHUNKS == 1 or triton.cdiv(M, bm) * triton.cdiv(N, cfg.BLOCK_N) >= runtime.num_sms()
+        fused = red.N_CHUNKS == 1 or n_tiles >= runtime.num_sms()
 
     # 2. allocate
     out = runtime.empty((M, N), x.device, x.dtype)
     if M == 0 or N == 0:
         return out
-    target = out if fused else runtime.empty((cfg.N_CHUNKS, M, N), x.device, torch.float32)
+    target = out if fused else runtime.empty((red.N_CHUNKS, M, N), x.device, torch.float32)
 
     # 3. launch
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),
-                         1 if fused else cfg.N_CHUNKS)
-    _matmul_kernel[grid](
+    _matmul_kernel[(n_tiles, 1 if fused else red.N_CHUNKS)](
         x, w, target, M, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), target.stride(-2), target.stride(-1),
         0 if fused else target.stride(0),
-        BLOCK_M=bm, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, CHUNK_K=cfg.CHUNK_K, N_CHUNKS=cfg.N_CHUNKS,
-        FUSED=fused, GROUP_M=8,
+        BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=red.BLOCK_K, CHUNK_K=red.CHUNK_K,
+        N_CHUNKS=red.N_CHUNKS, FUSED=fused, GROUP_M=8, EVEN_K=K % red.BLOCK_K == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        # pipeline depth is a scheduling choice (same dots, same order): 3 stages for the large tiles,
-        # which measured faster there than 4 (kernels/NOTES.md, runs 1 and 2)
-        num_warps=cfg.num_warps if bm <= 64 else 8, num_stages=cfg.num_stages if bm <= 64 else 3,
+        num_warps=t.num_warps, num_stages=t.num_stages,
     )
     if not fused:
         block = 1024
-        _sum_chunks_kernel[(triton.cdiv(M * N, block),)](target, out, M * N, N_CHUNKS=cfg.N_CHUNKS,
+        _sum_chunks_kernel[(triton.cdiv(M * N, block),)](target, out, M * N, N_CHUNKS=red.N_CHUNKS,
                                                          BLOCK=block)
     return out

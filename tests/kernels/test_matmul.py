@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.ops.matmul import MatmulConfig, config_for, matmul
+from kernels.ops.matmul import TILES_GPU, Reduction, Tiles, matmul, reduction_for
 from tests.kernels.conftest import DEVICE, TOL, batches_with_probe, needs_gpu, randn, rel_err
 
 SIZES = [1, 2, 3, 4, 5, 7, 8, 13, 31, 64, 67, 97]          # odd and prime sizes included
@@ -24,12 +24,21 @@ def test_row_invariant_and_accurate(gen, dtype, K, N):
 
 
 def test_split_and_fused_schedules_agree(gen):
-    """The split-K schedule (decode) and the fused one (large M) do the same adds in the same order."""
+    """A chunked K order (split-K) gives the same bits whether the chunks run in parallel into a
+    workspace (split) or one after another in one program (fused)."""
     x, w = randn(gen, 70, 200), randn(gen, 200, 50)
-    cfg = MatmulConfig(BLOCK_N=32, BLOCK_K=32, CHUNK_K=64, N_CHUNKS=4)
-    fused = matmul(x, w, config=cfg, fused=True)
-    assert torch.equal(fused, matmul(x, w, config=cfg, fused=False))
+    red = Reduction(BLOCK_K=32, CHUNK_K=64, N_CHUNKS=4)
+    fused = matmul(x, w, reduction=red, fused=True)
+    assert torch.equal(fused, matmul(x, w, reduction=red, fused=False))
     assert rel_err(fused, x.double() @ w.double()) < 1e-5
+
+
+def test_tiles_do_not_change_bits(gen):
+    """Output tiles (chosen per M) only group rows and columns into programs; masked edges included."""
+    x, w = randn(gen, 70, 200, dtype=torch.bfloat16), randn(gen, 200, 37, dtype=torch.bfloat16)
+    ref = matmul(x, w)
+    for bm, bn in [(16, 16), (64, 32), (128, 64)]:
+        assert torch.equal(matmul(x, w, tiles=Tiles(BLOCK_M=bm, BLOCK_N=bn)), ref), (bm, bn)
 
 
 def test_bad_shapes_name_the_parameter():
@@ -60,8 +69,14 @@ def test_gpu_row_invariant_dense_m(gen, K, N):
     ref = matmul(x[:1], w)[0]
     for m in list(range(1, 301)) + [512, 1000, 1024, 2047, 4096]:
         out = matmul(x[:m], w)
-        assert torch.equal(out[0], ref), f"row 0 changed at M={m} (config {config_for(N, K, x.dtype)})"
+        assert torch.equal(out[0], ref), f"row 0 changed at M={m} (reduction {reduction_for(N, K, x.dtype)})"
     assert rel_err(out, x.double() @ w.double()) < 1e-2
-    # a row in the last position too, and the other schedule forced
+    # a row in the last position too
     assert torch.equal(matmul(x[:257], w)[256], matmul(x[256:257], w)[0])
-    assert torch.equal(matmul(x[:8], w, fused=True), matmul(x[:8], w, fused=False))
+    # every tile of the M buckets gives the same bits at one M (so no bucket edge can move a row)
+    at_300 = matmul(x[:300], w)
+    for _, tiles in TILES_GPU:
+        assert torch.equal(matmul(x[:300], w, tiles=tiles), at_300), f"tiles {tiles} changed bits"
+    # a chunked K order: split and fused schedules agree
+    red = Reduction(BLOCK_K=64, CHUNK_K=K // 4, N_CHUNKS=4)
+    assert torch.equal(matmul(x[:8], w, reduction=red, fused=True), matmul(x[:8], w, reduction=red, fused=False))

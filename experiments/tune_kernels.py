@@ -1,0 +1,219 @@
+"""How the GPU tile tables in kernels/ops/ were chosen: time candidate tiles on one GPU and check bits.
+
+For every candidate the script records the median time (`triton.testing.do_bench`) beside the stock
+peer's, and whether the probe rows' bits equal those of the reference tiles (a candidate that moves a
+row's bits could not be used as an M-dependent choice). It also separates host launch cost from GPU time
+(`do_bench` against `do_bench_cudagraph`, which replays a CUDA graph and so has no launch cost).
+
+    python experiments/tune_kernels.py --out experiments/results/tune   # ~4 minutes on an H100
+
+Writes tune_{matmul,grouped,launch}.csv and tune_summary.json (best candidate per cell and per M
+bucket). Nothing here is used at run time: the chosen tiles are copied into TILES_GPU by hand, with the
+run's file named beside them.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import triton  # noqa: E402
+from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
+
+from experiments.bench_kernels import GROUPED, GROUPED_ROWS, MATMUL_KN, MATMUL_M  # noqa: E402
+from kernels.ops import grouped_gemm as gg  # noqa: E402
+from kernels.ops.attention import attention  # noqa: E402
+from kernels.ops.matmul import Reduction, Tiles, matmul, reduction_for  # noqa: E402
+
+SMALL_M = [Tiles(64, bn, 4, st) for bn in (32, 64, 128) for st in (3, 4, 6)]
+LARGE_M = [Tiles(128, 128, 8, 3), Tiles(128, 128, 8, 4), Tiles(128, 256, 8, 3), Tiles(128, 256, 8, 4),
+           Tiles(128, 128, 4, 4), Tiles(64, 128, 4, 4), Tiles(64, 256, 4, 3), Tiles(256, 128, 8, 3)]
+GROUPED_TILES = [Tiles(64, 128, 4, 4), Tiles(64, 64, 4, 4), Tiles(64, 256, 4, 3), Tiles(128, 128, 8, 3),
+                 Tiles(128, 128, 8, 4), Tiles(128, 256, 8, 3), Tiles(128, 64, 4, 4)]
+
+
+def timed(fn) -> float:
+    return do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def try_time(fn):
+    """(ms, output) or (None, None) when the candidate does not fit the GPU (shared memory, registers)."""
+    try:
+        out = fn()
+        return timed(fn), out
+    except (triton.runtime.errors.OutOfResources, RuntimeError) as e:  # noqa: F841
+        return None, None
+
+
+def old_reduction(N: int, K: int) -> Reduction:
+    """The chunked K order of the previous version (split-K fixed per (N, K)), for comparison."""
+    bn, bk, sms = (128 if N >= 2048 else 64), 64, torch.cuda.get_device_properties(0).multi_processor_count
+    chunks = 1
+    while triton.cdiv(N, bn) * chunks * 2 <= 2 * sms and K % (chunks * 2 * bk) == 0 and K // (chunks * 2) >= 256:
+        chunks *= 2
+    ck = triton.cdiv(triton.cdiv(K, chunks), bk) * bk
+    return Reduction(BLOCK_K=bk, CHUNK_K=ck, N_CHUNKS=triton.cdiv(K, ck))
+
+
+def tune_matmul(rows: list[dict]) -> None:
+    for K, N in MATMUL_KN:
+        w = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(max(MATMUL_M), K, device="cuda", dtype=torch.bfloat16)
+        base = reduction_for(N, K, x.dtype)
+        ref0 = matmul(x[:1], w, tiles=Tiles(64, 64, 4, 4))[0]
+        bk128 = Reduction(BLOCK_K=128, CHUNK_K=base.CHUNK_K, N_CHUNKS=1)
+        for M in MATMUL_M:
+            xm = x[:M]
+            refl = matmul(xm[-1:], w, tiles=Tiles(64, 64, 4, 4))[0]
+            stock = timed(lambda: torch.mm(xm, w))
+            old = old_reduction(N, K)
+            old_t = Tiles(64 if M <= 64 else 128, 128 if N >= 2048 else 64, 4 if M <= 64 else 8, 4 if M <= 64 else 3)
+            cands = [("one_chunk", base, t) for t in (SMALL_M if M <= 256 else []) + (LARGE_M if M >= 256 else [])]
+            cands += [("bk128", bk128, t) for t in (Tiles(64, 64, 4, 4), Tiles(64, 32, 4, 4), Tiles(128, 128, 8, 3))]
+            cands += [("old_chunked", old, old_t)]
+            for kind, red, t in cands:
+                ms, out = try_time(lambda: matmul(xm, w, reduction=red, tiles=t))
+                same = None if out is None else bool(torch.equal(out[0], ref0) and torch.equal(out[-1], refl))
+                rows.append(dict(K=K, N=N, M=M, kind=kind, BLOCK_K=red.BLOCK_K, N_CHUNKS=red.N_CHUNKS,
+                                 BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, warps=t.num_warps, stages=t.num_stages,
+                                 ms=ms, stock_ms=stock, ratio=None if ms is None else ms / stock, same_bits=same))
+            best = min((r for r in rows if r["K"] == K and r["N"] == N and r["M"] == M and r["ms"]),
+                       key=lambda r: r["ms"])
+            print(f"matmul K={K:6d} N={N:6d} M={M:6d} best {best['kind']} BM{best['BLOCK_M']} BN{best['BLOCK_N']} "
+                  f"w{best['warps']} s{best['stages']} ratio {best['ratio']:.3f} same_bits {best['same_bits']}",
+                  flush=True)
+        del w, x
+
+
+def tune_grouped(rows: list[dict]) -> None:
+    for E, K, N in GROUPED:
+        w = torch.randn(E, K, N, device="cuda", dtype=torch.bfloat16)
+        for T in GROUPED_ROWS:
+            gen = torch.Generator().manual_seed(T)
+            sizes = torch.multinomial(torch.ones(E), T, replacement=True, generator=gen).bincount(minlength=E)
+            offs = sizes.cumsum(0).to(device="cuda", dtype=torch.int32)
+            x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+            ref = gg.grouped_matmul(x, w, offs, tiles=Tiles(64, 128, 4, 4))
+            stock = timed(lambda: torch._grouped_mm(x, w, offs=offs))
+            for t in GROUPED_TILES:
+                ms, out = try_time(lambda: gg.grouped_matmul(x, w, offs, tiles=t))
+                rows.append(dict(E=E, K=K, N=N, rows=T, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, warps=t.num_warps,
+                                 stages=t.num_stages, ms=ms, stock_ms=stock,
+                                 ratio=None if ms is None else ms / stock,
+                                 same_bits=None if out is None else bool(torch.equal(out, ref))))
+            best = min((r for r in rows if r["E"] == E and r["rows"] == T and r["ms"]), key=lambda r: r["ms"])
+            print(f"grouped E={E} rows={T} best BM{best['BLOCK_M']} BN{best['BLOCK_N']} w{best['warps']} "
+                  f"s{best['stages']} ratio {best['ratio']:.3f} same_bits {best['same_bits']}", flush=True)
+        del w
+
+
+def host_us(fn, n: int = 300) -> float:
+    """Microseconds of host time per call when the GPU keeps up (calls queue without a sync)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def launch_costs(rows: list[dict]) -> None:
+    """do_bench (host launch included) vs do_bench_cudagraph (GPU only) vs host time per call."""
+    dt = torch.bfloat16
+    x1, w = torch.randn(1, 2048, device="cuda", dtype=dt), torch.randn(2048, 768, device="cuda", dtype=dt)
+    x64 = torch.randn(64, 4096, device="cuda", dtype=dt)
+    w4 = torch.randn(4096, 4096, device="cuda", dtype=dt)
+    H, HKV, DH, C = 32, 8, 128, 1024
+    cases = {"matmul M=1 2048x768": (lambda: matmul(x1, w), lambda: torch.mm(x1, w)),
+             "matmul M=64 4096x4096": (lambda: matmul(x64, w4), lambda: torch.mm(x64, w4))}
+    for B in (1, 16):
+        q = torch.randn(B, H, DH, device="cuda", dtype=dt)
+        k = torch.randn(B, C, HKV, DH, device="cuda", dtype=dt)
+        v = torch.randn_like(k)
+        cu = torch.arange(B + 1, device="cuda", dtype=torch.int32)
+        kv = torch.full((B,), C, device="cuda", dtype=torch.int32)
+        slots = torch.arange(B, device="cuda", dtype=torch.int32)
+        qs, ks, vs = q[:, :, None], k.transpose(1, 2), v.transpose(1, 2)
+        cases[f"attention decode B={B} ctx=1k"] = (
+            (lambda q=q, k=k, v=v, cu=cu, kv=kv, s=slots: attention(q, k, v, cu, kv, s, DH ** -0.5)),
+            (lambda qs=qs, ks=ks, vs=vs: F.scaled_dot_product_attention(qs, ks, vs, scale=DH ** -0.5,
+                                                                          enable_gqa=True)))
+    for name, (ours, stock) in cases.items():
+        r = dict(case=name)
+        for who, fn in (("ours", ours), ("stock", stock)):
+            r[f"{who}_do_bench_ms"] = timed(fn)
+            r[f"{who}_graph_ms"] = do_bench_cudagraph(fn, rep=40)
+            r[f"{who}_host_us"] = host_us(fn)
+        rows.append(r)
+        print("launch", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}),
+              flush=True)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    if rows:
+        with open(path, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+            wr.writeheader()
+            wr.writerows(rows)
+
+
+def best_per_bucket(rows: list[dict], buckets: list[tuple[int, int]]) -> dict:
+    """For each M bucket, the bit-neutral candidate with the lowest geometric-mean ratio over its cells."""
+    out = {}
+    for lo, hi in buckets:
+        cells = {(r["K"], r["N"], r["M"]) for r in rows if lo <= r["M"] <= hi}
+        by_tile: dict[tuple, list[float]] = {}
+        for r in rows:
+            if lo <= r["M"] <= hi and r["ms"] and r["same_bits"] and r["kind"] == "one_chunk":
+                by_tile.setdefault((r["BLOCK_M"], r["BLOCK_N"], r["warps"], r["stages"]), []).append(r["ratio"])
+        full = {t: math.exp(sum(map(math.log, v)) / len(v)) for t, v in by_tile.items() if len(v) == len(cells)}
+        if full:
+            t = min(full, key=full.get)
+            out[f"M {lo}-{hi}"] = dict(tiles=t, geomean=full[t], all=sorted(full.items(), key=lambda kv: kv[1])[:6])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="experiments/results/tune")
+    ap.add_argument("--only", choices=["matmul", "grouped", "launch"], action="append")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("tune_kernels needs a CUDA GPU")
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)
+    parts = args.only or ["launch", "grouped", "matmul"]
+    summary: dict = dict(command="python experiments/tune_kernels.py " + " ".join(sys.argv[1:]),
+                         device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    if "launch" in parts:
+        launch: list[dict] = []
+        launch_costs(launch)
+        write_csv(os.path.join(args.out, "tune_launch.csv"), launch)
+        summary["launch"] = launch
+    if "grouped" in parts:
+        grouped: list[dict] = []
+        tune_grouped(grouped)
+        write_csv(os.path.join(args.out, "tune_grouped.csv"), grouped)
+    if "matmul" in parts:
+        mm: list[dict] = []
+        tune_matmul(mm)
+        write_csv(os.path.join(args.out, "tune_matmul.csv"), mm)
+        summary["matmul_buckets"] = best_per_bucket(mm, [(1, 64), (65, 256), (257, 1024), (1025, 2**62)])
+        summary["matmul_bits_moved"] = [r for r in mm if r["same_bits"] is False]
+    with open(os.path.join(args.out, "tune_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    print(json.dumps({k: v for k, v in summary.items() if k != "launch"}, indent=1, default=str)[:6000])
+
+
+if __name__ == "__main__":
+    main()
