@@ -316,12 +316,15 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_
         raise ValueError("q, k_cache and v_cache must be contiguous in their last dim (Dh)")
     G = H // Hkv
     block_m, block_n, split = tiles()
-    block_d = triton.next_power_of_2(Dh)
+    block_d = runtime.next_pow2(Dh)
     if schedule is None and runtime.interpreting():
         schedule = "packed"
     elif schedule is None:
-        few_rows = triton.cdiv(Tq * G, block_m) + B
-        schedule = "fold" if few_rows * Hkv >= 2 * runtime.num_sms() else "split"
+        # split pays when the tiles alone leave SMs idle and there are enough splits to spread; with
+        # <= 2 splits its second launch (the combine) costs more than it saves (tune_kernels.py host)
+        few_rows = runtime.cdiv(Tq * G, block_m) + B
+        many_tiles = few_rows * Hkv >= 2 * runtime.num_sms()
+        schedule = "fold" if many_tiles or runtime.cdiv(k_cache.shape[1], split) <= 2 else "split"
     if schedule not in schedules():
         raise ValueError(f"schedule must be one of {schedules()}, got {schedule!r}")
 
@@ -340,16 +343,19 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_
         block_m = FOLD_BLOCK_M
     if runtime.interpreting():   # exact grid: every interpreted program costs milliseconds
         n_tiles = int((((cu[1:] - cu[:-1]) * G + block_m - 1) // block_m).sum())
-        n_split_slots = triton.cdiv(int(kv.max()), split)
+        n_split_slots = runtime.cdiv(int(kv.max()), split)
     else:                        # upper bounds: no host sync; surplus programs return at once
-        n_tiles = triton.cdiv(Tq * G, block_m) + B
-        n_split_slots = triton.cdiv(k_cache.shape[1], split)
+        n_tiles = runtime.cdiv(Tq * G, block_m) + B
+        n_split_slots = runtime.cdiv(k_cache.shape[1], split)
     if fold:
         ws_o = ws_ml = ws_n = out  # unused
     else:
-        ws_o = runtime.empty((Tq * H, n_split_slots, block_d), q.device, torch.float32)
-        ws_ml = runtime.empty((Tq * H, n_split_slots, 2), q.device, torch.float32)
-        ws_n = runtime.empty((Tq * H,), q.device, torch.int32)
+        # one allocation for the three workspaces (each torch.empty is ~7 us of host time)
+        n_o, n_ml = Tq * H * n_split_slots * block_d, Tq * H * n_split_slots * 2
+        ws = runtime.empty((n_o + n_ml + Tq * H,), q.device, torch.float32)
+        ws_o = ws[:n_o].view(Tq * H, n_split_slots, block_d)
+        ws_ml = ws[n_o:n_o + n_ml].view(Tq * H, n_split_slots, 2)
+        ws_n = ws[n_o + n_ml:].view(torch.int32)
 
     # 3. launch
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -360,12 +366,12 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         G=G, FOLD=fold, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        B_POW2=triton.next_power_of_2(B), PRECISION=precision,
+        B_POW2=runtime.next_pow2(B), PRECISION=precision,
         num_warps=8 if block_m >= 128 else 4, num_stages=2,
     )
     if not fold:
         block_r = 16
-        _combine_kernel[(triton.cdiv(Tq * H, block_r),)](out, ws_o, ws_ml, ws_n, Tq * H, Dh, n_split_slots,
+        _combine_kernel[(runtime.cdiv(Tq * H, block_r),)](out, ws_o, ws_ml, ws_n, Tq * H, Dh, n_split_slots,
                                                          BLOCK_R=block_r, BLOCK_D=block_d)
     return out
 
@@ -382,7 +388,7 @@ def _launch_packed(q, k_cache, v_cache, out, cu, kv, slots, q_rows, scale, G, Hk
     n_tiles = len(tile_seq)
     if n_tiles == 0:
         return
-    _attention_packed_kernel[(triton.cdiv(n_tiles, PACKED_TILES),)](
+    _attention_packed_kernel[(runtime.cdiv(n_tiles, PACKED_TILES),)](
         q, k_cache, v_cache, out, cu, kv, slots, tile_seq, tile_kvh, tile_row0,
         n_tiles, q.shape[2], scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -125,14 +125,16 @@ def tiles_for(T: int, E: int, N: int) -> Tiles:
         return Tiles(BLOCK_M=128, BLOCK_N=_pow2_at_most(N, 512))
     for max_rows_per_expert, tiles in TILES_GPU:
         if T <= max_rows_per_expert * E:
-            return dataclasses.replace(tiles, BLOCK_N=min(tiles.BLOCK_N, max(16, triton.next_power_of_2(N))))
+            return dataclasses.replace(tiles, BLOCK_N=min(tiles.BLOCK_N, max(16, runtime.next_pow2(N))))
     raise AssertionError("TILES_GPU must end with an unbounded bucket")
 
 
-# GPU tiles by mean rows per expert: (largest mean of the bucket, Tiles).
+# GPU tiles by mean rows per expert: (largest mean of the bucket, Tiles). Chosen from
+# experiments/results/tune_20261125/ (tune_kernels.py on an H100): 64x128 tiles win up to ~64 rows per
+# expert, 128x256 with 8 warps above (at 65536 rows: 1.8x of torch._grouped_mm with 128x128 tiles, ~1.25x).
 TILES_GPU: list[tuple[int, Tiles]] = [
     (64, Tiles(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)),
-    (2**62, Tiles(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)),
+    (2**62, Tiles(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3)),
 ]
 
 
@@ -173,15 +175,15 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
         sizes = torch.diff(row_ends, prepend=row_ends.new_zeros(1))
         m_programs = int(((sizes + bm - 1) // bm).sum())
     else:                        # upper bound: surplus programs return at once
-        m_programs = triton.cdiv(T, bm) + E
+        m_programs = runtime.cdiv(T, bm) + E
 
     # 3. launch
     block_n = t.BLOCK_N
-    grid = (m_programs, triton.cdiv(N, block_n))
+    grid = (m_programs, runtime.cdiv(N, block_n))
     _grouped_mm_kernel[grid](
         x, w, out, row_ends, E, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, E_POW2=triton.next_power_of_2(E),
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, E_POW2=runtime.next_pow2(E),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
@@ -191,13 +193,13 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
 def _launch_packed(x, w, out, row_starts, row_ends, block_n: int, block_k: int) -> None:
     """Interpreter only: cdiv(largest group, PACKED_BLOCK_M) programs, each on all experts."""
     E, K, N = w.shape
-    m_programs = triton.cdiv(int((row_ends - row_starts).max()), PACKED_BLOCK_M)
+    m_programs = runtime.cdiv(int((row_ends - row_starts).max()), PACKED_BLOCK_M)
     if m_programs == 0:
         return
-    grid = (m_programs, triton.cdiv(N, block_n))
+    grid = (m_programs, runtime.cdiv(N, block_n))
     _grouped_mm_packed_kernel[grid](
         x, w, out, row_starts, row_ends, E, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        E_POW2=triton.next_power_of_2(E), BLOCK_M=PACKED_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+        E_POW2=runtime.next_pow2(E), BLOCK_M=PACKED_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )

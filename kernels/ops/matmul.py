@@ -4,18 +4,17 @@ Why stock GEMMs are batch-variant: cuBLAS (and MKL on the CPU) pick a kernel per
 of those kernels split the K reduction across thread blocks (split-K / stream-K) or change the K tile, so
 the order in which a row's K products are summed depends on how many rows M the batch has.
 
-What this kernel fixes, for a given (N, K, dtype, device):
-  * BLOCK_K, the dot instruction and the order of the K loop;
-  * the K *chunks*: K is cut into N_CHUNKS chunks of CHUNK_K (a multiple of BLOCK_K). Each chunk is summed
-    from zero, and the chunk sums are added in chunk order:   out = ((0 + c_0) + c_1) + ... + c_{S-1}.
-This order is the same whatever M is. Two schedules compute it:
-  * fused (large M, enough tiles to fill the GPU): one program walks all chunks of its tile, keeping the
-    running total in registers;
-  * split (small M, memory-bound decode shapes): one program per (tile, chunk) writes its chunk sum to an
-    fp32 workspace, and a second tiny kernel adds the chunks in order. This fills the GPU when M is small
-    without making the split depend on M (it depends only on (N, K)).
-Both do the same fp32 operations on every element, so a row's bits do not depend on which one ran; the
-tests check this bitwise, and also that BLOCK_M (chosen from M on the GPU) does not change a row's bits.
+What this kernel fixes, for a given (N, K, dtype, device), is the `Reduction`: one program sums a row's
+whole K range, in K order, with a fixed dot instruction; no split-K. What it lets M choose are the
+`Tiles`: which rows and columns share a program, the warps and the pipeline depth, and on the GPU the
+loop step BLOCK_K (a tl.dot there is a chain of 16-deep MMA steps into one accumulator, so the step only
+groups the same steps). A row's bits therefore do not depend on M; the GPU test sweeps M densely
+(every M up to 300, then up to 4096) and forces every entry of TILES_GPU to prove it.
+
+Small M (decode) is memory-bound; instead of splitting K (which a fixed order would then impose on
+every M, with a second accumulator that slows large M by ~1.5x), small M takes narrow column tiles so
+that the weight streams through every SM. A chunked K order (`Reduction.N_CHUNKS` > 1, chunk sums added
+in order, run fused or split into a workspace) is kept for shapes that need it; no default uses it.
 
 Not for: fp8, or shapes with K so small that the per-call overhead dominates (use torch there if
 invariance is not needed).
@@ -23,6 +22,7 @@ invariance is not needed).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -123,12 +123,18 @@ class Tiles:
     BLOCK_N: int
     num_warps: int = 4
     num_stages: int = 3
+    # GPU only, with one chunk: step K by this many elements instead of the reduction's BLOCK_K. On the
+    # GPU a tl.dot is a chain of 16-deep MMA (or FMA) steps into the accumulator, in K order, so the loop
+    # step only groups those steps (tune_kernels.py measured 64 and 128 bit-identical; the dense-M test
+    # checks every bucket). Not under the interpreter, where a block dot is one BLAS call per row.
+    BLOCK_K: int | None = None
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
-    return min(triton.next_power_of_2(max(n, 1)), cap)
+    return min(runtime.next_pow2(max(n, 1)), cap)
 
 
+@functools.lru_cache(maxsize=4096)
 def reduction_for(N: int, K: int, dtype: torch.dtype) -> Reduction:
     """The fixed K order for a weight of shape [K, N]: one BLOCK_K-step loop, no split-K."""
     if runtime.interpreting():
@@ -136,27 +142,44 @@ def reduction_for(N: int, K: int, dtype: torch.dtype) -> Reduction:
         bk = _pow2_at_most(K, 512)
     else:
         bk = BLOCK_K_GPU[dtype == torch.float32]
-    return Reduction(BLOCK_K=bk, CHUNK_K=triton.cdiv(K, bk) * bk, N_CHUNKS=1)
+    return Reduction(BLOCK_K=bk, CHUNK_K=runtime.cdiv(K, bk) * bk, N_CHUNKS=1)
 
 
 # GPU BLOCK_K for 16-bit inputs / fp32 inputs (one wgmma chain per 64 K elements for bf16).
 BLOCK_K_GPU = {False: 64, True: 32}
-# GPU tiles by the number of rows M: (largest M of the bucket, Tiles). Small M is memory-bound, so narrow
-# column tiles spread the weight over every SM; large M takes wide tiles with 8 warps.
-TILES_GPU: list[tuple[int, Tiles]] = [
-    (64, Tiles(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)),
-    (2**62, Tiles(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)),
-]
+
+# GPU tiles by weight width N, then by rows M: {largest N: [(largest M, Tiles), ...]}. Chosen from an
+# H100 run of experiments/tune_kernels.py (experiments/results/tune_20261125/): the best geometric mean
+# over the benchmark shapes of each (N, M) bucket, among candidates with unchanged row bits. Small M is
+# memory-bound: narrow tiles spread the weight over the SMs, and a 128-deep K step halves the loop trips.
+# Large M takes 128x256 tiles with 8 warps. fp32 uses the same tiles (BLOCK_K from BLOCK_K_GPU).
+_BIG = 2**62
+TILES_GPU: dict[int, list[tuple[int, Tiles]]] = {
+    1024: [(64, Tiles(64, 32, 4, 4, BLOCK_K=128)), (1024, Tiles(64, 64, 4, 4, BLOCK_K=128)),
+           (_BIG, Tiles(128, 256, 8, 4))],
+    8191: [(64, Tiles(64, 64, 4, 5, BLOCK_K=128)), (256, Tiles(64, 128, 4, 4, BLOCK_K=128)),
+           (_BIG, Tiles(128, 256, 8, 3))],
+    _BIG: [(64, Tiles(64, 128, 4, 4)), (_BIG, Tiles(128, 256, 8, 4))],
+}
 
 
-def tiles_for(M: int, N: int) -> Tiles:
+@functools.lru_cache(maxsize=4096)
+def tiles_for(M: int, N: int, fp32: bool = False) -> Tiles:
     """Output tiles for M rows: the one M-dependent choice (proved bit-neutral by the GPU tests)."""
     if runtime.interpreting():
         return Tiles(BLOCK_M=256, BLOCK_N=_pow2_at_most(N, 512))
-    for max_m, tiles in TILES_GPU:
-        if M <= max_m:
-            return tiles
-    raise AssertionError("TILES_GPU must end with an unbounded bucket")
+    by_m = next(table for max_n, table in TILES_GPU.items() if N <= max_n)
+    tiles = next(t for max_m, t in by_m if M <= max_m)
+    # fp32 keeps the fixed BLOCK_K (its ieee dot is an FMA loop with twice the bytes per element)
+    return dataclasses.replace(tiles, BLOCK_K=None) if fp32 else tiles
+
+
+@functools.lru_cache(maxsize=4096)
+def _stepped(red: Reduction, block_k: int, K: int) -> Reduction:
+    """The same one-chunk reduction, looped in steps of block_k (GPU only; see Tiles.BLOCK_K)."""
+    if red.N_CHUNKS != 1 or runtime.interpreting():
+        raise ValueError("tiles.BLOCK_K may differ from the reduction's only on the GPU with one chunk")
+    return Reduction(BLOCK_K=block_k, CHUNK_K=runtime.cdiv(K, block_k) * block_k, N_CHUNKS=1)
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, reduction: Reduction | None = None,
@@ -177,8 +200,10 @@ def matmul(x: torch.Tensor, w: torch.Tensor, reduction: Reduction | None = None,
     M, K = x.shape
     N = w.shape[1]
     red = reduction or reduction_for(N, K, x.dtype)
-    t = tiles or tiles_for(M, N)
-    n_tiles = triton.cdiv(M, t.BLOCK_M) * triton.cdiv(N, t.BLOCK_N)
+    t = tiles or tiles_for(M, N, x.dtype == torch.float32)
+    if t.BLOCK_K is not None and t.BLOCK_K != red.BLOCK_K:
+        red = _stepped(red, t.BLOCK_K, K)
+    n_tiles = runtime.cdiv(M, t.BLOCK_M) * runtime.cdiv(N, t.BLOCK_N)
     if fused is None:
         fused = red.N_CHUNKS == 1 or n_tiles >= runtime.num_sms()
 
@@ -200,6 +225,6 @@ def matmul(x: torch.Tensor, w: torch.Tensor, reduction: Reduction | None = None,
     )
     if not fused:
         block = 1024
-        _sum_chunks_kernel[(triton.cdiv(M * N, block),)](target, out, M * N, N_CHUNKS=red.N_CHUNKS,
+        _sum_chunks_kernel[(runtime.cdiv(M * N, block),)](target, out, M * N, N_CHUNKS=red.N_CHUNKS,
                                                          BLOCK=block)
     return out

@@ -43,9 +43,9 @@ def _tiles(D: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK_D, num_warps) for a row length D: fixed per (D, device), never per row count."""
     if runtime.interpreting():
         # An interpreted op costs ~0.1 ms plus its elements: blocks of ~64k elements per op, at most 256 rows
-        block_d = min(triton.next_power_of_2(D), 4096)
+        block_d = min(runtime.next_pow2(D), 4096)
         return max(16, min(256, 65536 // block_d)), block_d, 1
-    block_d = min(triton.next_power_of_2(D), 8192)
+    block_d = min(runtime.next_pow2(D), 8192)
     return 1, block_d, 4 if block_d <= 2048 else 8
 
 
@@ -64,7 +64,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if T == 0:
         return out.reshape(shape)
     rows, block_d, warps = _tiles(D)
-    grid = lambda meta: (triton.cdiv(T, meta["ROWS"]),)
+    grid = lambda meta: (runtime.cdiv(T, meta["ROWS"]),)
     _rms_norm_kernel[grid](x2, weight, out, T, D, x2.stride(0), out.stride(0), eps,
                            ROWS=rows, BLOCK_D=block_d, num_warps=warps)
     return out.reshape(shape)

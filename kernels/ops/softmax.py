@@ -58,9 +58,9 @@ def _tiles(N: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK_N, num_warps) for a row length N: fixed per (N, device), never per row count."""
     if runtime.interpreting():
         # An interpreted op costs ~0.1 ms plus its elements: blocks of ~64k elements per op, at most 256 rows
-        block_n = min(triton.next_power_of_2(N), 2048)
+        block_n = min(runtime.next_pow2(N), 2048)
         return max(16, min(256, 65536 // block_n)), block_n, 1
-    block_n = min(triton.next_power_of_2(N), 4096)
+    block_n = min(runtime.next_pow2(N), 4096)
     return 1, block_n, 4 if block_n <= 1024 else 8
 
 
@@ -76,7 +76,7 @@ def _launch(x: torch.Tensor, log: bool) -> torch.Tensor:
     if T == 0 or N == 0:
         return out.reshape(shape)
     rows, block_n, warps = _tiles(N)
-    grid = lambda meta: (triton.cdiv(T, meta["ROWS"]),)
+    grid = lambda meta: (runtime.cdiv(T, meta["ROWS"]),)
     _softmax_kernel[grid](x2, out, T, N, x2.stride(0), out.stride(0),
                           LOG=log, ROWS=rows, BLOCK_N=block_n, num_warps=warps)
     return out.reshape(shape)
