@@ -123,4 +123,12 @@ PRESETS: dict[str, dict] = {
     "large": dict(vocab_size=32768, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=4,
                   max_seq_len=8192, dtype="bfloat16",
                   moe=dict(n_experts=64, top_k=8, d_expert=768)),
+    # Mixtral-8x7B's layer shapes (d_model 4096, 8 experts top-2, d_expert 14336, 32/8 heads) with 8
+    # layers instead of 32, so it fits one H100 (about 12 B parameters, 24 GB in bf16) and runs fast.
+    # It exists for its contraction sizes: stock bf16 cuBLAS was batch-variant on the H100 only for
+    # K >= 4096 (`large` has K <= 2048 and its stock kernels were invariant in serve_sim), so this is
+    # the preset on which the stock backend can show arithmetic divergence at all.
+    "wide": dict(vocab_size=32768, d_model=4096, n_layers=8, n_heads=32, n_kv_heads=8,
+                 max_seq_len=8192, dtype="bfloat16",
+                 moe=dict(n_experts=8, top_k=2, d_expert=14336)),
 }

@@ -43,3 +43,16 @@ def test_bad_model_config(kw, field):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="preset"):
         moe.ModelConfig.from_name("huge")
+
+
+def test_wide_preset_has_mixtral_layer_shapes():
+    """`wide` exists for its contraction sizes (K >= 4096, where stock bf16 cuBLAS varies on the H100);
+    built on the meta device (no memory): about 12 B parameters, 24 GB in bf16."""
+    cfg = moe.ModelConfig.from_name("wide")
+    assert (cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.dtype) == (4096, 128, 32, 8, "bfloat16")
+    assert (cfg.moe.n_experts, cfg.moe.top_k, cfg.moe.d_expert, cfg.moe.router) == (8, 2, 14336, "topk")
+    model = moe.MoETransformer(cfg, device="meta")
+    assert 11.5e9 < sum(p.numel() for p in model.parameters()) < 12.5e9
+    layer = model.blocks[0]
+    assert min(layer.attn.wq.shape[0], layer.attn.wo.shape[0], layer.moe.w_gate_up.shape[1],
+               layer.moe.w_down.shape[1]) >= 4096
