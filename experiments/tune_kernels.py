@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 from experiments.bench_kernels import GROUPED, GROUPED_ROWS, MATMUL_KN, MATMUL_M  # noqa: E402
@@ -33,9 +34,14 @@ from kernels.ops import grouped_gemm as gg  # noqa: E402
 from kernels.ops.attention import attention  # noqa: E402
 from kernels.ops.matmul import Reduction, Tiles, matmul, reduction_for  # noqa: E402
 
-SMALL_M = [Tiles(64, bn, 4, st) for bn in (32, 64, 128) for st in (3, 4, 6)]
-LARGE_M = [Tiles(128, 128, 8, 3), Tiles(128, 128, 8, 4), Tiles(128, 256, 8, 3), Tiles(128, 256, 8, 4),
-           Tiles(128, 128, 4, 4), Tiles(64, 128, 4, 4), Tiles(64, 256, 4, 3), Tiles(256, 128, 8, 3)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) candidates per M range
+SMALL_M = [Tiles(64, bn, 4, st, bk) for bn in (64, 128) for bk in (64, 128) for st in (3, 4, 5)] + \
+    [Tiles(64, 32, 4, 4, 128), Tiles(64, 32, 4, 3, 256)]
+MID_M = [Tiles(64, 128, 4, 4, 64), Tiles(64, 128, 4, 6, 64), Tiles(64, 128, 4, 4, 128), Tiles(128, 128, 8, 3, 64),
+         Tiles(128, 128, 8, 4, 64), Tiles(128, 256, 8, 3, 64), Tiles(128, 256, 8, 4, 64), Tiles(64, 256, 4, 3, 64),
+         Tiles(64, 64, 4, 4, 128)]
+LARGE_M = [Tiles(128, 256, 8, 3, 64), Tiles(128, 256, 8, 4, 64), Tiles(128, 256, 8, 2, 128),
+           Tiles(128, 128, 8, 3, 128), Tiles(128, 128, 8, 4, 64), Tiles(256, 128, 8, 3, 64)]
 GROUPED_TILES = [Tiles(64, 128, 4, 4), Tiles(64, 64, 4, 4), Tiles(64, 256, 4, 3), Tiles(128, 128, 8, 3),
                  Tiles(128, 128, 8, 4), Tiles(128, 256, 8, 3), Tiles(128, 64, 4, 4)]
 
@@ -69,25 +75,23 @@ def tune_matmul(rows: list[dict]) -> None:
         x = torch.randn(max(MATMUL_M), K, device="cuda", dtype=torch.bfloat16)
         base = reduction_for(N, K, x.dtype)
         ref0 = matmul(x[:1], w, tiles=Tiles(64, 64, 4, 4))[0]
-        bk128 = Reduction(BLOCK_K=128, CHUNK_K=base.CHUNK_K, N_CHUNKS=1)
         for M in MATMUL_M:
             xm = x[:M]
             refl = matmul(xm[-1:], w, tiles=Tiles(64, 64, 4, 4))[0]
             stock = timed(lambda: torch.mm(xm, w))
             old = old_reduction(N, K)
             old_t = Tiles(64 if M <= 64 else 128, 128 if N >= 2048 else 64, 4 if M <= 64 else 8, 4 if M <= 64 else 3)
-            cands = [("one_chunk", base, t) for t in (SMALL_M if M <= 256 else []) + (LARGE_M if M >= 256 else [])]
-            cands += [("bk128", bk128, t) for t in (Tiles(64, 64, 4, 4), Tiles(64, 32, 4, 4), Tiles(128, 128, 8, 3))]
-            cands += [("old_chunked", old, old_t)]
+            tiles = SMALL_M if M <= 64 else MID_M if M <= 256 else LARGE_M
+            cands = [("one_chunk", base, t) for t in tiles] + [("old_chunked", old, old_t)]
             for kind, red, t in cands:
                 ms, out = try_time(lambda: matmul(xm, w, reduction=red, tiles=t))
                 same = None if out is None else bool(torch.equal(out[0], ref0) and torch.equal(out[-1], refl))
-                rows.append(dict(K=K, N=N, M=M, kind=kind, BLOCK_K=red.BLOCK_K, N_CHUNKS=red.N_CHUNKS,
+                rows.append(dict(K=K, N=N, M=M, kind=kind, BLOCK_K=t.BLOCK_K or red.BLOCK_K, N_CHUNKS=red.N_CHUNKS,
                                  BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, warps=t.num_warps, stages=t.num_stages,
                                  ms=ms, stock_ms=stock, ratio=None if ms is None else ms / stock, same_bits=same))
             best = min((r for r in rows if r["K"] == K and r["N"] == N and r["M"] == M and r["ms"]),
                        key=lambda r: r["ms"])
-            print(f"matmul K={K:6d} N={N:6d} M={M:6d} best {best['kind']} BM{best['BLOCK_M']} BN{best['BLOCK_N']} "
+            print(f"matmul K={K:6d} N={N:6d} M={M:6d} best {best['kind']} BM{best['BLOCK_M']} BN{best['BLOCK_N']} BK{best['BLOCK_K']} "
                   f"w{best['warps']} s{best['stages']} ratio {best['ratio']:.3f} same_bits {best['same_bits']}",
                   flush=True)
         del w, x
@@ -159,6 +163,43 @@ def launch_costs(rows: list[dict]) -> None:
               flush=True)
 
 
+@triton.jit
+def _copy_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+def host_profile(out_dir: str) -> None:
+    """Where the host time of one call goes (cProfile over 300 calls), for the launch-bound cells."""
+    import cProfile
+    import io
+    import pstats
+    dt = torch.bfloat16
+    x1, w = torch.randn(1, 2048, device="cuda", dtype=dt), torch.randn(2048, 768, device="cuda", dtype=dt)
+    q = torch.randn(1, 32, 128, device="cuda", dtype=dt)
+    k = torch.randn(1, 1024, 8, 128, device="cuda", dtype=dt)
+    cu = torch.arange(2, device="cuda", dtype=torch.int32)
+    kv = torch.full((1,), 1024, device="cuda", dtype=torch.int32)
+    slots = torch.zeros(1, device="cuda", dtype=torch.int32)
+    a, b = torch.randn(1024, device="cuda"), torch.empty(1024, device="cuda")
+    cases = {"copy kernel (3 args)": lambda: _copy_kernel[(1,)](a, b, 1024, BLOCK=1024),
+             "matmul M=1": lambda: matmul(x1, w), "torch.mm M=1": lambda: torch.mm(x1, w),
+             "attention decode B=1": lambda: attention(q, k, k, cu, kv, slots, 0.1)}
+    with open(os.path.join(out_dir, "host_profile.txt"), "w") as f:
+        for name, fn in cases.items():
+            f.write(f"== {name}: {host_us(fn):.1f} us per call on the host (no profiler)\n")
+            fn()
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(300):
+                fn()
+            pr.disable()
+            torch.cuda.synchronize()
+            s = io.StringIO()
+            pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(18)
+            f.write(s.getvalue()[-4000:] + "\n")
+
+
 def write_csv(path: str, rows: list[dict]) -> None:
     if rows:
         with open(path, "w", newline="") as f:
@@ -175,7 +216,7 @@ def best_per_bucket(rows: list[dict], buckets: list[tuple[int, int]]) -> dict:
         by_tile: dict[tuple, list[float]] = {}
         for r in rows:
             if lo <= r["M"] <= hi and r["ms"] and r["same_bits"] and r["kind"] == "one_chunk":
-                by_tile.setdefault((r["BLOCK_M"], r["BLOCK_N"], r["warps"], r["stages"]), []).append(r["ratio"])
+                by_tile.setdefault((r["BLOCK_M"], r["BLOCK_N"], r["warps"], r["stages"], r["BLOCK_K"]), []).append(r["ratio"])
         full = {t: math.exp(sum(map(math.log, v)) / len(v)) for t, v in by_tile.items() if len(v) == len(cells)}
         if full:
             t = min(full, key=full.get)
@@ -186,7 +227,7 @@ def best_per_bucket(rows: list[dict], buckets: list[tuple[int, int]]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="experiments/results/tune")
-    ap.add_argument("--only", choices=["matmul", "grouped", "launch"], action="append")
+    ap.add_argument("--only", choices=["matmul", "grouped", "launch", "host"], action="append")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_kernels needs a CUDA GPU")
@@ -195,6 +236,8 @@ def main() -> None:
     parts = args.only or ["launch", "grouped", "matmul"]
     summary: dict = dict(command="python experiments/tune_kernels.py " + " ".join(sys.argv[1:]),
                          device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    if "host" in parts:
+        host_profile(args.out)
     if "launch" in parts:
         launch: list[dict] = []
         launch_costs(launch)
@@ -208,7 +251,9 @@ def main() -> None:
         mm: list[dict] = []
         tune_matmul(mm)
         write_csv(os.path.join(args.out, "tune_matmul.csv"), mm)
-        summary["matmul_buckets"] = best_per_bucket(mm, [(1, 64), (65, 256), (257, 1024), (1025, 2**62)])
+        summary["matmul_buckets"] = best_per_bucket(mm, [(1, 64), (65, 256), (257, 2**62)])
+        summary["matmul_buckets_by_N"] = {N: best_per_bucket([r for r in mm if r["N"] == N], [(1, 64), (65, 256), (257, 2**62)])
+                                          for N in sorted({r["N"] for r in mm})}
         summary["matmul_bits_moved"] = [r for r in mm if r["same_bits"] is False]
     with open(os.path.join(args.out, "tune_summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)

@@ -176,9 +176,10 @@ def tiles_for(M: int, N: int, fp32: bool = False) -> Tiles:
 
 @functools.lru_cache(maxsize=4096)
 def _stepped(red: Reduction, block_k: int, K: int) -> Reduction:
-    """The same one-chunk reduction, looped in steps of block_k (GPU only; see Tiles.BLOCK_K)."""
+    """The same one-chunk reduction, looped in steps of block_k (GPU only; see Tiles.BLOCK_K). A chunked
+    reduction, or the interpreter, keeps its own BLOCK_K: there the step is part of the order."""
     if red.N_CHUNKS != 1 or runtime.interpreting():
-        raise ValueError("tiles.BLOCK_K may differ from the reduction's only on the GPU with one chunk")
+        return red
     return Reduction(BLOCK_K=block_k, CHUNK_K=runtime.cdiv(K, block_k) * block_k, N_CHUNKS=1)
 
 
