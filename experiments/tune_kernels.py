@@ -97,6 +97,30 @@ def tune_matmul(rows: list[dict]) -> None:
         del w, x
 
 
+NARROW = [Tiles(bm, bn, w, st, bk) for bm in (32, 64, 128) for bn in (32, 64, 128) for bk in (64, 128)
+          for w, st in ((4, 3), (4, 5), (8, 4)) if not (bm == 128 and w == 4) and bm * bn <= 8192]
+
+
+def tune_narrow(rows: list[dict], K: int = 2048, N: int = 768) -> None:
+    """A narrow weight (N=768) at mid M, where 128x256 tiles leave SMs idle: a wider candidate set."""
+    w = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(16384, K, device="cuda", dtype=torch.bfloat16)
+    ref0 = matmul(x[:1], w, tiles=Tiles(64, 64, 4, 4))[0]
+    for M in (256, 1024, 4096, 16384):
+        xm = x[:M]
+        refl = matmul(xm[-1:], w, tiles=Tiles(64, 64, 4, 4))[0]
+        stock = timed(lambda: torch.mm(xm, w))
+        for t in NARROW:
+            ms, out = try_time(lambda: matmul(xm, w, tiles=t))
+            same = None if out is None else bool(torch.equal(out[0], ref0) and torch.equal(out[-1], refl))
+            rows.append(dict(K=K, N=N, M=M, kind="one_chunk", BLOCK_K=t.BLOCK_K, N_CHUNKS=1, BLOCK_M=t.BLOCK_M,
+                             BLOCK_N=t.BLOCK_N, warps=t.num_warps, stages=t.num_stages, ms=ms, stock_ms=stock,
+                             ratio=None if ms is None else ms / stock, same_bits=same))
+        for r in sorted((r for r in rows if r["M"] == M and r["ms"]), key=lambda r: r["ms"])[:3]:
+            print(f"narrow M={M:6d} BM{r['BLOCK_M']} BN{r['BLOCK_N']} BK{r['BLOCK_K']} w{r['warps']} s{r['stages']} "
+                  f"ratio {r['ratio']:.3f} same_bits {r['same_bits']}", flush=True)
+
+
 def tune_grouped(rows: list[dict]) -> None:
     for E, K, N in GROUPED:
         w = torch.randn(E, K, N, device="cuda", dtype=torch.bfloat16)
@@ -227,7 +251,7 @@ def best_per_bucket(rows: list[dict], buckets: list[tuple[int, int]]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="experiments/results/tune")
-    ap.add_argument("--only", choices=["matmul", "grouped", "launch", "host"], action="append")
+    ap.add_argument("--only", choices=["matmul", "grouped", "launch", "host", "narrow"], action="append")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_kernels needs a CUDA GPU")
@@ -243,6 +267,11 @@ def main() -> None:
         launch_costs(launch)
         write_csv(os.path.join(args.out, "tune_launch.csv"), launch)
         summary["launch"] = launch
+    if "narrow" in parts:
+        narrow: list[dict] = []
+        tune_narrow(narrow)
+        write_csv(os.path.join(args.out, "tune_narrow.csv"), narrow)
+        summary["narrow_bits_moved"] = [r for r in narrow if r["same_bits"] is False]
     if "grouped" in parts:
         grouped: list[dict] = []
         tune_grouped(grouped)
