@@ -55,6 +55,36 @@ def _merge(m, l, o, m_s, l_s, o_s):
 
 
 @triton.jit
+def _block_step(q, k_base, v_base, n0, kv_len, q_pos, m_s, l_s, o_s, qk_scale, Dh, stride_kl, stride_vl,
+                offs_n, offs_d, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One BLOCK_N block of keys into a split's online-softmax state (log2 domain).
+
+    MASKED=False is for blocks every row of the tile sees in full (inside the cache, at or before each
+    row's position): the same operations without the masks, which would keep every element anyway."""
+    pos = n0 + offs_n
+    if MASKED:
+        in_cache = pos < kv_len
+        # k^T [BLOCK_D, BLOCK_N], v [BLOCK_N, BLOCK_D]; positions past kv_len read as 0, never garbage
+        kt = tl.load(k_base + pos[None, :] * stride_kl + offs_d[:, None],
+                     mask=in_cache[None, :] & (offs_d[:, None] < Dh), other=0.0)
+        v = tl.load(v_base + pos[:, None] * stride_vl + offs_d[None, :],
+                    mask=in_cache[:, None] & (offs_d[None, :] < Dh), other=0.0)
+    else:
+        kt = tl.load(k_base + pos[None, :] * stride_kl + offs_d[:, None], mask=offs_d[:, None] < Dh, other=0.0)
+        v = tl.load(v_base + pos[:, None] * stride_vl + offs_d[None, :], mask=offs_d[None, :] < Dh, other=0.0)
+    scores = tl.dot(q, kt, input_precision=PRECISION) * qk_scale                    # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        scores = tl.where(pos[None, :] <= q_pos[:, None], scores, float("-inf"))   # causal + length
+    m_new = tl.maximum(m_s, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_s - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
+    l_s = tl.fma(l_s, alpha, tl.sum(p, axis=1))
+    o_s = tl.dot(p.to(v.dtype), v, o_s * alpha[:, None], input_precision=PRECISION)
+    return m_new, l_s, o_s
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, ws_n_ptr,
     cu_q_ptr, kv_lens_ptr, slots_ptr,
@@ -107,6 +137,11 @@ def _attention_kernel(
         if s_lo >= n_splits:
             return
     offs_n = tl.arange(0, BLOCK_N)
+    # blocks ending at or before the tile's shallowest row are visible to every row and inside the cache:
+    # they skip the masks (a mask that keeps everything changes no bit, so both loops below run the
+    # same operations on every row)
+    first_pos = kv_len - n_q + (tile * BLOCK_M) // G
+    all_visible_end = (first_pos + 1) // BLOCK_N * BLOCK_N
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)      # running state over splits (fold)
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     o = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -117,23 +152,14 @@ def _attention_kernel(
         o_s = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         # blocks past the tile's deepest row are fully masked for all its rows: skipping them leaves
         # every row's state bit for bit as it is (see module docstring), and saves the causal half
-        for n0 in range(s * SPLIT, tl.minimum((s + 1) * SPLIT, last_pos + 1), BLOCK_N):
-            pos = n0 + offs_n
-            in_cache = pos < kv_len
-            # k^T [BLOCK_D, BLOCK_N], v [BLOCK_N, BLOCK_D]; positions past kv_len read as 0, never garbage
-            kt = tl.load(k_base + pos[None, :] * stride_kl + offs_d[:, None],
-                         mask=in_cache[None, :] & (offs_d[:, None] < Dh), other=0.0)
-            v = tl.load(v_base + pos[:, None] * stride_vl + offs_d[None, :],
-                        mask=in_cache[:, None] & (offs_d[None, :] < Dh), other=0.0)
-            scores = tl.dot(q, kt, input_precision=PRECISION) * qk_scale                # [BLOCK_M, BLOCK_N]
-            scores = tl.where(pos[None, :] <= q_pos[:, None], scores, float("-inf"))   # causal + length
-            m_new = tl.maximum(m_s, tl.max(scores, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_s - m_safe)
-            p = tl.exp2(scores - m_safe[:, None])
-            l_s = tl.fma(l_s, alpha, tl.sum(p, axis=1))
-            o_s = tl.dot(p.to(v.dtype), v, o_s * alpha[:, None], input_precision=PRECISION)
-            m_s = m_new
+        split_end = tl.minimum((s + 1) * SPLIT, last_pos + 1)
+        visible_end = tl.maximum(tl.minimum(split_end, all_visible_end), s * SPLIT)
+        for n0 in range(s * SPLIT, visible_end, BLOCK_N):
+            m_s, l_s, o_s = _block_step(q, k_base, v_base, n0, kv_len, q_pos, m_s, l_s, o_s, qk_scale, Dh,
+                                        stride_kl, stride_vl, offs_n, offs_d, False, PRECISION)
+        for n0 in range(visible_end, split_end, BLOCK_N):
+            m_s, l_s, o_s = _block_step(q, k_base, v_base, n0, kv_len, q_pos, m_s, l_s, o_s, qk_scale, Dh,
+                                        stride_kl, stride_vl, offs_n, offs_d, True, PRECISION)
         if FOLD:
             m, l, o = _merge(m, l, o, m_s, l_s, o_s)
         else:
@@ -270,6 +296,8 @@ def tiles() -> tuple[int, int, int]:
 # GPU: query-row tile of the split schedule, key block, and the fixed KV split size. BLOCK_N and SPLIT
 # set the bits (the online-softmax steps and the merge structure); BLOCK_M only groups query rows.
 GPU_BLOCK_M, GPU_BLOCK_N, GPU_SPLIT = 64, 64, 512
+# software-pipeline depth of the key/value loads (scheduling only)
+GPU_STAGES = 2
 
 
 # The fold schedule's tile rows on the GPU. 128 rows with 8 warps (two warpgroups, each running the
@@ -367,12 +395,16 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         G=G, FOLD=fold, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         B_POW2=runtime.next_pow2(B), PRECISION=precision,
-        num_warps=8 if block_m >= 128 else 4, num_stages=2,
+        num_warps=8 if block_m >= 128 else 4, num_stages=GPU_STAGES,
+        # no mul+add contraction by the compiler: the masked and unmasked block steps (and the combine
+        # kernel) then run the same IEEE operations, so no contraction choice can differ between them
+        enable_fp_fusion=False,
     )
     if not fold:
         block_r = 16
         _combine_kernel[(runtime.cdiv(Tq * H, block_r),)](out, ws_o, ws_ml, ws_n, Tq * H, Dh, n_split_slots,
-                                                         BLOCK_R=block_r, BLOCK_D=block_d)
+                                                         BLOCK_R=block_r, BLOCK_D=block_d,
+                                                         enable_fp_fusion=False)
     return out
 
 
