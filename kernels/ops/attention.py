@@ -296,8 +296,9 @@ def tiles() -> tuple[int, int, int]:
 # GPU: query-row tile of the split schedule, key block, and the fixed KV split size. BLOCK_N and SPLIT
 # set the bits (the online-softmax steps and the merge structure); BLOCK_M only groups query rows.
 GPU_BLOCK_M, GPU_BLOCK_N, GPU_SPLIT = 64, 64, 512
-# software-pipeline depth of the key/value loads (scheduling only)
-GPU_STAGES = 2
+# software-pipeline depth of the key/value loads (scheduling only): 3 measured 1.38 against 1.44 for 2
+# (geometric mean over bench_kernels' attention cells, same H100 run, experiments/results/attention_stages/)
+GPU_STAGES = 3
 
 
 # The fold schedule's tile rows on the GPU. 128 rows with 8 warps (two warpgroups, each running the

@@ -149,13 +149,15 @@ def reduction_for(N: int, K: int, dtype: torch.dtype) -> Reduction:
 BLOCK_K_GPU = {False: 64, True: 32}
 
 # GPU tiles by weight width N, then by rows M: {largest N: [(largest M, Tiles), ...]}. Chosen from an
-# H100 run of experiments/tune_kernels.py (experiments/results/tune_20261125/): the best geometric mean
+# H100 run of experiments/tune_kernels.py (experiments/results/tune_20261125/; N <= 1024 from its
+# `--only narrow` run, tune_narrow.csv): the best geometric mean
 # over the benchmark shapes of each (N, M) bucket, among candidates with unchanged row bits. Small M is
 # memory-bound: narrow tiles spread the weight over the SMs, and a 128-deep K step halves the loop trips.
 # Large M takes 128x256 tiles with 8 warps. fp32 uses the same tiles (BLOCK_K from BLOCK_K_GPU).
 _BIG = 2**62
 TILES_GPU: dict[int, list[tuple[int, Tiles]]] = {
-    1024: [(64, Tiles(64, 32, 4, 4, BLOCK_K=128)), (1024, Tiles(64, 64, 4, 4, BLOCK_K=128)),
+    1024: [(64, Tiles(64, 32, 4, 4, BLOCK_K=128)), (256, Tiles(64, 32, 4, 5, BLOCK_K=128)),
+           (1024, Tiles(64, 128, 8, 4, BLOCK_K=128)), (4096, Tiles(64, 128, 4, 3)),
            (_BIG, Tiles(128, 256, 8, 4))],
     8191: [(64, Tiles(64, 64, 4, 5, BLOCK_K=128)), (256, Tiles(64, 128, 4, 4, BLOCK_K=128)),
            (_BIG, Tiles(128, 256, 8, 3))],
