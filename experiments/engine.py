@@ -105,6 +105,7 @@ class Engine:
         self.cache = model.new_cache(n_slots, max_len)
         self.free_slots = list(range(n_slots))
         self.steps = 0
+        self.batch_sizes: list[int] = []  # requests in each step that ran (a record of the load)
 
     def run(self, requests: list[Request], max_steps: int = 100_000, until_tracked_done: bool = False) -> list[Request]:
         """Serve the requests to completion (or, with until_tracked_done, until every tracked request has
@@ -121,6 +122,7 @@ class Engine:
                 active.append(r)
             if active:
                 active.sort(key=lambda r: r.order)
+                self.batch_sizes.append(len(active))
                 self._step(active)
                 for r in [r for r in active if r.done]:
                     self.cache.free(r.slot)
@@ -133,8 +135,9 @@ class Engine:
 
     def _step(self, batch: list[Request]) -> None:
         inputs = [r.next_input() for r in batch]
-        tokens, cu = cu_seqlens_of(inputs, self.model.device)
-        slots = torch.tensor([r.slot for r in batch], device=self.model.device)
+        # built on the host: the model checks them there (no device sync) and moves them
+        tokens, cu = cu_seqlens_of(inputs)
+        slots = torch.tensor([r.slot for r in batch])
         logits, routings = self.model(tokens, cu, self.cache, slots)
         cu = cu.tolist()
         for b, r in enumerate(batch):
@@ -143,13 +146,20 @@ class Engine:
             if r.track:
                 r.logits.append(logits[rows].cpu())
                 r.route_parts.append(routes_of_rows(routings, rows, self.model.cfg.moe.top_k))
-            if r.fed >= len(r.prompt):
-                r.generated.append(self._next_token(r, logits[cu[b + 1] - 1]))
+        # every greedy request's next token from one argmax over their last rows and one transfer (not
+        # a sync per request); argmax picks the first maximum, row by row, as it does on a single row
+        emitting = [b for b, r in enumerate(batch) if r.fed >= len(r.prompt)]
+        greedy = [b for b in emitting if batch[b].temperature == 0.0]
+        if greedy:
+            last = torch.tensor([cu[b + 1] - 1 for b in greedy], device=logits.device)
+            for b, t in zip(greedy, logits[last].argmax(dim=1).tolist()):
+                batch[b].generated.append(t)
+        for b in emitting:
+            if batch[b].temperature != 0.0:
+                batch[b].generated.append(self._sample(batch[b], logits[cu[b + 1] - 1]))
 
     @staticmethod
-    def _next_token(r: Request, logits: torch.Tensor) -> int:
-        if r.temperature == 0.0:
-            return int(logits.argmax())
+    def _sample(r: Request, logits: torch.Tensor) -> int:
         if r.generator is None:
             r.generator = torch.Generator().manual_seed(r.seed)
         return int(sample_next(logits[None], r.temperature, r.top_p, [r.generator])[0])

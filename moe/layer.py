@@ -55,10 +55,15 @@ class MoELayer(nn.Module):
     def _experts(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         T, S = routing.experts.shape
         flat_experts = routing.experts.flatten()                                  # [T*S]
-        kept = routing.kept.flatten().nonzero().squeeze(1)                        # token-major ids
-        order = kept[torch.argsort(flat_experts[kept], stable=True)]              # [A], sorted by expert
-        counts = torch.bincount(flat_experts[order], minlength=self.cfg.n_experts)
-        offsets = torch.cumsum(counts, 0).to(torch.int32)                         # [E] group ends
+        if self.router.drops:
+            kept = routing.kept.flatten().nonzero().squeeze(1)                    # token-major ids (a sync)
+            order = kept[torch.argsort(flat_experts[kept], stable=True)]          # [A], sorted by expert
+        else:  # dropless: every slot is kept, so the same order without nonzero's device sync
+            order = torch.argsort(flat_experts, stable=True)                      # [T*S]
+        # group ends: how many sorted assignments go to experts <= e, the cumsum of a bincount without
+        # bincount's device sync
+        ids = torch.arange(self.cfg.n_experts, device=order.device, dtype=flat_experts.dtype)
+        offsets = torch.searchsorted(flat_experts[order], ids, right=True).to(torch.int32)  # [E]
         h = kernels.grouped_matmul(x[order // S], self.w_gate_up, offsets)       # [A, 2F]
         gate, up = h.chunk(2, dim=1)
         out = kernels.grouped_matmul(F.silu(gate) * up, self.w_down, offsets)     # [A, D]

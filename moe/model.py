@@ -32,7 +32,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Step, cache: KVCache) -> tuple[torch.Tensor, Routing]:
         x = x + self.attn(kernels.rms_norm(x, self.attn_norm, self.eps), step, cache)
-        state = cache.router_state(self.layer, step.slots)
+        # only sequence_capacity carries state across steps; the others would ignore the gathered copy
+        state = cache.router_state(self.layer, step.slots) if self.moe.router.stateful else None
         y, routing = self.moe(kernels.rms_norm(x, self.moe_norm, self.eps), step.seq_idx, step.positions,
                               state)
         if routing.state is not None:
@@ -90,18 +91,20 @@ class MoETransformer(nn.Module):
 
     def _forward(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, cache: Optional[KVCache],
                  slots: Optional[torch.Tensor]) -> tuple[torch.Tensor, list[Routing]]:
+        # Inputs are checked where they are given, each group of checks read back in one transfer (a
+        # device sync): host tensors (the engine's) cost none for the batch; the slot checks read the
+        # cache, one transfer.
+        max_q = self._check_batch(tokens, cu_seqlens)
+        T, B = tokens.shape[0], cu_seqlens.shape[0] - 1
         tokens, cu_seqlens = tokens.to(self.device), cu_seqlens.to(self.device)
-        self._check_batch(tokens, cu_seqlens)
-        B = cu_seqlens.shape[0] - 1
         q_lens = cu_seqlens[1:] - cu_seqlens[:-1]
         if cache is None:
-            cache = self.new_cache(B, int(q_lens.max()))
-            slots = None
-        if slots is None:
-            slots = torch.arange(B, device=self.device)
-        slots = slots.to(self.device)
-        self._check_slots(slots, B, q_lens, cache)
-        step = Step.build(cu_seqlens, slots, cache.lengths[slots])
+            cache = self.new_cache(B, max_q)
+            slots = torch.arange(B, device=self.device)  # a fresh cache fits the batch: nothing to check
+        else:
+            slots = torch.arange(B, device=self.device) if slots is None else slots.to(self.device)
+            self._check_slots(slots, B, q_lens, cache)
+        step = Step.build(cu_seqlens, slots, cache.lengths[slots], n_tokens=T)
         x = self.embed[tokens]                                                      # [T, D]
         routings = []
         for block in self.blocks:
@@ -112,28 +115,51 @@ class MoETransformer(nn.Module):
         head = self.embed.t() if self.lm_head is None else self.lm_head
         return kernels.matmul(x, head).float(), routings                          # [T, V]
 
-    def _check_batch(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    def _check_batch(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> int:
+        """Validate a ragged batch; returns its longest sequence's length."""
         if tokens.dim() != 1 or tokens.numel() == 0:
             raise ValueError(f"tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
-        if int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size:
-            raise ValueError(f"tokens must be in 0..vocab_size-1={self.cfg.vocab_size - 1}, "
-                             f"got range {int(tokens.min())}..{int(tokens.max())}")
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got {tuple(cu_seqlens.shape)}")
         lens = cu_seqlens[1:] - cu_seqlens[:-1]
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != tokens.numel() or bool((lens < 1).any()):
+        lo, hi, first, last, shortest, longest = _to_host(tokens.min(), tokens.max(), cu_seqlens[0],
+                                                          cu_seqlens[-1], lens.min(), lens.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(f"tokens must be in 0..vocab_size-1={self.cfg.vocab_size - 1}, "
+                             f"got range {lo}..{hi}")
+        if first != 0 or last != tokens.numel() or shortest < 1:
             raise ValueError("cu_seqlens must start at 0, end at len(tokens) and grow strictly "
                              f"(every sequence has >= 1 token), got {cu_seqlens.tolist()}")
+        return longest
 
     def _check_slots(self, slots: torch.Tensor, B: int, q_lens: torch.Tensor, cache: KVCache) -> None:
         if slots.shape != (B,):
             raise ValueError(f"slots must have one entry per sequence ({B}), got {tuple(slots.shape)}")
-        if int(slots.min()) < 0 or int(slots.max()) >= cache.n_slots or slots.unique().numel() != B:
+        ordered = slots.sort().values
+        repeated = (ordered[1:] == ordered[:-1]).any()
+        # clamped, so that a bad slot cannot index out of range before the range check reports it
+        safe = slots.clamp(0, cache.n_slots - 1)
+        too_long = (cache.lengths[safe] + q_lens > cache.max_len).any()
+        lo, hi, rep, over = _to_host(ordered[0], ordered[-1], repeated, too_long)
+        if lo < 0 or hi >= cache.n_slots or rep:
             raise ValueError(f"slots must be distinct cache slots in 0..{cache.n_slots - 1}, got {slots.tolist()}")
-        if bool((cache.lengths[slots] + q_lens > cache.max_len).any()):
+        if over:
             raise ValueError(f"a sequence would exceed the cache's max_len={cache.max_len}")
+
+
+def _to_host(*scalars: torch.Tensor) -> list[int]:
+    """Integer (or bool) 0-d tensors as Python ints: one transfer per device they live on, none for
+    host tensors (a device sync each, so checks are batched through here)."""
+    out: list[int] = [0] * len(scalars)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, s in enumerate(scalars):
+        by_device.setdefault(s.device, []).append(i)
+    for idx in by_device.values():
+        for i, v in zip(idx, torch.stack([scalars[i].long() for i in idx]).tolist()):
+            out[i] = v
+    return out
 
 
 def cu_seqlens_of(seqs: list[list[int]] | list[torch.Tensor], device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@ their positions, and the cache slots they read and write. Computed once per step
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -16,9 +17,12 @@ class Step:
     kv_lens: torch.Tensor     # [B] sequence lengths after this step
 
     @classmethod
-    def build(cls, cu_seqlens: torch.Tensor, slots: torch.Tensor, start: torch.Tensor) -> "Step":
+    def build(cls, cu_seqlens: torch.Tensor, slots: torch.Tensor, start: torch.Tensor,
+              n_tokens: Optional[int] = None) -> "Step":
+        """n_tokens (the step's token count, known on the host) spares repeat_interleave a device sync."""
         q_lens = cu_seqlens[1:] - cu_seqlens[:-1]
         B = q_lens.shape[0]
-        seq_idx = torch.repeat_interleave(torch.arange(B, device=cu_seqlens.device), q_lens)
+        seq_idx = torch.repeat_interleave(torch.arange(B, device=cu_seqlens.device), q_lens,
+                                          output_size=n_tokens)
         offset = torch.arange(seq_idx.shape[0], device=cu_seqlens.device) - cu_seqlens[seq_idx]
         return cls(cu_seqlens, seq_idx, start[seq_idx] + offset, slots, start + q_lens)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -19,6 +19,8 @@ class Router:
     """Base class: `router(logits, seq_ids, positions, state) -> Routing`."""
 
     name = "base"
+    drops = True      # may drop assignments (a capacity limit); False lets the MoE layer skip a device sync
+    stateful = False  # reads and returns a per-sequence ChunkState carried across steps
 
     def __init__(self, n_experts: int, top_k: int, renormalize: bool = True):
         self.n_experts = n_experts
@@ -54,19 +56,23 @@ def expert_capacity(capacity_factor: float, tokens: int, top_k: int, n_experts: 
 
 
 def rank_in_queue(experts: torch.Tensor, priority: torch.Tensor,
-                  group: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  group: Optional[torch.Tensor | Sequence[torch.Tensor]] = None) -> torch.Tensor:
     """For assignments (flat [A]) to `experts`, the 0-based rank of each in its expert's queue, ordered
     by ascending `priority` (ties: lower index first); with `group`, queues are per (group, expert).
-    Deterministic: successive stable sorts, no atomics."""
+    `group` may be several tensors, minor first: queues are then per (group[-1], ..., group[0], expert).
+    Deterministic: successive stable sorts, no atomics, no device sync."""
+    groups = [] if group is None else [group] if isinstance(group, torch.Tensor) else list(group)
     order = torch.argsort(priority, stable=True)
     order = order[torch.argsort(experts[order], stable=True)]
-    key = experts[order]
-    if group is not None:
-        order = order[torch.argsort(group[order], stable=True)]
-        key = group[order] * (int(experts.max()) + 1 if experts.numel() else 1) + experts[order]
-    idx = torch.arange(key.numel(), device=key.device)
-    starts = torch.ones_like(key, dtype=torch.bool)
-    starts[1:] = key[1:] != key[:-1]
+    for g in groups:
+        order = order[torch.argsort(g[order], stable=True)]
+    # a queue starts wherever the expert or any group label changes along the sorted order
+    idx = torch.arange(order.numel(), device=order.device)
+    starts = torch.zeros_like(order, dtype=torch.bool)
+    starts[:1] = True
+    for key in [experts] + groups:
+        key = key[order]
+        starts[1:] |= key[1:] != key[:-1]
     run_start = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=0).values
     rank = torch.empty_like(idx)
     rank[order] = idx - run_start

@@ -19,6 +19,7 @@ from moe.routing import ChunkState, Routing
 
 class SequenceCapacityRouter(Router):
     name = "sequence_capacity"
+    stateful = True
 
     def __init__(self, n_experts: int, top_k: int, renormalize: bool = True,
                  capacity_factor: float = 1.25, group_size: int = 64, min_capacity: int = 0):
@@ -30,15 +31,16 @@ class SequenceCapacityRouter(Router):
         T, E, k = probs.shape[0], self.n_experts, self.top_k
         if positions is None:
             raise ValueError("positions is required by the sequence_capacity router")
-        seq, n_seqs = _dense_ids(seq_ids)
+        seq = _dense_ids(seq_ids)
+        # the state has one row per sequence; only a router used without one counts them (a device sync)
+        n_seqs = state.chunk.shape[0] if state is not None else int(seq.max()) + 1
         experts, weights = self.top_k_choice(probs)                       # [T, k]
         chunk = positions // self.group_size                              # [T]
         flat_e = experts.flatten()
         flat_chunk = chunk.repeat_interleave(k)
         flat_seq = seq.repeat_interleave(k)
         priority = positions.repeat_interleave(k) * k + torch.arange(T * k, device=probs.device) % k
-        group = flat_seq * (int(chunk.max()) + 1) + flat_chunk
-        rank = rank_in_queue(flat_e, priority, group)
+        rank = rank_in_queue(flat_e, priority, (flat_chunk, flat_seq))   # queues per (sequence, chunk, expert)
         if state is None:
             state = ChunkState(torch.zeros(n_seqs, E, dtype=torch.long, device=probs.device),
                                torch.full((n_seqs,), -1, dtype=torch.long, device=probs.device))
@@ -50,10 +52,15 @@ class SequenceCapacityRouter(Router):
                        state=_next_state(state, flat_seq, flat_chunk, flat_e, n_seqs, E))
 
 
-def _dense_ids(seq_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Map arbitrary sequence labels to 0..B-1 in ascending label order."""
-    labels, dense = torch.unique(seq_ids, return_inverse=True)
-    return dense, labels.numel()
+def _dense_ids(seq_ids: torch.Tensor) -> torch.Tensor:
+    """Map arbitrary sequence labels to 0..B-1 in ascending label order (torch.unique's inverse,
+    by a sort: unique's output size costs a device sync)."""
+    ordered, order = torch.sort(seq_ids, stable=True)
+    new_label = torch.zeros_like(ordered, dtype=torch.long)
+    new_label[1:] = (ordered[1:] != ordered[:-1]).long()
+    dense = torch.empty_like(new_label)
+    dense[order] = torch.cumsum(new_label, 0)
+    return dense
 
 
 def _next_state(state: ChunkState, seq, chunk, experts, n_seqs: int, E: int) -> ChunkState:
@@ -62,6 +69,7 @@ def _next_state(state: ChunkState, seq, chunk, experts, n_seqs: int, E: int) -> 
     last_chunk = last_chunk.scatter_reduce(0, seq, chunk, reduce="amax")
     in_last = chunk == last_chunk[seq]
     counts = torch.where((state.chunk == last_chunk)[:, None], state.counts, 0).clone()
-    # integer adds: exact and order-free, so index_put_ with accumulate is deterministic here
-    counts.index_put_((seq[in_last], experts[in_last]), torch.ones_like(seq[in_last]), accumulate=True)
+    # +1 per assignment in its sequence's last chunk, +0 for the others (no boolean indexing, whose
+    # size costs a device sync); integer adds: exact and order-free, so deterministic
+    counts.view(-1).scatter_add_(0, seq * E + experts, in_last.long())
     return ChunkState(counts, last_chunk)

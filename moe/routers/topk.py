@@ -14,6 +14,7 @@ from moe.routing import Routing
 
 class TopKRouter(Router):
     name = "topk"
+    drops = False
 
     def assign(self, probs, seq_ids, positions, state) -> Routing:
         experts, weights = self.top_k_choice(probs)
