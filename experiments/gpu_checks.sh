@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU claim of the project, checked in one go on a CUDA machine (we use an H100 through the
 # device tool; the figures in experiments/results/ came from this script). Usage:
-#   bash experiments/gpu_checks.sh tests|bench|experiments  OUT_DIR
+#   bash experiments/gpu_checks.sh tests|bench|experiments|repro|probe  OUT_DIR
 # Needs torch + triton there; hydra comes from wheels in .whl/ when the machine has no hydra.
 set -uo pipefail
-part=${1:?tests|bench|experiments}
+part=${1:?tests|bench|experiments|repro|probe}
 out=${2:?output directory}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -21,10 +21,24 @@ case $part in
     python3 -m experiments.bench_model --out "$out" 2>&1 | tee "$out/bench_model.log" ;;
   experiments)  # the serving simulation (1000 runs of one prompt) and the ablation, on the GPU
     python3 -m experiments.serve_sim device=cuda model=small dtype=bfloat16 serve.n_probe_runs=1000 \
-      serve.load=8 serve.max_slots=64 hydra.run.dir="$out/serve_sim" 2>&1 | grep -v "config/s" | tee "$out/serve_sim.log"
+      serve.load=8 serve.max_slots=64 hydra.run.dir="$out/serve_sim" 2>&1 | grep -v "cell/s" | tee "$out/serve_sim.log"
     python3 -m experiments.ablate device=cuda model=small 'dtypes=[bfloat16]' hydra.run.dir="$out/ablate" \
       2>&1 | grep -v "cell/s" | tee "$out/ablate.log"
     python3 -m experiments.ablate device=cuda model=large router.names=[topk,capacity] 'dtypes=[bfloat16]' \
       'combines=[ordered]' experiment.n_probes=2 'experiment.batch_sizes=[1,8,64]' \
       hydra.run.dir="$out/ablate_large" 2>&1 | grep -v "cell/s" | tee "$out/ablate_large.log" ;;
+  repro|probe)
+    # The published result (1000 runs of one prompt at temperature 0: many distinct completions on stock
+    # kernels, 1 with batch-invariant ones) at the shapes where stock kernels vary on the H100: preset
+    # `wide` (K = 4096 and 14336), a 1280-token prompt so decode attends over >= 1280 keys, and a load
+    # that swings between an empty and a full batch (1-64 requests) every 100 steps. Router topk, so
+    # only arithmetic can move the answer; both backends. `probe` is the 100-run check of the same set-up
+    # (writes serve_wide_probe/); `repro` runs REPRO_RUNS submissions (default 1000).
+    if [ "$part" = probe ]; then runs=100; dir=serve_wide_probe; else runs=${REPRO_RUNS:-1000}; dir=serve_wide; fi
+    start=$SECONDS
+    python3 -m experiments.serve_sim device=cuda model=wide dtype=bfloat16 'router.names=[topk]' \
+      serve.n_probe_runs=$runs serve.probe_len=1280 serve.max_new_tokens=32 serve.max_slots=64 \
+      serve.load=1.25 serve.load_period=100 serve.traffic_max_len=64 serve.traffic_max_new=16 \
+      hydra.run.dir="$out/$dir" 2>&1 | grep -v "cell/s" | tee "$out/$dir.log"
+    echo "serve_sim wide, $runs runs: $((SECONDS - start)) s in all" | tee -a "$out/$dir.log" ;;
 esac

@@ -6,13 +6,24 @@ on stock kernels, 1 with batch-invariant kernels) on our MoE models, and adds th
 
     python -m experiments.serve_sim                         # CPU default: every router x backend
     python -m experiments.serve_sim serve.n_probe_runs=1000 device=cuda model=large
+    # long prompts, where stock kernels vary (model wide: K >= 4096; decode over >= 1024 keys), and a
+    # load that swings between an empty and a full batch (bash experiments/gpu_checks.sh repro OUT):
+    python -m experiments.serve_sim device=cuda model=wide dtype=bfloat16 router.names=[topk] \
+        serve.probe_len=1280 serve.max_new_tokens=32 serve.load=1.25 serve.load_period=100 \
+        serve.max_slots=64 serve.traffic_max_len=64 serve.traffic_max_new=16 serve.n_probe_runs=1000
+
+Prompt lengths are limited only by the model's max_seq_len (checked before anything runs); each of
+the max_slots KV-cache slots holds the longest request (wide: 32 KB per position, 2.8 GB for 64 slots
+of 1313 positions).
 
 Per configuration it saves cells/<router>-<backend>.json (skipped when re-run in the same directory),
 then results.json, distinct_completions.csv and distinct_completions.png.
 """
 from __future__ import annotations
 
+import math
 import random
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -27,20 +38,35 @@ from experiments.compositions import random_prompt  # noqa: E402
 from experiments.engine import Engine, Request, poisson  # noqa: E402
 from experiments.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
 from experiments.plot import save_figure  # noqa: E402
-from moe import MoETransformer  # noqa: E402
+from moe import MoETransformer, pretrained_config  # noqa: E402
+
+
+def arrival_rates(serve: DictConfig, span: int) -> list[float]:
+    """Mean arrivals per engine step: `load` throughout, or with `load_period` a wave between 0 and
+    2 x load (mean `load`) with that period in steps, so the running batch sweeps from nearly empty to
+    full and a request meets every batch size."""
+    period = serve.get("load_period")
+    if not period:
+        return [serve.load] * span
+    return [serve.load * (1.0 - math.cos(2 * math.pi * step / period)) for step in range(span)]
 
 
 def make_traffic(serve: DictConfig, vocab: int, seed: int) -> tuple[list[int], list[Request], list[Request]]:
     """The probe prompt, its n_probe_runs copies at random arrival steps, and Poisson background traffic
-    over the same span. Traffic is a function of the seed only, the same for every configuration."""
+    over the same span (both following `arrival_rates`). Traffic is a function of the seed only, the
+    same for every configuration."""
     rng = random.Random(seed)
     probe = random_prompt(rng, vocab, serve.probe_len)
     span = max(1, int(serve.n_probe_runs / max(serve.load, 1e-9) * 2))
-    copies = [Request(probe, serve.max_new_tokens, arrival=rng.randrange(span), chunk=serve.chunk)
-              for _ in range(serve.n_probe_runs)]
+    rates = arrival_rates(serve, span)
+    if serve.get("load_period"):
+        arrivals = rng.choices(range(span), weights=rates, k=serve.n_probe_runs)
+    else:  # constant load: the draws of the original design, so earlier results replay exactly
+        arrivals = [rng.randrange(span) for _ in range(serve.n_probe_runs)]
+    copies = [Request(probe, serve.max_new_tokens, arrival=a, chunk=serve.chunk) for a in arrivals]
     traffic = []
     for step in range(span):
-        for _ in range(poisson(rng, serve.load)):
+        for _ in range(poisson(rng, rates[step])):
             prompt = random_prompt(rng, vocab, rng.randint(1, serve.traffic_max_len))
             traffic.append(Request(prompt, rng.randint(1, serve.traffic_max_new), arrival=step, chunk=serve.chunk))
     every = sorted(copies + traffic, key=lambda r: r.arrival)
@@ -62,6 +88,15 @@ def summarize(completions: list[list[int]]) -> dict:
     return dict(runs=len(completions), distinct=len(ranked), variants=variants)
 
 
+def load_record(batch_sizes: list[int], max_slots: int, seconds: float) -> dict:
+    """How the running batch varied: steps, their sizes in 8 bins up to max_slots, and the time taken."""
+    edges = [math.ceil(max_slots * i / 8) for i in range(9)]
+    bins = {f"{edges[i] + 1}-{edges[i + 1]}": sum(edges[i] < b <= edges[i + 1] for b in batch_sizes)
+            for i in range(8) if edges[i + 1] > edges[i]}
+    return dict(steps=len(batch_sizes), seconds=round(seconds, 2), batch_size_steps=bins,
+                mean_batch_size=round(sum(batch_sizes) / max(len(batch_sizes), 1), 2))
+
+
 def plot_distinct(cells: list[dict], max_new_tokens: int, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(10, 0.6 * len(cells) + 2))
     cmap = plt.get_cmap("viridis")
@@ -80,14 +115,28 @@ def plot_distinct(cells: list[dict], max_new_tokens: int, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def longest_request(serve: DictConfig) -> int:
+    """Tokens the longest request can hold: its prompt and every generated token (the KV cache needs one
+    fewer: the last token is never fed back)."""
+    return max(serve.probe_len, serve.traffic_max_len) + max(serve.max_new_tokens, serve.traffic_max_new)
+
+
 def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
     serve = cfg.serve
-    max_len = max(serve.probe_len, serve.traffic_max_len) + max(serve.max_new_tokens, serve.traffic_max_new) + 1
+    limit = pretrained_config(cfg.pretrained).max_seq_len if cfg.get("pretrained") else cfg.model.max_seq_len
+    if longest_request(serve) > limit:
+        raise ValueError(f"the longest request holds {longest_request(serve)} tokens (serve.probe_len or "
+                         f"traffic_max_len, plus max_new_tokens or traffic_max_new), more than the model's "
+                         f"max_seq_len={limit}: shorten them, or raise model.max_seq_len")
+    max_len = longest_request(serve) + 1   # KV-cache positions per slot (one spare)
 
     def measure(model: MoETransformer) -> dict:
         _, copies, every = make_traffic(serve, model.cfg.vocab_size, cfg.seed)
-        Engine(model, serve.max_slots, max_len).run(every)
-        return summarize([r.generated for r in copies])
+        engine = Engine(model, serve.max_slots, max_len)
+        start = time.perf_counter()
+        engine.run(every)
+        seconds = time.perf_counter() - start
+        return dict(**summarize([r.generated for r in copies]), engine=load_record(engine.batch_sizes, serve.max_slots, seconds))
 
     grid = router_backend_grid(cfg)
     cells = run_cells(cfg, out, grid, measure, desc="serving configurations")
@@ -105,7 +154,12 @@ def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
 def main(cfg: DictConfig) -> None:
     out = run_dir()
     results = run_serve_sim(cfg, out)
-    lines = [f"{c['router']:18} {c['backend']:16} {c['distinct']:5d} distinct of {c['runs']}" for c in results["cells"]]
+    lines = [f"{c['router']:18} {c['backend']:16} {c['distinct']:5d} distinct of {c['runs']}"
+             + (f"  ({c['engine']['steps']} steps, mean batch {c['engine']['mean_batch_size']}, "
+                f"{c['engine']['seconds']:.0f} s)" if "engine" in c else "") for c in results["cells"]]
+    cell = results["cells"][0]
+    if "engine" in cell:
+        lines.append("steps by batch size: " + ", ".join(f"{k}: {v}" for k, v in cell["engine"]["batch_size_steps"].items()))
     text = "\n".join(lines + [f"results and plot: {out.resolve()}"])
     (out / "summary.txt").write_text(text + "\n")
     print(text)

@@ -1,0 +1,61 @@
+"""The serving simulation: traffic as designed, long prompts within the model's max_seq_len, and the
+record of how the running batch varied."""
+import random
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from experiments.compositions import random_prompt
+from experiments.engine import poisson
+from experiments.hydra_utils import CONFIG_DIR
+from experiments.serve_sim import arrival_rates, make_traffic, run_serve_sim
+
+
+def config(*overrides):
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        return compose("serve_sim", overrides=list(overrides))
+
+
+def test_constant_load_traffic_is_the_original_design():
+    """Without load_period the draws are those of the first design (published results replay)."""
+    serve = config("serve.n_probe_runs=7", "serve.load=1.5").serve
+    probe, copies, every = make_traffic(serve, 256, seed=3)
+    rng = random.Random(3)
+    assert probe == random_prompt(rng, 256, serve.probe_len)
+    span = int(7 / 1.5 * 2)
+    assert [c.arrival for c in copies] == [rng.randrange(span) for _ in range(7)]
+    lens = []
+    for step in range(span):
+        for _ in range(poisson(rng, 1.5)):
+            lens.append(len(random_prompt(rng, 256, rng.randint(1, serve.traffic_max_len))))
+            rng.randint(1, serve.traffic_max_new)
+    assert sorted(len(r.prompt) for r in every if r not in copies) == sorted(lens)
+
+
+def test_load_wave_sweeps_from_empty_to_twice_the_mean():
+    serve = config("serve.load=2.0", "serve.load_period=50").serve
+    rates = arrival_rates(serve, 200)
+    assert rates[0] == 0.0 and max(rates) == pytest.approx(4.0) and sum(rates) / 200 == pytest.approx(2.0)
+    # probe copies follow the wave: none arrive at its troughs
+    serve = config("serve.n_probe_runs=200", "serve.load=2.0", "serve.load_period=50").serve
+    _, copies, _ = make_traffic(serve, 256, seed=0)
+    assert not any(c.arrival % 50 == 0 for c in copies)
+
+
+def test_long_prompts_run_and_record_the_load(tmp_path):
+    """A probe prompt of 200 tokens (near tiny's max_seq_len 256, far above the traffic's) through the
+    engine, with the load swinging: every copy completes, and the batch record covers every step."""
+    cfg = config("router.names=[topk]", "kernels=torch", "serve.n_probe_runs=4", "serve.probe_len=200",
+                 "serve.max_new_tokens=4", "serve.load=1.0", "serve.load_period=6", "serve.max_slots=8")
+    results = run_serve_sim(cfg, tmp_path)
+    (cell,) = results["cells"]
+    assert cell["runs"] == 4 and all(len(v["completion"]) == 4 for v in cell["variants"])
+    record = cell["engine"]
+    assert record["steps"] == sum(record["batch_size_steps"].values()) > 0
+    assert (tmp_path / "distinct_completions.png").exists()
+
+
+def test_requests_longer_than_max_seq_len_are_refused(tmp_path):
+    cfg = config("router.names=[topk]", "kernels=torch", "serve.probe_len=250", "serve.max_new_tokens=24")
+    with pytest.raises(ValueError, match="max_seq_len=256"):
+        run_serve_sim(cfg, tmp_path)
