@@ -32,9 +32,27 @@ case $part in
     # kernels, 1 with batch-invariant ones) at the shapes where stock kernels vary on the H100: preset
     # `wide` (K = 4096 and 14336), a 1280-token prompt so decode attends over >= 1280 keys, and a load
     # that swings between an empty and a full batch (1-64 requests) every 100 steps. Router topk, so
-    # only arithmetic can move the answer; both backends. `probe` is the 100-run check of the same set-up
-    # (writes serve_wide_probe/); `repro` runs REPRO_RUNS submissions (default 1000).
-    if [ "$part" = probe ]; then runs=100; dir=serve_wide_probe; else runs=${REPRO_RUNS:-1000}; dir=serve_wide; fi
+    # only arithmetic can move the answer; both backends. `probe`: 100 runs (serve_wide_probe/, about
+    # 1.5 min on one H100). `repro`: REPRO_RUNS runs (serve_wide/), default 300 (about 2-3 min);
+    # REPRO_RUNS=1000 is the published count, about 3.5 min if SDPA runs the stock backend's masked GQA
+    # call with a fused kernel, about 6 min if it falls back to the math kernel (fp32 scores of the
+    # padded batch): sdpa_backends.txt says which. Each cell's steps and seconds are in the summary.
+    python3 - <<'PY' 2>&1 | tee "$out/sdpa_backends.txt"
+import torch
+from torch.backends import cuda
+# the torch backend's attention call: [B, H, q, Dh] queries, 4x fewer KV heads, a boolean mask
+q = torch.randn(4, 32, 16, 128, device="cuda", dtype=torch.bfloat16)
+kv = torch.randn(4, 8, 64, 128, device="cuda", dtype=torch.bfloat16)
+mask = torch.ones(4, 1, 16, 64, device="cuda", dtype=torch.bool)
+try:
+    params = cuda.SDPAParams(q, kv, kv, mask, 0.0, False, True)
+    usable = {n: getattr(cuda, f"can_use_{n}_attention")(params, True)  # True: warns why not
+              for n in ("flash", "efficient", "cudnn") if hasattr(cuda, f"can_use_{n}_attention")}
+    print("fused SDPA kernels that take masked GQA:", usable, "(all False: the math kernel runs)")
+except Exception as e:  # SDPAParams' signature differs across torch versions
+    print("could not ask SDPA:", repr(e))
+PY
+    if [ "$part" = probe ]; then runs=100; dir=serve_wide_probe; else runs=${REPRO_RUNS:-300}; dir=serve_wide; fi
     start=$SECONDS
     python3 -m experiments.serve_sim device=cuda model=wide dtype=bfloat16 'router.names=[topk]' \
       serve.n_probe_runs=$runs serve.probe_len=1280 serve.max_new_tokens=32 serve.max_slots=64 \
