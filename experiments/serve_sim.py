@@ -105,10 +105,13 @@ def plot_distinct(cells: list[dict], max_new_tokens: int, path: Path) -> Path:
             first = v["first_divergence"]
             depart = 0.0 if first is None else 1.0 - first / max_new_tokens  # 1: departs at token 0
             ax.scatter(j, row, s=20 + 200 * v["count"] / c["runs"], color=cmap(depart), edgecolor="k", lw=0.3)
-        ax.text(len(c["variants"]) + 0.3, row, f"{c['distinct']} distinct / {c['runs']}", va="center", fontsize=8)
+        # in points from the last mark, so the label clears the (large) marks at any number of variants
+        ax.annotate(f"{c['distinct']} distinct / {c['runs']}", (len(c["variants"]) - 1, row), xytext=(14, 0),
+                    textcoords="offset points", va="center", fontsize=8)
     ax.set_yticks(range(len(cells)), [f"{c['router']} / {c['backend']}" for c in cells])
     ax.set_xlabel("distinct completions of the same prompt (most common first; size: how often)")
-    ax.set_xlim(-1, max(len(c["variants"]) for c in cells) + 6)
+    widest = max(len(c["variants"]) for c in cells)
+    ax.set_xlim(-1, widest * 1.15 + 6)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
     fig.colorbar(sm, ax=ax, label="departure from the most common\n(1: at the first token, 0: never)")
     ax.set_title("Same prompt, temperature 0, among random traffic")
