@@ -3,7 +3,7 @@ for prefill and decode at batch sizes 1..256, timed in the same run (GPU).
 
     python -m experiments.bench_model --presets small large --out experiments/results
 
-Medians of `triton.testing.do_bench`. Prefill: B sequences of --prefill-len tokens in one ragged step.
+Medians of `triton.testing.do_bench`, over ROUNDS rounds in which the backends alternate. Prefill: B sequences of --prefill-len tokens in one ragged step.
 Decode: one token for each of B sequences over a KV cache of --context tokens. Writes
 bench_model.csv / .json (with the command line and device) and prints ratios (batch_invariant / torch).
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,13 @@ from moe import ModelConfig, MoETransformer
 
 def time_ms(fn) -> float:
     from triton.testing import do_bench
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return do_bench(fn, warmup=25, rep=120, return_mode="median")
+
+
+# Steps of the small model and at small batch are host-bound (tens of ms of Python per step, a few
+# samples per do_bench call), and the host's speed drifts: the backends are timed in alternating rounds
+# and each reports the median of its rounds, so a drift hits both alike.
+ROUNDS = 4
 
 
 def build_model(preset: str, prefill_len: int, context: int, device: str) -> MoETransformer:
@@ -60,12 +67,17 @@ def bench_preset(preset: str, batch_sizes: list[int], prefill_len: int, context:
     rows = []
     for B in batch_sizes:
         fns = steps(model, B, prefill_len, context)
+        times: dict[tuple[str, str], list[float]] = {}
+        for _ in range(ROUNDS):
+            for backend in kernels.BACKENDS:
+                with kernels.use_backend(backend):
+                    for mode, fn in fns.items():
+                        times.setdefault((backend, mode), []).append(time_ms(fn))
         for backend in kernels.BACKENDS:
-            with kernels.use_backend(backend):
-                t_prefill = time_ms(fns["prefill"])
-                t_decode = time_ms(fns["decode"])
+            t_prefill, t_decode = (statistics.median(times[(backend, m)]) for m in ("prefill", "decode"))
             for mode, t, n in (("prefill", t_prefill, B * prefill_len), ("decode", t_decode, B)):
-                rows.append(dict(preset=preset, mode=mode, batch=B, backend=backend, ms=t, tokens_per_s=n / t * 1e3))
+                rows.append(dict(preset=preset, mode=mode, batch=B, backend=backend, ms=t, tokens_per_s=n / t * 1e3,
+                                 rounds_ms=[round(x, 4) for x in times[(backend, mode)]]))
             print(f"{preset:6} B={B:4d} {backend:16} prefill {t_prefill:9.3f} ms  decode {t_decode:8.3f} ms", flush=True)
         fns = None  # free the KV cache before the next batch size
         torch.cuda.empty_cache()
