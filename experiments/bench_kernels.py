@@ -17,16 +17,16 @@ import math
 import os
 import sys
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import triton  # noqa: E402
-
-from kernels.ops.attention import attention  # noqa: E402
+from kernels.ops.attention import attention  # noqa: E402  (kernels before triton: see kernels/runtime.py)
 from kernels.ops.grouped_gemm import grouped_matmul  # noqa: E402
 from kernels.ops.matmul import matmul  # noqa: E402
+import triton  # noqa: E402
 
 MATMUL_KN = [(4096, 4096), (4096, 14336), (14336, 4096), (2048, 768), (2048, 151936)]
 MATMUL_M = [1, 8, 64, 256, 1024, 4096, 16384]
@@ -58,14 +58,20 @@ def run_matmul(rows: list[dict], quick: bool) -> None:
         del w
 
 
+def grouped_rows(E: int, K: int, T: int, device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
+    """T rows (tokens x top_k) spread at random over E experts, seeded by T: x [T, K] bf16 and the
+    int32 cumulative group ends that torch._grouped_mm takes."""
+    gen = torch.Generator().manual_seed(T)
+    sizes = torch.multinomial(torch.ones(E), T, replacement=True, generator=gen).bincount(minlength=E)
+    offs = sizes.cumsum(0).to(device=device, dtype=torch.int32)
+    return torch.randn(T, K, device=device, dtype=torch.bfloat16), offs
+
+
 def run_grouped(rows: list[dict], quick: bool) -> None:
     for E, K, N in GROUPED:
         w = torch.randn(E, K, N, device="cuda", dtype=torch.bfloat16)
         for T in GROUPED_ROWS:
-            gen = torch.Generator().manual_seed(T)
-            sizes = torch.multinomial(torch.ones(E), T, replacement=True, generator=gen).bincount(minlength=E)
-            offs = sizes.cumsum(0).to(device="cuda", dtype=torch.int32)
-            x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+            x, offs = grouped_rows(E, K, T)
             ours = bench(lambda: grouped_matmul(x, w, offs))
             stock = bench(lambda: torch._grouped_mm(x, w, offs=offs))
             rows.append(dict(table="grouped", shape=f"E={E} K={K} N={N}", size=f"rows={T}", ours_ms=ours,
@@ -73,6 +79,20 @@ def run_grouped(rows: list[dict], quick: bool) -> None:
             print(f"grouped E={E:3d} K={K} N={N:6d} rows={T:6d}  ours {ours:8.4f} ms  _grouped_mm "
                   f"{stock:8.4f} ms  ratio {ours / stock:5.2f}", flush=True)
         del w
+
+
+def decode_case(B: int, C: int, device: str = "cuda") -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+    """One new query for each of B sequences over a cache of C keys: (ours, SDPA) as calls to time."""
+    dt, scale = torch.bfloat16, DH ** -0.5
+    q = torch.randn(B, H, DH, device=device, dtype=dt)
+    k = torch.randn(B, C, HKV, DH, device=device, dtype=dt)
+    v = torch.randn_like(k)
+    cu = torch.arange(B + 1, device=device, dtype=torch.int32)
+    kv = torch.full((B,), C, device=device, dtype=torch.int32)
+    slots = torch.arange(B, device=device, dtype=torch.int32)
+    qs, ks, vs = q[:, :, None], k.transpose(1, 2), v.transpose(1, 2)   # SDPA reads the same cache, strided
+    return (lambda: attention(q, k, v, cu, kv, slots, scale),
+            lambda: F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=True))
 
 
 def run_attention(rows: list[dict], quick: bool) -> None:
@@ -92,22 +112,14 @@ def run_attention(rows: list[dict], quick: bool) -> None:
                          ratio=ours / stock))
         print(f"attn prefill L={L:6d}  ours {ours:8.4f} ms  SDPA {stock:8.4f} ms  ratio {ours / stock:5.2f}",
               flush=True)
-    for B, C in DECODE:    # one new query per sequence over a cache of C keys
-        q = torch.randn(B, H, DH, device="cuda", dtype=dt)
-        k = torch.randn(B, C, HKV, DH, device="cuda", dtype=dt)
-        v = torch.randn_like(k)
-        cu = torch.arange(B + 1, device="cuda", dtype=torch.int32)
-        kv = torch.full((B,), C, device="cuda", dtype=torch.int32)
-        slots = torch.arange(B, device="cuda", dtype=torch.int32)
-        qs = q[:, :, None]
-        ks, vs = k.transpose(1, 2), v.transpose(1, 2)      # SDPA reads the same cache memory, strided
-        ours = bench(lambda: attention(q, k, v, cu, kv, slots, scale))
-        stock = bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=True))
+    for B, C in DECODE:
+        ours_fn, stock_fn = decode_case(B, C)
+        ours, stock = bench(ours_fn), bench(stock_fn)
         rows.append(dict(table="attention", shape="decode", size=f"B={B} ctx={C}", ours_ms=ours,
                          stock_ms=stock, ratio=ours / stock))
         print(f"attn decode B={B:4d} ctx={C:6d}  ours {ours:8.4f} ms  SDPA {stock:8.4f} ms  "
               f"ratio {ours / stock:5.2f}", flush=True)
-        del k, v
+        del ours_fn, stock_fn
 
 
 def main() -> None:

@@ -22,17 +22,16 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.bench_kernels import (GROUPED, GROUPED_ROWS, MATMUL_KN, MATMUL_M, decode_case,  # noqa: E402
+                                      grouped_rows)
+from kernels.ops import grouped_gemm as gg  # noqa: E402  (kernels before triton: see kernels/runtime.py)
+from kernels.ops.attention import attention  # noqa: E402
+from kernels.ops.matmul import Reduction, Tiles, matmul, reduction_for  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
-
-from experiments.bench_kernels import GROUPED, GROUPED_ROWS, MATMUL_KN, MATMUL_M  # noqa: E402
-from kernels.ops import grouped_gemm as gg  # noqa: E402
-from kernels.ops.attention import attention  # noqa: E402
-from kernels.ops.matmul import Reduction, Tiles, matmul, reduction_for  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) candidates per M range
 SMALL_M = [Tiles(64, bn, 4, st, bk) for bn in (64, 128) for bk in (64, 128) for st in (3, 4, 5)] + \
@@ -55,7 +54,7 @@ def try_time(fn):
     try:
         out = fn()
         return timed(fn), out
-    except (triton.runtime.errors.OutOfResources, RuntimeError) as e:  # noqa: F841
+    except (triton.runtime.errors.OutOfResources, RuntimeError):
         return None, None
 
 
@@ -125,10 +124,7 @@ def tune_grouped(rows: list[dict]) -> None:
     for E, K, N in GROUPED:
         w = torch.randn(E, K, N, device="cuda", dtype=torch.bfloat16)
         for T in GROUPED_ROWS:
-            gen = torch.Generator().manual_seed(T)
-            sizes = torch.multinomial(torch.ones(E), T, replacement=True, generator=gen).bincount(minlength=E)
-            offs = sizes.cumsum(0).to(device="cuda", dtype=torch.int32)
-            x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+            x, offs = grouped_rows(E, K, T)
             ref = gg.grouped_matmul(x, w, offs, tiles=Tiles(64, 128, 4, 4))
             stock = timed(lambda: torch._grouped_mm(x, w, offs=offs))
             for t in GROUPED_TILES:
@@ -161,21 +157,10 @@ def launch_costs(rows: list[dict]) -> None:
     x1, w = torch.randn(1, 2048, device="cuda", dtype=dt), torch.randn(2048, 768, device="cuda", dtype=dt)
     x64 = torch.randn(64, 4096, device="cuda", dtype=dt)
     w4 = torch.randn(4096, 4096, device="cuda", dtype=dt)
-    H, HKV, DH, C = 32, 8, 128, 1024
     cases = {"matmul M=1 2048x768": (lambda: matmul(x1, w), lambda: torch.mm(x1, w)),
              "matmul M=64 4096x4096": (lambda: matmul(x64, w4), lambda: torch.mm(x64, w4))}
     for B in (1, 16):
-        q = torch.randn(B, H, DH, device="cuda", dtype=dt)
-        k = torch.randn(B, C, HKV, DH, device="cuda", dtype=dt)
-        v = torch.randn_like(k)
-        cu = torch.arange(B + 1, device="cuda", dtype=torch.int32)
-        kv = torch.full((B,), C, device="cuda", dtype=torch.int32)
-        slots = torch.arange(B, device="cuda", dtype=torch.int32)
-        qs, ks, vs = q[:, :, None], k.transpose(1, 2), v.transpose(1, 2)
-        cases[f"attention decode B={B} ctx=1k"] = (
-            (lambda q=q, k=k, v=v, cu=cu, kv=kv, s=slots: attention(q, k, v, cu, kv, s, DH ** -0.5)),
-            (lambda qs=qs, ks=ks, vs=vs: F.scaled_dot_product_attention(qs, ks, vs, scale=DH ** -0.5,
-                                                                          enable_gqa=True)))
+        cases[f"attention decode B={B} ctx=1k"] = decode_case(B, 1024)
     for name, (ours, stock) in cases.items():
         r = dict(case=name)
         for who, fn in (("ours", ours), ("stock", stock)):

@@ -5,9 +5,13 @@ Every kernel module imports this module *before* it imports `triton`, so that on
 
 How triton 3.x reads the switch: `@triton.jit` looks at `triton.knobs.runtime.interpret` when it decorates
 a function, and that knob reads the environment variable `TRITON_INTERPRET` at that moment (it is not
-cached at `import triton`). So setting `os.environ["TRITON_INTERPRET"] = "1"` before our kernels are
-decorated is enough, even if something imported triton earlier. We only set it when CUDA is unavailable
-and the user has not set it themselves; the choice is process-wide (Triton has no per-kernel switch).
+cached at `import triton`). Triton's own library functions (`tl.max`, `tl.sum`, `tl.cdiv`, ...) are
+decorated the same way when `import triton` runs, so the switch must come before triton is first
+imported: if triton is already loaded without it, those functions are compiled-mode and every
+interpreted kernel fails inside them ("Cannot call @triton.jit'd outside of the scope of a kernel"). We
+then raise an ImportError that says so, rather than let the first launch fail. We only set the switch
+when CUDA is unavailable and the user has not set it themselves; the choice is process-wide (Triton has
+no per-kernel switch).
 
 Under the interpreter, `tl.dot` is a numpy matmul of the two blocks, and numpy's BLAS (OpenBLAS here) is
 NOT row-invariant: measured on this 2-core CPU, row 5 of a fixed-shape [128,128] @ [128,256] fp32 block
@@ -26,10 +30,17 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 
 if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    if "triton" in sys.modules:
+        raise ImportError(
+            "triton was imported before the batch_invariant backend on a machine without CUDA, so its "
+            "library was built for compiled kernels and the interpreter cannot run ours. Import kernels' "
+            "backend (kernels.use_backend / kernels.runtime) before triton, or set TRITON_INTERPRET=1 "
+            "before starting Python.")
     os.environ["TRITON_INTERPRET"] = "1"
 
 import numpy as np  # noqa: E402

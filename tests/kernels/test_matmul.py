@@ -81,3 +81,16 @@ def test_gpu_row_invariant_dense_m(gen, K, N):
     # a chunked K order: split and fused schedules agree
     red = Reduction(BLOCK_K=64, CHUNK_K=K // 4, N_CHUNKS=4)
     assert torch.equal(matmul(x[:8], w, reduction=red, fused=True), matmul(x[:8], w, reduction=red, fused=False))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter switch only happens without CUDA")
+def test_triton_imported_first_raises_a_clear_error():
+    """Triton imported before the backend (without TRITON_INTERPRET) cannot interpret our kernels: the
+    backend says so at import instead of failing inside the first launch."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import triton\ntry:\n    import kernels.runtime\nexcept ImportError as e:\n    print('ImportError', e)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "ImportError" in out.stdout and "before triton" in out.stdout, out.stdout + out.stderr
