@@ -44,6 +44,6 @@ class Routing:
         """[T] fp32 gap between a token's k-th and (k+1)-th router probability: how close the router
         came to choosing another expert set. Infinite when every expert is chosen."""
         if k >= self.probs.shape[1]:
-            return torch.full((self.probs.shape[0],), float("inf"))
+            return torch.full((self.probs.shape[0],), float("inf"), device=self.probs.device)
         top = torch.topk(self.probs, k + 1, dim=1).values
         return top[:, k - 1] - top[:, k]

@@ -32,6 +32,13 @@ def test_topk_ties_go_to_lower_expert_index():
     assert not r.dropped.any()
 
 
+def test_margins_gap_between_kth_and_next_probability():
+    r = route("topk", torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.4, 0.4, 0.2]])), top_k=1)
+    assert torch.allclose(r.margins(1), torch.tensor([0.2, 0.0]), atol=1e-6)
+    every = r.margins(3)                      # every expert chosen: no other set to flip to
+    assert torch.isinf(every).all() and every.device == r.probs.device
+
+
 def test_topk_renormalize_off_keeps_probabilities():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     r = route("topk", logits, top_k=2, renormalize=False)
