@@ -13,13 +13,18 @@ from moe.config import ModelConfig
 from moe.step import Step
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate x [T, heads, Dh] by its positions, half-split layout (Llama / HF `rotate_half`).
-    Elementwise in fp32, so a token's result depends only on its own position."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / theta ** (torch.arange(half, device=x.device, dtype=torch.float32) / half)
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, 1, head_dim/2] of each token's rotation angles, fp32 (the same for every layer)."""
+    half = head_dim // 2
+    inv_freq = 1.0 / theta ** (torch.arange(half, device=positions.device, dtype=torch.float32) / half)
     angle = positions.float()[:, None] * inv_freq[None, :]                     # [T, Dh/2]
-    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
+    return angle.cos()[:, None, :], angle.sin()[:, None, :]
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, Dh] by its tokens' angles (`rope_tables`), half-split layout (Llama / HF
+    `rotate_half`). Elementwise in fp32, so a token's result depends only on its own position."""
+    half = x.shape[-1] // 2
     x1, x2 = x.float()[..., :half], x.float()[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
@@ -52,7 +57,8 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":
             q = kernels.rms_norm(q.reshape(-1, cfg.head_dim), self.q_norm, cfg.norm_eps).view_as(q)
             k = kernels.rms_norm(k.reshape(-1, cfg.head_dim), self.k_norm, cfg.norm_eps).view_as(k)
-        q, k = rope(q, step.positions, cfg.rope_theta), rope(k, step.positions, cfg.rope_theta)
+        cos, sin = step.cached("rope", lambda: rope_tables(step.positions, cfg.head_dim, cfg.rope_theta))
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         cache.write(self.layer, step.slots, step.positions, step.seq_idx, k, v)
         out = kernels.attention(q, cache.k[self.layer], cache.v[self.layer], step.cu_seqlens,
                                 step.kv_lens, step.slots, cfg.head_dim ** -0.5)   # [T, H, Dh]

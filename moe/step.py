@@ -2,8 +2,8 @@
 their positions, and the cache slots they read and write. Computed once per step, shared by layers."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -15,6 +15,15 @@ class Step:
     positions: torch.Tensor   # [T] absolute position of each token in its sequence
     slots: torch.Tensor       # [B] cache slot of each sequence
     kv_lens: torch.Tensor     # [B] sequence lengths after this step
+    # values derived from the step that every layer needs (e.g. RoPE tables): computed by the first
+    # layer that asks, then shared, which saves a dozen small ops per layer
+    _derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def cached(self, name: str, compute: Callable[[], Any]) -> Any:
+        """compute() once per step under `name`, then the same value for every later call."""
+        if name not in self._derived:
+            self._derived[name] = compute()
+        return self._derived[name]
 
     @classmethod
     def build(cls, cu_seqlens: torch.Tensor, slots: torch.Tensor, start: torch.Tensor,
