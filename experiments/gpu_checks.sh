@@ -32,11 +32,11 @@ case $part in
     # kernels, 1 with batch-invariant ones) at the shapes where stock kernels vary on the H100: preset
     # `wide` (K = 4096 and 14336), a 1280-token prompt so decode attends over >= 1280 keys, and a load
     # that swings between an empty and a full batch (1-64 requests) every 100 steps. Router topk, so
-    # only arithmetic can move the answer; both backends. `probe`: 100 runs (serve_wide_probe/, about
-    # 1.5 min on one H100). `repro`: REPRO_RUNS runs (serve_wide/), default 300 (about 2-3 min);
-    # REPRO_RUNS=1000 is the published count, about 3.5 min if SDPA runs the stock backend's masked GQA
-    # call with a fused kernel, about 6 min if it falls back to the math kernel (fp32 scores of the
-    # padded batch): sdpa_backends.txt says which. Each cell's steps and seconds are in the summary.
+    # only arithmetic can move the answer; both backends. `probe`: 100 runs (serve_wide_probe/).
+    # `repro`: REPRO_RUNS runs (serve_wide/), default 300: measured 85 s on one H100 (97 vs 1 distinct);
+    # REPRO_RUNS=1000 is the published count: 168 s (188 vs 1; experiments/results/gpu_serve_wide/).
+    # sdpa_backends.txt says which fused SDPA kernels accept the stock backend's masked GQA call (cuDNN's
+    # did, and ran: bench_model_profile_large_*.txt). Each cell's steps and seconds are in the summary.
     python3 - <<'PY' 2>&1 | tee "$out/sdpa_backends.txt"
 import torch
 from torch.backends import cuda

@@ -58,6 +58,8 @@ def make_traffic(serve: DictConfig, vocab: int, seed: int) -> tuple[list[int], l
     rng = random.Random(seed)
     probe = random_prompt(rng, vocab, serve.probe_len)
     span = max(1, int(serve.n_probe_runs / max(serve.load, 1e-9) * 2))
+    if serve.get("load_period"):
+        span = max(span, serve.load_period)   # at least one whole wave (its first step has rate 0)
     rates = arrival_rates(serve, span)
     if serve.get("load_period"):
         arrivals = rng.choices(range(span), weights=rates, k=serve.n_probe_runs)

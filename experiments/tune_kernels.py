@@ -83,7 +83,8 @@ def tune_matmul(rows: list[dict]) -> None:
             tiles = SMALL_M if M <= 64 else MID_M if M <= 256 else LARGE_M
             cands = [("one_chunk", base, t) for t in tiles] + [("old_chunked", old, old_t)]
             for kind, red, t in cands:
-                ms, out = try_time(lambda: matmul(xm, w, reduction=red, tiles=t))
+                # one chunk: the default reduction, so the tile's BLOCK_K step applies
+                ms, out = try_time(lambda: matmul(xm, w, reduction=None if kind == "one_chunk" else red, tiles=t))
                 same = None if out is None else bool(torch.equal(out[0], ref0) and torch.equal(out[-1], refl))
                 rows.append(dict(K=K, N=N, M=M, kind=kind, BLOCK_K=t.BLOCK_K or red.BLOCK_K, N_CHUNKS=red.N_CHUNKS,
                                  BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, warps=t.num_warps, stages=t.num_stages,

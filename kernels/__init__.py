@@ -4,10 +4,23 @@ The model calls only the functions below; each forwards to the backend in force.
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 
-from kernels.backend import Backend, available_backends, get_backend, register_backend, use_backend
-from kernels.torch_backend import TorchBackend
+# Without CUDA the Triton kernels run under Triton's interpreter. Its switch (TRITON_INTERPRET) is read
+# when a function is decorated, and triton's own library (tl.max, tl.sum, ...) is decorated when triton is
+# first imported, by us or by anything else (torch.profiler, dispatch modes, transformers): so the switch
+# is set here, when this package is imported, not when the backend is first used. kernels/runtime.py
+# refuses, with a clear message, if triton was already loaded without it.
+TRITON_IMPORTED_BEFORE_SWITCH = False
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    TRITON_IMPORTED_BEFORE_SWITCH = "triton" in sys.modules
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from kernels.backend import Backend, available_backends, get_backend, register_backend, use_backend  # noqa: E402
+from kernels.torch_backend import TorchBackend  # noqa: E402
 
 
 

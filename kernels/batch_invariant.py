@@ -6,7 +6,7 @@
 A row's output bits depend only on that row (and, for attention, its sequence's keys): not on the batch
 size, the row's position, its co-rows, the group sizes of the other experts, prefill vs decode, or the
 cache slot. On a CUDA GPU the kernels are compiled; on a machine without one they run under Triton's
-interpreter on CPU tensors (kernels/runtime.py switches it on before triton is imported, no env var
+interpreter on CPU tensors (`import kernels` switches it on, before anything imports triton; no env var
 needed). Importing `kernels` does not import this module (or triton): the backend is built on first use.
 
 Every op is one of ours: no stock op was kept (see kernels/NOTES.md: stock rms_norm/log_softmax measured
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import runtime  # noqa: F401  (sets TRITON_INTERPRET on a CPU-only machine, before triton)
+from kernels import runtime  # noqa: F401  (checks the interpreter switch came before triton: kernels/__init__.py)
 from kernels.ops.attention import attention as _attention
 from kernels.ops.grouped_gemm import grouped_matmul as _grouped_matmul
 from kernels.ops.matmul import matmul as _matmul

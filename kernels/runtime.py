@@ -1,17 +1,17 @@
 """Where the Triton kernels run: compiled on a CUDA GPU, or under Triton's interpreter on the CPU.
 
-Every kernel module imports this module *before* it imports `triton`, so that on a machine without a GPU
-`use_backend("batch_invariant")` works with no environment variable set by the user.
+On a machine without a GPU, `kernels/__init__.py` switches Triton's interpreter on when the package is
+imported, so `use_backend("batch_invariant")` works with no environment variable set by the user.
 
 How triton 3.x reads the switch: `@triton.jit` looks at `triton.knobs.runtime.interpret` when it decorates
 a function, and that knob reads the environment variable `TRITON_INTERPRET` at that moment (it is not
 cached at `import triton`). Triton's own library functions (`tl.max`, `tl.sum`, `tl.cdiv`, ...) are
 decorated the same way when `import triton` runs, so the switch must come before triton is first
 imported: if triton is already loaded without it, those functions are compiled-mode and every
-interpreted kernel fails inside them ("Cannot call @triton.jit'd outside of the scope of a kernel"). We
-then raise an ImportError that says so, rather than let the first launch fail. We only set the switch
-when CUDA is unavailable and the user has not set it themselves; the choice is process-wide (Triton has
-no per-kernel switch).
+interpreted kernel fails inside them ("Cannot call @triton.jit'd outside of the scope of a kernel").
+This module then raises an ImportError that says so, rather than let the first launch fail. The switch
+is only set when CUDA is unavailable and the user has not set it themselves; the choice is process-wide
+(Triton has no per-kernel switch).
 
 Under the interpreter, `tl.dot` is a numpy matmul of the two blocks, and numpy's BLAS (OpenBLAS here) is
 NOT row-invariant: measured on this 2-core CPU, row 5 of a fixed-shape [128,128] @ [128,256] fp32 block
@@ -23,25 +23,25 @@ differ, against 70 of 128 for the plain block matmul), at BLAS speed. This is pr
 interpreted dot (it also upcasts bf16/fp16 blocks to fp32 first; products of bf16 values are exact there).
 
 Under the interpreter each program instance runs as Python + numpy (a few ms per program on a small
-CPU), so the launchers pick large blocks there to keep the number of program instances small. Block
-shapes never depend on the number of rows, only on the device and the weight's (N, K, dtype).
+CPU), so the launchers pick large blocks there to keep the number of program instances small. Under the
+interpreter block shapes never depend on the number of rows; on the GPU some tiles do (matmul and
+grouped GEMM `tiles_for`), where the GPU tests prove them bit-neutral.
 """
 from __future__ import annotations
 
 import functools
 import os
-import sys
 
 import torch
 
-if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
-    if "triton" in sys.modules:
-        raise ImportError(
-            "triton was imported before the batch_invariant backend on a machine without CUDA, so its "
-            "library was built for compiled kernels and the interpreter cannot run ours. Import kernels' "
-            "backend (kernels.use_backend / kernels.runtime) before triton, or set TRITON_INTERPRET=1 "
-            "before starting Python.")
-    os.environ["TRITON_INTERPRET"] = "1"
+import kernels  # (sets the interpreter switch on a machine without CUDA)
+
+if kernels.TRITON_IMPORTED_BEFORE_SWITCH:
+    raise ImportError(
+        "triton was imported before the `kernels` package on a machine without CUDA (torch.profiler, "
+        "TorchDispatchMode, torch.compile and transformers import it), so its library was built for "
+        "compiled kernels and Triton's interpreter cannot run ours: import moe or kernels first, or set "
+        "TRITON_INTERPRET=1 before starting Python.")
 
 import numpy as np  # noqa: E402
 import triton  # noqa: E402  (must come after the switch above)
@@ -70,7 +70,7 @@ def next_pow2(n: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def num_sms(device_index: int = 0) -> int:
-    """Streaming multiprocessors of the GPU (used to size split-K / grids); 1 under the interpreter."""
+    """Streaming multiprocessors of the GPU (used to size grids and schedules); 1 under the interpreter."""
     if interpreting() or not torch.cuda.is_available():
         return 1
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -57,7 +57,8 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":
             q = kernels.rms_norm(q.reshape(-1, cfg.head_dim), self.q_norm, cfg.norm_eps).view_as(q)
             k = kernels.rms_norm(k.reshape(-1, cfg.head_dim), self.k_norm, cfg.norm_eps).view_as(k)
-        cos, sin = step.cached("rope", lambda: rope_tables(step.positions, cfg.head_dim, cfg.rope_theta))
+        cos, sin = step.cached(("rope", cfg.head_dim, cfg.rope_theta),
+                               lambda: rope_tables(step.positions, cfg.head_dim, cfg.rope_theta))
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         cache.write(self.layer, step.slots, step.positions, step.seq_idx, k, v)
         out = kernels.attention(q, cache.k[self.layer], cache.v[self.layer], step.cu_seqlens,

@@ -3,7 +3,7 @@ their positions, and the cache slots they read and write. Computed once per step
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Hashable, Optional
 
 import torch
 
@@ -17,13 +17,14 @@ class Step:
     kv_lens: torch.Tensor     # [B] sequence lengths after this step
     # values derived from the step that every layer needs (e.g. RoPE tables): computed by the first
     # layer that asks, then shared, which saves a dozen small ops per layer
-    _derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    _derived: dict[Hashable, Any] = field(default_factory=dict, repr=False, compare=False)
 
-    def cached(self, name: str, compute: Callable[[], Any]) -> Any:
-        """compute() once per step under `name`, then the same value for every later call."""
-        if name not in self._derived:
-            self._derived[name] = compute()
-        return self._derived[name]
+    def cached(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """compute() once per step under `key` (name it with everything compute depends on besides the
+        step), then the same value for every later call."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
     @classmethod
     def build(cls, cu_seqlens: torch.Tensor, slots: torch.Tensor, start: torch.Tensor,

@@ -19,7 +19,12 @@ A block or split after position p is fully masked for this query and leaves the 
 was (max unchanged, rescale by exp2(0) = 1, adds of +0), so the result does not depend on how many
 positions the kernel walks past p: the same in prefill (p < kv_len - 1) and decode (p = kv_len - 1).
 
-Two schedules compute that order (chosen from the number of query rows; tests prove they agree bitwise):
+Within a split, blocks every row of the tile sees in full run without masks (a mask that keeps every
+element changes no bit); the kernels launch with enable_fp_fusion=False so that the compiler cannot
+contract `dot * scale - max` into an fma in one form of the step and not in the other.
+
+Two schedules compute that order (chosen from the number of query tiles and the cache's capacity in
+splits, never from lengths on the device; tests prove they agree bitwise):
   * fold (prefill): one program per (query tile, KV head) walks all splits and folds them in registers;
   * split (decode, few queries): one program per (query tile, KV head, split) writes its split state to
     an fp32 workspace, and `_combine_kernel` folds the states in split order.
@@ -351,8 +356,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_
     elif schedule is None:
         # split pays when the tiles alone leave SMs idle and there are enough splits to spread; with
         # <= 2 splits its second launch (the combine) costs more than it saves (tune_kernels.py host)
-        few_rows = runtime.cdiv(Tq * G, block_m) + B
-        many_tiles = few_rows * Hkv >= 2 * runtime.num_sms()
+        n_tiles_bound = runtime.cdiv(Tq * G, block_m) + B   # query tiles per KV head, at most
+        many_tiles = n_tiles_bound * Hkv >= 2 * runtime.num_sms()
         schedule = "fold" if many_tiles or runtime.cdiv(k_cache.shape[1], split) <= 2 else "split"
     if schedule not in schedules():
         raise ValueError(f"schedule must be one of {schedules()}, got {schedule!r}")

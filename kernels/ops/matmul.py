@@ -109,7 +109,8 @@ def _sum_chunks_kernel(part_ptr, out_ptr, numel, N_CHUNKS: tl.constexpr, BLOCK: 
 
 @dataclasses.dataclass(frozen=True)
 class Reduction:
-    """How a row's K products are summed. Fixed per (N, K, dtype, device kind): this alone sets the bits."""
+    """How a row's K products are summed: fixed per (N, K, dtype, device kind). The K loop step BLOCK_K is
+    part of it under the interpreter; on the GPU a tile may regroup the same steps (Tiles.BLOCK_K)."""
     BLOCK_K: int
     CHUNK_K: int      # K elements per chunk, a multiple of BLOCK_K
     N_CHUNKS: int     # cdiv(K, CHUNK_K); 1 = no split-K
@@ -118,7 +119,8 @@ class Reduction:
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """How the output is cut into programs, chosen per M. The dense-M GPU test shows these leave a
-    row's bits unchanged (a tile only decides which rows and columns share a program, not the K order)."""
+    row's bits unchanged: a tile decides which rows and columns share a program, and at most how many
+    of the same 16-deep MMA steps one loop trip takes (BLOCK_K), not their order."""
     BLOCK_M: int
     BLOCK_N: int
     num_warps: int = 4
@@ -141,19 +143,20 @@ def reduction_for(N: int, K: int, dtype: torch.dtype) -> Reduction:
         # Few, large programs: each interpreted program costs milliseconds; numpy does the block dot.
         bk = _pow2_at_most(K, 512)
     else:
-        bk = BLOCK_K_GPU[dtype == torch.float32]
+        bk = BLOCK_K_GPU_FP32 if dtype == torch.float32 else BLOCK_K_GPU
     return Reduction(BLOCK_K=bk, CHUNK_K=runtime.cdiv(K, bk) * bk, N_CHUNKS=1)
 
 
-# GPU BLOCK_K for 16-bit inputs / fp32 inputs (one wgmma chain per 64 K elements for bf16).
-BLOCK_K_GPU = {False: 64, True: 32}
+# GPU BLOCK_K for 16-bit inputs and for fp32 inputs (one wgmma chain per 64 K elements for bf16).
+BLOCK_K_GPU, BLOCK_K_GPU_FP32 = 64, 32
 
 # GPU tiles by weight width N, then by rows M: {largest N: [(largest M, Tiles), ...]}. Chosen from an
 # H100 run of experiments/tune_kernels.py (experiments/results/tune_20261125/; N <= 1024 from its
 # `--only narrow` run, tune_narrow.csv): the best geometric mean
 # over the benchmark shapes of each (N, M) bucket, among candidates with unchanged row bits. Small M is
 # memory-bound: narrow tiles spread the weight over the SMs, and a 128-deep K step halves the loop trips.
-# Large M takes 128x256 tiles with 8 warps. fp32 uses the same tiles (BLOCK_K from BLOCK_K_GPU).
+# Large M takes 128x256 tiles with 8 warps. fp32 uses the same tiles (BLOCK_K from BLOCK_K_GPU_FP32).
+# Keys: N <= 1024 (narrow), N < 8192, any N.
 _BIG = 2**62
 TILES_GPU: dict[int, list[tuple[int, Tiles]]] = {
     1024: [(64, Tiles(64, 32, 4, 4, BLOCK_K=128)), (256, Tiles(64, 32, 4, 5, BLOCK_K=128)),
@@ -190,7 +193,8 @@ def matmul(x: torch.Tensor, w: torch.Tensor, reduction: Reduction | None = None,
     """x [M, K] @ w [K, N] -> [M, N] in x's dtype, with a reduction order fixed per (N, K, dtype).
 
     `reduction`, `tiles` and `fused` are for tests and benchmarks (defaults: `reduction_for`,
-    `tiles_for`, fused whenever there is one chunk or enough tiles to fill the GPU).
+    `tiles_for`, fused whenever there is one chunk or enough tiles to fill the GPU). An explicit
+    `reduction` runs as given: a tile's BLOCK_K step applies only to the default one.
     """
     # 1. check shapes
     runtime.check_float("x", x)
@@ -204,7 +208,9 @@ def matmul(x: torch.Tensor, w: torch.Tensor, reduction: Reduction | None = None,
     N = w.shape[1]
     red = reduction or reduction_for(N, K, x.dtype)
     t = tiles or tiles_for(M, N, x.dtype == torch.float32)
-    if t.BLOCK_K is not None and t.BLOCK_K != red.BLOCK_K:
+    if reduction is None and t.BLOCK_K is not None and t.BLOCK_K != red.BLOCK_K and K % t.BLOCK_K == 0:
+        # only where K is a whole number of the tile's steps: a zero-padded last step would add +0.0
+        # products that the reduction's own step does not (a -0.0 sum would come out +0.0)
         red = _stepped(red, t.BLOCK_K, K)
     n_tiles = runtime.cdiv(M, t.BLOCK_M) * runtime.cdiv(N, t.BLOCK_N)
     if fused is None:

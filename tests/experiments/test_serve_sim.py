@@ -42,6 +42,13 @@ def test_load_wave_sweeps_from_empty_to_twice_the_mean():
     assert not any(c.arrival % 50 == 0 for c in copies)
 
 
+def test_load_wave_with_few_runs_spans_a_whole_wave():
+    """One probe run at a high load would make a one-step span whose only rate is the trough (0)."""
+    serve = config("serve.n_probe_runs=1", "serve.load=4.0", "serve.load_period=100").serve
+    _, copies, _ = make_traffic(serve, 256, seed=0)
+    assert len(copies) == 1 and 0 < copies[0].arrival < 100
+
+
 def test_long_prompts_run_and_record_the_load(tmp_path):
     """A probe prompt of 200 tokens (near tiny's max_seq_len 256, far above the traffic's) through the
     engine, with the load swinging: every copy completes, and the batch record covers every step."""
