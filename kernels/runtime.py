@@ -68,6 +68,29 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as a 2-D [rows, last dim] view with unit stride along the last dim (copied only if it has not)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def pow2_at_most(n: int, cap: int) -> int:
+    """next_pow2(n), capped at cap."""
+    return min(next_pow2(n), cap)
+
+
+def row_tiles(n: int, interpreter_cap: int, gpu_cap: int, eight_warps_above: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK, num_warps) of a row-wise kernel (rms_norm, softmax) over rows of length n: fixed per
+    (n, device), never per row count. A row is one block of up to the cap; GPU programs take one row,
+    with 8 warps past `eight_warps_above`. Interpreted, an op costs ~0.1 ms plus its elements, so a
+    program takes blocks of ~64k elements (16 to 256 rows)."""
+    if interpreting():
+        block = pow2_at_most(n, interpreter_cap)
+        return max(16, min(256, 65536 // block)), block, 1
+    block = pow2_at_most(n, gpu_cap)
+    return 1, block, 4 if block <= eight_warps_above else 8
+
+
 @functools.lru_cache(maxsize=None)
 def num_sms(device_index: int = 0) -> int:
     """Streaming multiprocessors of the GPU (used to size grids and schedules); 1 under the interpreter."""

@@ -24,7 +24,7 @@ import dataclasses
 import torch
 
 from kernels import runtime
-from kernels.ops.matmul import Tiles, _pow2_at_most, reduction_for
+from kernels.ops.matmul import Tiles, reduction_for
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -122,7 +122,7 @@ def tiles_for(T: int, E: int, N: int) -> Tiles:
     There is no split-K here, so the tiles only group rows and columns: 64x128 for small groups, 128x256
     with 8 warps for large ones (TILES_GPU)."""
     if runtime.interpreting():
-        return Tiles(BLOCK_M=128, BLOCK_N=_pow2_at_most(N, 512))
+        return Tiles(BLOCK_M=128, BLOCK_N=runtime.pow2_at_most(N, 512))
     for max_rows_per_expert, tiles in TILES_GPU:
         if T <= max_rows_per_expert * E:
             return dataclasses.replace(tiles, BLOCK_N=min(tiles.BLOCK_N, max(16, runtime.next_pow2(N))))

@@ -132,16 +132,12 @@ class Tiles:
     BLOCK_K: int | None = None
 
 
-def _pow2_at_most(n: int, cap: int) -> int:
-    return min(runtime.next_pow2(max(n, 1)), cap)
-
-
 @functools.lru_cache(maxsize=4096)
 def reduction_for(N: int, K: int, dtype: torch.dtype) -> Reduction:
     """The fixed K order for a weight of shape [K, N]: one BLOCK_K-step loop, no split-K."""
     if runtime.interpreting():
         # Few, large programs: each interpreted program costs milliseconds; numpy does the block dot.
-        bk = _pow2_at_most(K, 512)
+        bk = runtime.pow2_at_most(K, 512)
     else:
         bk = BLOCK_K_GPU_FP32 if dtype == torch.float32 else BLOCK_K_GPU
     return Reduction(BLOCK_K=bk, CHUNK_K=runtime.cdiv(K, bk) * bk, N_CHUNKS=1)
@@ -172,7 +168,7 @@ TILES_GPU: dict[int, list[tuple[int, Tiles]]] = {
 def tiles_for(M: int, N: int, fp32: bool = False) -> Tiles:
     """Output tiles for M rows: the one M-dependent choice (proved bit-neutral by the GPU tests)."""
     if runtime.interpreting():
-        return Tiles(BLOCK_M=256, BLOCK_N=_pow2_at_most(N, 512))
+        return Tiles(BLOCK_M=256, BLOCK_N=runtime.pow2_at_most(N, 512))
     by_m = next(table for max_n, table in TILES_GPU.items() if N <= max_n)
     tiles = next(t for max_m, t in by_m if M <= max_m)
     # fp32 keeps the fixed BLOCK_K (its ieee dot is an FMA loop with twice the bytes per element)

@@ -41,12 +41,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, T, D, stride_xt, stride_ot, eps,
 
 def _tiles(D: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK_D, num_warps) for a row length D: fixed per (D, device), never per row count."""
-    if runtime.interpreting():
-        # An interpreted op costs ~0.1 ms plus its elements: blocks of ~64k elements per op, at most 256 rows
-        block_d = min(runtime.next_pow2(D), 4096)
-        return max(16, min(256, 65536 // block_d)), block_d, 1
-    block_d = min(runtime.next_pow2(D), 8192)
-    return 1, block_d, 4 if block_d <= 2048 else 8
+    return runtime.row_tiles(D, interpreter_cap=4096, gpu_cap=8192, eight_warps_above=2048)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -56,9 +51,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must be [{x.shape[-1]}], got shape {tuple(weight.shape)}")
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = runtime.as_rows(x)
     T, D = x2.shape
     out = runtime.empty((T, D), x.device, x.dtype)
     if T == 0:

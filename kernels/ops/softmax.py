@@ -56,21 +56,14 @@ def _softmax_kernel(x_ptr, out_ptr, T, N, stride_xt, stride_ot,
 
 def _tiles(N: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK_N, num_warps) for a row length N: fixed per (N, device), never per row count."""
-    if runtime.interpreting():
-        # An interpreted op costs ~0.1 ms plus its elements: blocks of ~64k elements per op, at most 256 rows
-        block_n = min(runtime.next_pow2(N), 2048)
-        return max(16, min(256, 65536 // block_n)), block_n, 1
-    block_n = min(runtime.next_pow2(N), 4096)
-    return 1, block_n, 4 if block_n <= 1024 else 8
+    return runtime.row_tiles(N, interpreter_cap=2048, gpu_cap=4096, eight_warps_above=1024)
 
 
 def _launch(x: torch.Tensor, log: bool) -> torch.Tensor:
     runtime.check_float("x", x)
     runtime.check_device("x", x)
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = runtime.as_rows(x)
     T, N = x2.shape
     out = runtime.empty((T, N), x.device, torch.float32)
     if T == 0 or N == 0:
