@@ -160,8 +160,8 @@ def launch_costs(rows: list[dict]) -> None:
     w4 = torch.randn(4096, 4096, device="cuda", dtype=dt)
     cases = {"matmul M=1 2048x768": (lambda: matmul(x1, w), lambda: torch.mm(x1, w)),
              "matmul M=64 4096x4096": (lambda: matmul(x64, w4), lambda: torch.mm(x64, w4))}
-    for B in (1, 16):
-        cases[f"attention decode B={B} ctx=1k"] = decode_case(B, 1024)
+    for B, C in ((1, 1024), (16, 1024), (1, 8192), (1, 32768), (16, 8192)):
+        cases[f"attention decode B={B} ctx={C // 1024}k"] = decode_case(B, C)
     for name, (ours, stock) in cases.items():
         r = dict(case=name)
         for who, fn in (("ours", ours), ("stock", stock)):
@@ -195,6 +195,9 @@ def host_profile(out_dir: str) -> None:
     cases = {"copy kernel (3 args)": lambda: _copy_kernel[(1,)](a, b, 1024, BLOCK=1024),
              "matmul M=1": lambda: matmul(x1, w), "torch.mm M=1": lambda: torch.mm(x1, w),
              "attention decode B=1": lambda: attention(q, k, k, cu, kv, slots, 0.1)}
+    k8 = torch.randn(1, 8192, 8, 128, device="cuda", dtype=dt)
+    kv8 = torch.full((1,), 8192, device="cuda", dtype=torch.int32)
+    cases["attention decode B=1 ctx=8k"] = lambda: attention(q, k8, k8, cu, kv8, slots, 0.1)
     with open(os.path.join(out_dir, "host_profile.txt"), "w") as f:
         for name, fn in cases.items():
             f.write(f"== {name}: {host_us(fn):.1f} us per call on the host (no profiler)\n")

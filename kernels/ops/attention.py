@@ -27,7 +27,9 @@ Two schedules compute that order (chosen from the number of query tiles and the 
 splits, never from lengths on the device; tests prove they agree bitwise):
   * fold (prefill): one program per (query tile, KV head) walks all splits and folds them in registers;
   * split (decode, few queries): one program per (query tile, KV head, split) writes its split state to
-    an fp32 workspace, and `_combine_kernel` folds the states in split order.
+    an fp32 workspace; the program of the tile that finishes last (an arrival counter says which) folds
+    the states in split order, in the same launch. The counter decides who folds, never what is added
+    or in which order, so the bits do not depend on which program that is.
 Query tiles are rows (query, head-in-group) of one sequence and one KV head: row r = query r // G, head
 kv_head * G + r % G (GQA heads share their K/V loads). Rows never mix in a dot or a row reduction, so a
 row's bits do not depend on its tile-mates (the tile shape of each schedule is a module constant; the
@@ -91,20 +93,20 @@ def _block_step(q, k_base, v_base, n0, kv_len, q_pos, m_s, l_s, o_s, qk_scale, D
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_ml_ptr, ws_n_ptr,
-    cu_q_ptr, kv_lens_ptr, slots_ptr,
-    B, H, Dh, qk_scale, n_split_slots,
-    stride_qt, stride_qh, stride_ks, stride_kl, stride_kh, stride_vs, stride_vl, stride_vh,
-    stride_ot, stride_oh,
-    G: tl.constexpr, FOLD: tl.constexpr, SPLIT: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, out_ptr, ws_ptr, counts_ptr, cu_q_ptr, kv_lens_ptr, slots_ptr,
+    B, qk_scale, n_split_slots, stride_qt, stride_qh, stride_cs, stride_cl, stride_ch,
+    G: tl.constexpr, FOLD: tl.constexpr, SPLIT: tl.constexpr, HEAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, B_POW2: tl.constexpr,
-    PRECISION: tl.constexpr,
+    FOLD_ROWS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # -- which sequence, query tile and KV head. The tile map (cumulative query tiles per sequence) is
     #    built here from cu_seqlens (a cumsum over B_POW2 lanes), not by torch ops before the launch:
-    #    those tiny kernels cost more than the attention itself at small decode sizes. --
-    pid = tl.program_id(0)
+    #    those tiny kernels cost more than the attention itself at small decode sizes. Programs take
+    #    tiles from the last one down: in a causal prefill the deepest tiles are the longest, and
+    #    starting them first leaves no long tile running alone at the end. --
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
+    H = tl.num_programs(1) * G
     seqs = tl.arange(0, B_POW2)
     starts = tl.load(cu_q_ptr + seqs, mask=seqs < B, other=0)
     n_tiles = ((tl.load(cu_q_ptr + seqs + 1, mask=seqs < B, other=0) - starts) * G + BLOCK_M - 1) // BLOCK_M
@@ -126,9 +128,9 @@ def _attention_kernel(
     q_pos = tl.where(row_ok, kv_len - n_q + qi, -1)                  # padding rows see no key
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + (q_start + qi).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < Dh), other=0.0)
-    k_base = k_ptr + slot * stride_ks + kv_head * stride_kh
-    v_base = v_ptr + slot * stride_vs + kv_head * stride_vh
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+    k_base = k_ptr + slot * stride_cs + kv_head * stride_ch
+    v_base = v_ptr + slot * stride_cs + kv_head * stride_ch
     last_pos = kv_len - n_q + tl.minimum(((tile + 1) * BLOCK_M + G - 1) // G, n_q) - 1   # deepest row
     n_splits = tl.cdiv(last_pos + 1, SPLIT)                          # splits any row of the tile can see
 
@@ -147,6 +149,7 @@ def _attention_kernel(
     # same operations on every row)
     first_pos = kv_len - n_q + (tile * BLOCK_M) // G
     all_visible_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    ws_ml_ptr = ws_ptr + tl.load(cu_q_ptr + B).to(tl.int64) * H * n_split_slots * BLOCK_D   # split: m, l
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)      # running state over splits (fold)
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     o = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -160,25 +163,86 @@ def _attention_kernel(
         split_end = tl.minimum((s + 1) * SPLIT, last_pos + 1)
         visible_end = tl.maximum(tl.minimum(split_end, all_visible_end), s * SPLIT)
         for n0 in range(s * SPLIT, visible_end, BLOCK_N):
-            m_s, l_s, o_s = _block_step(q, k_base, v_base, n0, kv_len, q_pos, m_s, l_s, o_s, qk_scale, Dh,
-                                        stride_kl, stride_vl, offs_n, offs_d, False, PRECISION)
+            m_s, l_s, o_s = _block_step(q, k_base, v_base, n0, kv_len, q_pos, m_s, l_s, o_s, qk_scale, HEAD_D,
+                                        stride_cl, stride_cl, offs_n, offs_d, False, PRECISION)
         for n0 in range(visible_end, split_end, BLOCK_N):
-            m_s, l_s, o_s = _block_step(q, k_base, v_base, n0, kv_len, q_pos, m_s, l_s, o_s, qk_scale, Dh,
-                                        stride_kl, stride_vl, offs_n, offs_d, True, PRECISION)
+            m_s, l_s, o_s = _block_step(q, k_base, v_base, n0, kv_len, q_pos, m_s, l_s, o_s, qk_scale, HEAD_D,
+                                        stride_cl, stride_cl, offs_n, offs_d, True, PRECISION)
         if FOLD:
             m, l, o = _merge(m, l, o, m_s, l_s, o_s)
         else:
-            # -- split schedule: this split's state to the workspace; _combine_kernel folds them --
-            ws_row = ((q_start + qi) * H + head).to(tl.int64) * n_split_slots + s       # [BLOCK_M]
-            tl.store(ws_o_ptr + ws_row[:, None] * BLOCK_D + offs_d[None, :], o_s, mask=row_ok[:, None])
+            # -- split schedule: this split's state to the workspace: o [R, slots, BLOCK_D], then m, l
+            #    [R, slots, 2], R = (query, head) rows of the step --
+            ws_row = ((q_start + qi) * H + head).to(tl.int64) * n_split_slots + s                # [BLOCK_M]
+            tl.store(ws_ptr + ws_row[:, None] * BLOCK_D + offs_d[None, :], o_s, mask=row_ok[:, None])
             tl.store(ws_ml_ptr + ws_row * 2, m_s, mask=row_ok)
             tl.store(ws_ml_ptr + ws_row * 2 + 1, l_s, mask=row_ok)
-            if s == 0:  # how many splits each row's fold must read (those up to its own position)
-                tl.store(ws_n_ptr + (q_start + qi) * H + head, tl.cdiv(q_pos + 1, SPLIT), mask=row_ok)
     if FOLD:
         out = o / tl.where(row_ok, l, 1.0)[:, None]
-        tl.store(out_ptr + (q_start + qi).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < Dh))
+        tl.store(out_ptr + ((q_start + qi) * H + head).to(tl.int64)[:, None] * HEAD_D + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D))
+    else:
+        # The split that finishes last folds all of the tile's splits, in split order (the fold
+        # schedule's merges). The counter only decides WHICH program folds, never what is added or in
+        # what order. Every thread's stores are issued before the count (barrier), the count releases
+        # them to the GPU and acquires the other splits' states; the folder resets the counter to 0 for
+        # the next launch, so the buffer never needs clearing.
+        tl.debug_barrier()
+        counter = counts_ptr + pid * tl.num_programs(1) + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+            tl.store(counter, 0)
+            n_rows = tl.minimum(BLOCK_M, n_q * G - tile * BLOCK_M)
+            for r0 in range(0, n_rows, FOLD_ROWS):
+                _fold_splits(out_ptr, ws_ptr, ws_ml_ptr, tile * BLOCK_M + r0, kv_head, q_start, n_q, kv_len,
+                             n_splits, n_split_slots, H, G, SPLIT, HEAD_D, FOLD_ROWS, BLOCK_D)
+
+
+@triton.jit
+def _load_split(ws_ptr, ws_ml_ptr, ws_row, s, have, BLOCK_D: tl.constexpr):
+    """Split s's state (m, l, o) of rows ws_row; rows without it (`have` false) get the empty state.
+
+    `.cg` reads bypass the SM's L1, which is not coherent with the other SMs' writes."""
+    r = ws_row + s
+    m = tl.load(ws_ml_ptr + r * 2, mask=have, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(ws_ml_ptr + r * 2 + 1, mask=have, other=0.0, cache_modifier=".cg")
+    offs_d = tl.arange(0, BLOCK_D)
+    o = tl.load(ws_ptr + r[:, None] * BLOCK_D + offs_d[None, :], mask=have[:, None], other=0.0,
+                cache_modifier=".cg")
+    return m, l, o
+
+
+@triton.jit
+def _fold_splits(out_ptr, ws_ptr, ws_ml_ptr, row0, kv_head, q_start, n_q, kv_len, n_splits, n_split_slots, H,
+                 G: tl.constexpr, SPLIT: tl.constexpr, HEAD_D: tl.constexpr, FOLD_ROWS: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """Fold FOLD_ROWS rows' split states in split order with `_merge` and write their outputs.
+
+    Four splits are loaded before the four merges: the loads do not depend on the running state, so
+    they are in flight together (one at a time, a fold over 64 splits waited 64 memory latencies). A
+    row without split s (its position is before it) merges the empty state, which leaves it bit for
+    bit as it is (see the module docstring), so the order per row is exactly the fold schedule's."""
+    rows = row0 + tl.arange(0, FOLD_ROWS)
+    qi = rows // G
+    head = kv_head * G + rows % G
+    ok = qi < n_q
+    n_row = tl.where(ok, tl.cdiv(kv_len - n_q + qi + 1, SPLIT), 0)   # splits up to the row's position
+    ws_row = ((q_start + qi) * H + head).to(tl.int64) * n_split_slots
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.full((FOLD_ROWS,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((FOLD_ROWS,), dtype=tl.float32)
+    o = tl.zeros((FOLD_ROWS, BLOCK_D), dtype=tl.float32)
+    for s in range(0, n_splits, 4):
+        m0, l0, o0 = _load_split(ws_ptr, ws_ml_ptr, ws_row, s, s < n_row, BLOCK_D)
+        m1, l1, o1 = _load_split(ws_ptr, ws_ml_ptr, ws_row, s + 1, s + 1 < n_row, BLOCK_D)
+        m2, l2, o2 = _load_split(ws_ptr, ws_ml_ptr, ws_row, s + 2, s + 2 < n_row, BLOCK_D)
+        m3, l3, o3 = _load_split(ws_ptr, ws_ml_ptr, ws_row, s + 3, s + 3 < n_row, BLOCK_D)
+        m, l, o = _merge(m, l, o, m0, l0, o0)
+        m, l, o = _merge(m, l, o, m1, l1, o1)
+        m, l, o = _merge(m, l, o, m2, l2, o2)
+        m, l, o = _merge(m, l, o, m3, l3, o3)
+    out = o / tl.where(ok, l, 1.0)[:, None]
+    tl.store(out_ptr + ((q_start + qi) * H + head).to(tl.int64)[:, None] * HEAD_D + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=ok[:, None] & (offs_d[None, :] < HEAD_D))
 
 
 @triton.jit
@@ -265,29 +329,6 @@ def _attention_packed_kernel(
              mask=row_ok[:, :, None] & (offs_d < Dh))
 
 
-@triton.jit
-def _combine_kernel(out_ptr, ws_o_ptr, ws_ml_ptr, ws_n_ptr, R, Dh, n_split_slots,
-                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Fold each (query, head) row's split states in split order: the fold schedule's merges, unchanged."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)       # flattened (query, head)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < R
-    n = tl.load(ws_n_ptr + rows, mask=row_ok, other=0)
-    m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
-    l = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    o = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    for s in range(0, tl.max(n, axis=0)):
-        have = row_ok & (s < n)
-        ws_row = rows.to(tl.int64) * n_split_slots + s
-        m_s = tl.load(ws_ml_ptr + ws_row * 2, mask=have, other=float("-inf"))
-        l_s = tl.load(ws_ml_ptr + ws_row * 2 + 1, mask=have, other=0.0)
-        o_s = tl.load(ws_o_ptr + ws_row[:, None] * BLOCK_D + offs_d[None, :], mask=have[:, None], other=0.0)
-        m, l, o = _merge(m, l, o, m_s, l_s, o_s)
-    out = o / tl.where(row_ok, l, 1.0)[:, None]
-    tl.store(out_ptr + rows[:, None] * Dh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < Dh))
-
-
 def tiles() -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, SPLIT) for this device: fixed, never chosen from the batch or the lengths.
 
@@ -310,6 +351,9 @@ GPU_STAGES = 3
 # 64-row tile's instructions on its rows) passed the GPU tests (prefill == decode, whose split schedule
 # uses 64 rows) but measured slower overall than 64 (kernels/NOTES.md): 64, the split schedule's tile.
 FOLD_BLOCK_M = 64
+
+# Rows the split schedule's last program folds at a time (GPU): four splits of 16 rows are in flight.
+FOLD_ROWS = 16
 
 # The interpreter's packed schedule: PACKED_TILES tiles of PACKED_BLOCK_M rows per program. Small tiles
 # waste little on decode (G useful rows per tile); many tiles per program keep the program count low.
@@ -346,19 +390,22 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_
     if cu_seqlens_q.shape != (B + 1,) or slots.shape != (B,):
         raise ValueError(f"cu_seqlens_q must be [B+1={B + 1}] and slots [B={B}], got "
                          f"{tuple(cu_seqlens_q.shape)}, {tuple(slots.shape)}")
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
+    if k_cache.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("q, k_cache and v_cache must be contiguous in their last dim (Dh)")
+    if v_cache.stride() != k_cache.stride():   # one set of cache strides goes to the kernel
+        raise ValueError(f"k_cache and v_cache must have the same strides, got {k_cache.stride()}, "
+                         f"{v_cache.stride()}")
     G = H // Hkv
     block_m, block_n, split = tiles()
     block_d = runtime.next_pow2(Dh)
+    n_split_slots = runtime.cdiv(k_cache.shape[1], split)   # from the cache's capacity: no host sync
     if schedule is None and runtime.interpreting():
         schedule = "packed"
     elif schedule is None:
-        # split pays when the tiles alone leave SMs idle and there are enough splits to spread; with
-        # <= 2 splits its second launch (the combine) costs more than it saves (tune_kernels.py host)
+        # split pays when the tiles alone leave SMs idle and the cache holds more than one split
         n_tiles_bound = runtime.cdiv(Tq * G, block_m) + B   # query tiles per KV head, at most
         many_tiles = n_tiles_bound * Hkv >= 2 * runtime.num_sms()
-        schedule = "fold" if many_tiles or runtime.cdiv(k_cache.shape[1], split) <= 2 else "split"
+        schedule = "fold" if many_tiles or n_split_slots == 1 else "split"
     if schedule not in schedules():
         raise ValueError(f"schedule must be one of {schedules()}, got {schedule!r}")
 
@@ -380,38 +427,42 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_
         n_split_slots = runtime.cdiv(int(kv.max()), split)
     else:                        # upper bounds: no host sync; surplus programs return at once
         n_tiles = runtime.cdiv(Tq * G, block_m) + B
-        n_split_slots = runtime.cdiv(k_cache.shape[1], split)
     if fold:
-        ws_o = ws_ml = ws_n = out  # unused
+        ws = counts = out  # unused
     else:
-        # one allocation for the three workspaces (each torch.empty is ~7 us of host time)
-        n_o, n_ml = Tq * H * n_split_slots * block_d, Tq * H * n_split_slots * 2
-        ws = runtime.empty((n_o + n_ml + Tq * H,), q.device, torch.float32)
-        ws_o = ws[:n_o].view(Tq * H, n_split_slots, block_d)
-        ws_ml = ws[n_o:n_o + n_ml].view(Tq * H, n_split_slots, 2)
-        ws_n = ws[n_o + n_ml:].view(torch.int32)
+        # split states: o [Tq * H, slots, block_d], then (m, l) [Tq * H, slots, 2], one allocation
+        ws = runtime.empty((Tq * H * n_split_slots * (block_d + 2),), q.device, torch.float32)
+        counts = _split_counters(q.device, n_tiles * Hkv)
 
     # 3. launch
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    grid = (n_tiles, Hkv, 1 if fold else n_split_slots)
-    _attention_kernel[grid](
-        q, k_cache, v_cache, out, ws_o, ws_ml, ws_n, cu, kv, slots,
-        B, H, Dh, scale * LOG2E, n_split_slots,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        G=G, FOLD=fold, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        B_POW2=runtime.next_pow2(B), PRECISION=precision,
+    _attention_kernel[(n_tiles, Hkv, 1 if fold else n_split_slots)](
+        q, k_cache, v_cache, out, ws, counts, cu, kv, slots,
+        B, scale * LOG2E, n_split_slots, q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        G=G, FOLD=fold, SPLIT=split, HEAD_D=Dh, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        B_POW2=runtime.next_pow2(B), FOLD_ROWS=block_m if runtime.interpreting() else min(block_m, FOLD_ROWS),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=8 if block_m >= 128 else 4, num_stages=GPU_STAGES,
-        # no mul+add contraction by the compiler: the masked and unmasked block steps (and the combine
-        # kernel) then run the same IEEE operations, so no contraction choice can differ between them
+        # no mul+add contraction by the compiler: the masked and unmasked block steps (and the split
+        # fold) then run the same IEEE operations, so no contraction choice can differ between them
         enable_fp_fusion=False,
     )
-    if not fold:
-        block_r = 16
-        _combine_kernel[(runtime.cdiv(Tq * H, block_r),)](out, ws_o, ws_ml, ws_n, Tq * H, Dh, n_split_slots,
-                                                         BLOCK_R=block_r, BLOCK_D=block_d,
-                                                         enable_fp_fusion=False)
     return out
+
+
+# The split schedule's arrival counters, one int32 per (query tile, KV head) of a launch, per device.
+# They start at zero and every launch leaves them at zero (the folding program resets its own), so they
+# are allocated once and grown when a launch needs more. One stream at a time: two launches running
+# concurrently on different streams would share them.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    counts = _COUNTERS.get(device)
+    if counts is None or counts.numel() < n:
+        counts = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
+        _COUNTERS[device] = counts
+    return counts
 
 
 def _launch_packed(q, k_cache, v_cache, out, cu, kv, slots, q_rows, scale, G, Hkv, block_n, split, block_d):
