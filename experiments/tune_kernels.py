@@ -28,7 +28,7 @@ from experiments.bench_kernels import (GROUPED, GROUPED_ROWS, MATMUL_KN, MATMUL_
                                       grouped_rows)
 from kernels.ops import grouped_gemm as gg  # noqa: E402  (kernels before triton: see kernels/runtime.py)
 from kernels.ops.attention import attention  # noqa: E402
-from kernels.ops.matmul import Reduction, Tiles, matmul, reduction_for  # noqa: E402
+from kernels.ops.matmul import Tiles, matmul, reduction_for  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
@@ -58,16 +58,6 @@ def try_time(fn):
         return None, None
 
 
-def old_reduction(N: int, K: int) -> Reduction:
-    """The chunked K order of the previous version (split-K fixed per (N, K)), for comparison."""
-    bn, bk, sms = (128 if N >= 2048 else 64), 64, torch.cuda.get_device_properties(0).multi_processor_count
-    chunks = 1
-    while triton.cdiv(N, bn) * chunks * 2 <= 2 * sms and K % (chunks * 2 * bk) == 0 and K // (chunks * 2) >= 256:
-        chunks *= 2
-    ck = triton.cdiv(triton.cdiv(K, chunks), bk) * bk
-    return Reduction(BLOCK_K=bk, CHUNK_K=ck, N_CHUNKS=triton.cdiv(K, ck))
-
-
 def tune_matmul(rows: list[dict]) -> None:
     for K, N in MATMUL_KN:
         w = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
@@ -78,15 +68,12 @@ def tune_matmul(rows: list[dict]) -> None:
             xm = x[:M]
             refl = matmul(xm[-1:], w, tiles=Tiles(64, 64, 4, 4))[0]
             stock = timed(lambda: torch.mm(xm, w))
-            old = old_reduction(N, K)
-            old_t = Tiles(64 if M <= 64 else 128, 128 if N >= 2048 else 64, 4 if M <= 64 else 8, 4 if M <= 64 else 3)
             tiles = SMALL_M if M <= 64 else MID_M if M <= 256 else LARGE_M
-            cands = [("one_chunk", base, t) for t in tiles] + [("old_chunked", old, old_t)]
-            for kind, red, t in cands:
-                # one chunk: the default reduction, so the tile's BLOCK_K step applies
-                ms, out = try_time(lambda: matmul(xm, w, reduction=None if kind == "one_chunk" else red, tiles=t))
+            for t in tiles:
+                # the default reduction, so the tile's BLOCK_K step applies
+                ms, out = try_time(lambda: matmul(xm, w, tiles=t))
                 same = None if out is None else bool(torch.equal(out[0], ref0) and torch.equal(out[-1], refl))
-                rows.append(dict(K=K, N=N, M=M, kind=kind, BLOCK_K=t.BLOCK_K or red.BLOCK_K, N_CHUNKS=red.N_CHUNKS,
+                rows.append(dict(K=K, N=N, M=M, kind="one_chunk", BLOCK_K=t.BLOCK_K or base.BLOCK_K, N_CHUNKS=1,
                                  BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, warps=t.num_warps, stages=t.num_stages,
                                  ms=ms, stock_ms=stock, ratio=None if ms is None else ms / stock, same_bits=same))
             best = min((r for r in rows if r["K"] == K and r["N"] == N and r["M"] == M and r["ms"]),

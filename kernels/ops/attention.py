@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 
 from kernels import runtime
+from kernels.ops.tile_map import group_tile
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -99,22 +100,17 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, B_POW2: tl.constexpr,
     FOLD_ROWS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # -- which sequence, query tile and KV head. The tile map (cumulative query tiles per sequence) is
-    #    built here from cu_seqlens (a cumsum over B_POW2 lanes), not by torch ops before the launch:
-    #    those tiny kernels cost more than the attention itself at small decode sizes. Programs take
-    #    tiles from the last one down: in a causal prefill the deepest tiles are the longest, and
+    # -- which sequence, query tile and KV head (tile_map.py: the map is built in the kernel). Programs
+    #    take tiles from the last one down: in a causal prefill the deepest tiles are the longest, and
     #    starting them first leaves no long tile running alone at the end. --
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     H = tl.num_programs(1) * G
     seqs = tl.arange(0, B_POW2)
-    starts = tl.load(cu_q_ptr + seqs, mask=seqs < B, other=0)
-    n_tiles = ((tl.load(cu_q_ptr + seqs + 1, mask=seqs < B, other=0) - starts) * G + BLOCK_M - 1) // BLOCK_M
-    tile_ends = tl.where(seqs < B, tl.cumsum(n_tiles, axis=0), 2147483647)
-    b = tl.sum((tile_ends <= pid).to(tl.int32), axis=0)
+    q_rows = (tl.load(cu_q_ptr + seqs + 1, mask=seqs < B, other=0) - tl.load(cu_q_ptr + seqs, mask=seqs < B, other=0)) * G
+    b, tile = group_tile(pid, seqs, q_rows, B, BLOCK_M)
     if b >= B:  # surplus program of the upper-bound grid
         return
-    tile = pid - tl.sum(tl.where(seqs == b, tile_ends - n_tiles, 0), axis=0)   # the tile's index in b
     q_start = tl.load(cu_q_ptr + b)
     n_q = tl.load(cu_q_ptr + b + 1) - q_start
     kv_len = tl.load(kv_lens_ptr + b)

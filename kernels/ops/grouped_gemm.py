@@ -9,12 +9,12 @@ Each program computes one BLOCK_M x BLOCK_N tile of one expert with the same BLO
 BLOCK_M is chosen from the average group size on the GPU (64 or 128); the GPU tests prove that this
 leaves a row's bits unchanged.
 
-Tile scheduling without a host sync: tile_ends[e] = cumulative number of BLOCK_M tiles of groups 0..e,
-computed inside each program from `offsets` (tl.cumsum); program m finds its expert as
-#{e : tile_ends[e] <= m}. On the GPU the grid is
-the upper bound cdiv(T, BLOCK_M) + E (surplus programs return at once). Under the interpreter, where
-every program costs milliseconds, `_grouped_mm_packed_kernel` runs instead: one program per row tile of
-all experts at once (the per-tile kernel stays reachable there with packed=False, for the tests).
+Tile scheduling without a host sync (tile_map.py): tile_ends[e] = cumulative number of BLOCK_M tiles of
+groups 0..e, computed inside each program from `offsets` (tl.cumsum); program m finds its expert as
+#{e : tile_ends[e] <= m}. On the GPU the grid is the upper bound cdiv(T, BLOCK_M) + E (surplus programs
+return at once). Under the interpreter, where every program costs milliseconds,
+`_grouped_mm_packed_kernel` runs instead: one program per row tile of all experts at once (the per-tile
+kernel stays reachable there with packed=False, for the tests).
 Not for: unsorted rows (sort by expert first), or groups whose rows are not contiguous.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 
 from kernels import runtime
 from kernels.ops.matmul import Tiles, reduction_for
+from kernels.ops.tile_map import group_tile
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -36,23 +37,17 @@ def _grouped_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # -- which expert and which of its row tiles this program computes. The tile map is built here from
-    #    the group ends (a cumsum over E_POW2 lanes per program), not by torch ops before the launch:
-    #    those tiny kernels cost more than the GEMM itself at decode sizes. --
-    pid_m = tl.program_id(0)
+    # -- which expert and which of its row tiles this program computes (tile_map.py: the map is built
+    #    in the kernel from the group ends) --
     pid_n = tl.program_id(1)
     experts = tl.arange(0, E_POW2)
     ends = tl.load(row_ends_ptr + experts, mask=experts < E, other=0)
     starts = tl.load(row_ends_ptr + experts - 1, mask=(experts > 0) & (experts < E), other=0)
-    n_tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
-    tile_ends = tl.where(experts < E, tl.cumsum(n_tiles, axis=0), 2147483647)
-    e = tl.sum((tile_ends <= pid_m).to(tl.int32), axis=0)
+    e, tile = group_tile(tl.program_id(0), experts, ends - starts, E, BLOCK_M)
     if e >= E:  # surplus program of the upper-bound grid
         return
-    this = experts == e
-    row_end = tl.sum(tl.where(this, ends, 0), axis=0)
-    tile_start = tl.sum(tl.where(this, tile_ends - n_tiles, 0), axis=0)
-    first_row = tl.sum(tl.where(this, starts, 0), axis=0) + (pid_m - tile_start) * BLOCK_M
+    row_end = tl.sum(tl.where(experts == e, ends, 0), axis=0)
+    first_row = tl.sum(tl.where(experts == e, starts, 0), axis=0) + tile * BLOCK_M
 
     offs_m = (first_row + tl.arange(0, BLOCK_M)).to(tl.int64)   # int64: T*N can pass 2**31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.ops.matmul import TILES_GPU, Reduction, Tiles, matmul, reduction_for
+from kernels.ops.matmul import TILES_GPU, Tiles, matmul, reduction_for
 from tests.kernels.conftest import DEVICE, TOL, batches_with_probe, needs_gpu, randn, rel_err
 
 SIZES = [1, 2, 3, 4, 5, 7, 8, 13, 31, 64, 67, 97]          # odd and prime sizes included
@@ -21,16 +21,6 @@ def test_row_invariant_and_accurate(gen, dtype, K, N):
         out = matmul(batch, w)
         assert torch.equal(out[pos], alone[0]), f"row changed at batch {len(batch)}, position {pos}"
     assert rel_err(out, batch.double() @ w.double()) < TOL[dtype]
-
-
-def test_split_and_fused_schedules_agree(gen):
-    """A chunked K order (split-K) gives the same bits whether the chunks run in parallel into a
-    workspace (split) or one after another in one program (fused)."""
-    x, w = randn(gen, 70, 200), randn(gen, 200, 50)
-    red = Reduction(BLOCK_K=32, CHUNK_K=64, N_CHUNKS=4)
-    fused = matmul(x, w, reduction=red, fused=True)
-    assert torch.equal(fused, matmul(x, w, reduction=red, fused=False))
-    assert rel_err(fused, x.double() @ w.double()) < 1e-5
 
 
 def test_tiles_do_not_change_bits(gen):
@@ -80,9 +70,19 @@ def test_gpu_row_invariant_dense_m(gen, K, N):
     for table in TILES_GPU.values():
         for _, tiles in table:
             assert torch.equal(matmul(x[:300], w, tiles=tiles), at_300), f"tiles {tiles} changed bits"
-    # a chunked K order: split and fused schedules agree
-    red = Reduction(BLOCK_K=64, CHUNK_K=K // 4, N_CHUNKS=4)
-    assert torch.equal(matmul(x[:8], w, reduction=red, fused=True), matmul(x[:8], w, reduction=red, fused=False))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gpu_row_invariant_other_dtypes(gen, dtype):
+    """fp16 takes bf16's tiles and K steps; fp32 its own K step with an ieee (FMA) dot."""
+    K = N = 4096
+    w, x = randn(gen, K, N, dtype=dtype), randn(gen, 4096, K, dtype=dtype)
+    ref = matmul(x[:1], w)[0]
+    for m in list(range(1, 65)) + list(range(65, 301, 7)) + [1024, 4096]:
+        out = matmul(x[:m], w)
+        assert torch.equal(out[0], ref), f"row 0 changed at M={m} ({dtype})"
+    assert rel_err(out[:1024], x[:1024].double() @ w.double()) < TOL[dtype]
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter switch only happens without CUDA")
