@@ -16,6 +16,7 @@ kernels by total GPU time, in DIR/profile_<preset>_<mode>_B<B>.txt (printed) wit
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -193,6 +194,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("experiments/results"))
     ap.add_argument("--profile", nargs="+", type=parse_case, default=[], metavar="PRESET:MODE:B",
                     help="profile these cases (e.g. large:decode:256) instead of running the benchmark")
+    ap.add_argument("--gc-off", action="store_true",
+                    help="switch Python's cyclic garbage collector off while timing (a check: do GC pauses "
+                         "explain rounds that are much slower than the others?)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_model needs a CUDA GPU")
@@ -201,6 +205,9 @@ def main() -> None:
             print(profile_case(preset, mode, B, args.prefill_len, args.context, "cuda", args.out), flush=True)
             torch.cuda.empty_cache()
         return
+    if args.gc_off:
+        gc.collect()
+        gc.disable()
     rows = [r for p in args.presets for r in bench_preset(p, args.batch_sizes, args.prefill_len, args.context, "cuda")]
     rat = ratios(rows)
     print("\nratio batch_invariant / torch (time):")
@@ -210,7 +217,7 @@ def main() -> None:
     print(f"geometric mean {geo:.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(command="python -m experiments.bench_model " + " ".join(sys.argv[1:]),
-                device=torch.cuda.get_device_name(), torch=torch.__version__, geomean_ratio=geo)
+                device=torch.cuda.get_device_name(), torch=torch.__version__, geomean_ratio=geo, gc_off=args.gc_off)
     (args.out / "bench_model.json").write_text(json.dumps(dict(meta=meta, rows=rows, ratios=rat), indent=2))
     with open(args.out / "bench_model.csv", "w") as f:
         f.write("preset,mode,batch,backend,ms,tokens_per_s\n")
