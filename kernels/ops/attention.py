@@ -33,7 +33,8 @@ splits, never from lengths on the device; tests prove they agree bitwise):
 Query tiles are rows (query, head-in-group) of one sequence and one KV head: row r = query r // G, head
 kv_head * G + r % G (GQA heads share their K/V loads). Rows never mix in a dot or a row reduction, so a
 row's bits do not depend on its tile-mates (the tile shape of each schedule is a module constant; the
-tests compare the schedules bitwise). Under the interpreter a third schedule, packed, runs the fold
+tests compare the schedules bitwise). On the GPU both schedules' tiles have >= 64 rows, so their dots run
+on the same wgmma instructions: 16-row tiles (mma.sync) moved a row's bits in a measured variant. Under the interpreter a third schedule, packed, runs the fold
 schedule's per-row operations on many tiles per program (`_attention_packed_kernel`).
 Not for: sliding windows, ALiBi or soft-capping (not implemented); non-causal attention.
 """
@@ -128,7 +129,9 @@ def _attention_kernel(
     k_base = k_ptr + slot * stride_cs + kv_head * stride_ch
     v_base = v_ptr + slot * stride_cs + kv_head * stride_ch
     last_pos = kv_len - n_q + tl.minimum(((tile + 1) * BLOCK_M + G - 1) // G, n_q) - 1   # deepest row
-    n_splits = tl.cdiv(last_pos + 1, SPLIT)                          # splits any row of the tile can see
+    # splits any row of the tile can see; never more than the launch has split programs (a kv_len past
+    # the cache's capacity is bad input, but must not leave an arrival counter short of its count)
+    n_splits = tl.minimum(tl.cdiv(last_pos + 1, SPLIT), n_split_slots)
 
     # -- which splits: all of them, folded in registers (fold), or the one named by grid axis 2 (split) --
     if FOLD:
@@ -336,17 +339,22 @@ def tiles() -> tuple[int, int, int]:
 
 
 # GPU: query-row tile of the split schedule, key block, and the fixed KV split size. BLOCK_N and SPLIT
-# set the bits (the online-softmax steps and the merge structure); BLOCK_M only groups query rows.
+# set the bits (the online-softmax steps and the merge structure); BLOCK_M only groups query rows, as
+# long as it stays >= 64: a 16-row tile runs mma.sync instead of wgmma and moved a row's bits
+# (experiments/results/attention_variants/).
 GPU_BLOCK_M, GPU_BLOCK_N, GPU_SPLIT = 64, 64, 512
 # software-pipeline depth of the key/value loads (scheduling only): 3 measured 1.38 against 1.44 for 2
 # (geometric mean over bench_kernels' attention cells, same H100 run, experiments/results/attention_stages/)
 GPU_STAGES = 3
 
 
-# The fold schedule's tile rows on the GPU. 128 rows with 8 warps (two warpgroups, each running the
-# 64-row tile's instructions on its rows) passed the GPU tests (prefill == decode, whose split schedule
-# uses 64 rows) but measured slower overall than 64 (kernels/NOTES.md): 64, the split schedule's tile.
-FOLD_BLOCK_M = 64
+# The fold schedule's tile rows on the GPU: 128 rows with 8 warps (two warpgroups, each running the
+# 64-row tile's instructions on its rows) when the step averages >= 128 query rows per sequence (a
+# prefill: 1.40 against 1.50 of SDPA's time at 16k tokens), else 64 (decode at large batch, which also
+# takes the fold schedule: a tile then holds G useful rows, and 128 rows measured slower there). Both
+# give a row the same bits: the GPU tests compare prefill on 128-row tiles with decode on 64-row tiles
+# (experiments/results/attention_variants/).
+FOLD_BLOCK_M, FOLD_BLOCK_M_PREFILL = 64, 128
 
 # Rows the split schedule's last program folds at a time (GPU): four splits of 16 rows are in flight.
 FOLD_ROWS = 16
@@ -417,7 +425,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_
         return out
     fold = schedule == "fold"
     if fold and not runtime.interpreting():
-        block_m = FOLD_BLOCK_M
+        block_m = FOLD_BLOCK_M_PREFILL if Tq * G >= FOLD_BLOCK_M_PREFILL * B else FOLD_BLOCK_M
     if runtime.interpreting():   # exact grid: every interpreted program costs milliseconds
         n_tiles = int((((cu[1:] - cu[:-1]) * G + block_m - 1) // block_m).sum())
         n_split_slots = runtime.cdiv(int(kv.max()), split)
@@ -426,7 +434,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_
     if fold:
         ws = counts = out  # unused
     else:
-        # split states: o [Tq * H, slots, block_d], then (m, l) [Tq * H, slots, 2], one allocation
+        # split states: o [rows, slots, block_d], then (m, l) [rows, slots, 2], rows = (query, head) pairs
+        # (the kernel puts (m, l) after cu_seqlens_q[B] * H rows of o, <= Tq * H); one allocation
         ws = runtime.empty((Tq * H * n_split_slots * (block_d + 2),), q.device, torch.float32)
         counts = _split_counters(q.device, n_tiles * Hkv)
 
@@ -436,7 +445,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_
         B, scale * LOG2E, n_split_slots, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         G=G, FOLD=fold, SPLIT=split, HEAD_D=Dh, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        B_POW2=runtime.next_pow2(B), FOLD_ROWS=block_m if runtime.interpreting() else min(block_m, FOLD_ROWS),
+        B_POW2=runtime.next_pow2(B), FOLD_ROWS=min(block_m, FOLD_ROWS),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=8 if block_m >= 128 else 4, num_stages=GPU_STAGES,
         # no mul+add contraction by the compiler: the masked and unmasked block steps (and the split
@@ -454,6 +463,8 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least n zeroed arrival counters on `device` (a new, larger buffer when the last was too small:
+    a CUDA graph captured before such a growth would keep pointing at the old one)."""
     counts = _COUNTERS.get(device)
     if counts is None or counts.numel() < n:
         counts = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)

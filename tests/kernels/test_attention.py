@@ -84,6 +84,10 @@ def test_gpu_prefill_equals_decode(gen, ctx, dtype):
     out, _ = _run(torch.cat([randn(gen, 100, H, Dh, dtype=dtype), q, randn(gen, 1, H, Dh, dtype=dtype)]),
                   k, v, others, scale)
     assert torch.equal(out[100:100 + n], alone)
+    # the last 100 queries as one prefill chunk on the split schedule: tiles of many rows, folded by
+    # the last split in several row chunks
+    chunk, _ = _run(q[-100:], k, v, [(100, ctx, slot)], scale, "split")
+    assert torch.equal(chunk, alone[-100:])
     for i in sorted({0, 63, 64, 511, 512, 513, n // 2, n - 1}):
         pos = ctx - n + i
         for bsz in (1, 3, 32):
