@@ -108,7 +108,8 @@ def _attention_kernel(
     kv_head = tl.program_id(1)
     H = tl.num_programs(1) * G
     seqs = tl.arange(0, B_POW2)
-    q_rows = (tl.load(cu_q_ptr + seqs + 1, mask=seqs < B, other=0) - tl.load(cu_q_ptr + seqs, mask=seqs < B, other=0)) * G
+    starts = tl.load(cu_q_ptr + seqs, mask=seqs < B, other=0)
+    q_rows = (tl.load(cu_q_ptr + seqs + 1, mask=seqs < B, other=0) - starts) * G   # rows per sequence
     b, tile = group_tile(pid, seqs, q_rows, B, BLOCK_M)
     if b >= B:  # surplus program of the upper-bound grid
         return
@@ -224,7 +225,9 @@ def _fold_splits(out_ptr, ws_ptr, ws_ml_ptr, row0, kv_head, q_start, n_q, kv_len
     qi = rows // G
     head = kv_head * G + rows % G
     ok = qi < n_q
-    n_row = tl.where(ok, tl.cdiv(kv_len - n_q + qi + 1, SPLIT), 0)   # splits up to the row's position
+    # splits up to the row's position (never past the tile's count, which only bad input could exceed:
+    # reads stay inside the workspace)
+    n_row = tl.where(ok, tl.minimum(tl.cdiv(kv_len - n_q + qi + 1, SPLIT), n_splits), 0)
     ws_row = ((q_start + qi) * H + head).to(tl.int64) * n_split_slots
     offs_d = tl.arange(0, BLOCK_D)
     m = tl.full((FOLD_ROWS,), float("-inf"), dtype=tl.float32)
