@@ -3,8 +3,9 @@ for prefill and decode at batch sizes 1..256, timed in the same run (GPU).
 
     python -m experiments.bench_model --presets small large --out experiments/results
 
-Medians of `triton.testing.do_bench`, over ROUNDS rounds in which the backends alternate. Prefill: B sequences of --prefill-len tokens in one ragged step.
-Decode: one token for each of B sequences over a KV cache of --context tokens. Writes
+Medians of `triton.testing.do_bench`, over ROUNDS rounds in which the backends alternate. Prefill: B
+sequences of --prefill-len tokens in one ragged step. Decode: one token for each of B sequences over a
+KV cache of --context tokens. Writes
 bench_model.csv / .json (with the command line and device) and prints ratios (batch_invariant / torch).
 
     python -m experiments.bench_model --profile large:decode:256 small:decode:1 --out DIR
@@ -107,9 +108,7 @@ def _sync(device: torch.device) -> None:
 def profile_case(preset: str, mode: str, B: int, prefill_len: int, context: int, device: str, out: Path,
                  iters: int = 5, warmup: int = 3, top: int = 25, model: MoETransformer | None = None) -> str:
     """Profile one benchmark step under each backend; write and return the report."""
-    # without a GPU, kernels.runtime must switch Triton's interpreter on before anything imports triton;
-    # the profiler does, so import it first (a no-op on a GPU)
-    import kernels.runtime  # noqa: F401
+    # (the profiler imports triton: `import kernels`, at the top, has already set the interpreter switch)
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
