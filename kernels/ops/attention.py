@@ -34,12 +34,12 @@ Query tiles are rows (query, head-in-group) of one sequence and one KV head: row
 kv_head * G + r % G (GQA heads share their K/V loads). Rows never mix in a dot or a row reduction, so a
 row's bits do not depend on its tile-mates (the tile shape of each schedule is a module constant; the
 tests compare the schedules bitwise). On the GPU both schedules' tiles have >= 64 rows, so their dots run
-on the same wgmma instructions: 16-row tiles (mma.sync) moved a row's bits in a measured variant. Under the interpreter a third schedule, packed, runs the fold
-schedule's per-row operations on many tiles per program (`_attention_packed_kernel`).
+on the same wgmma instructions: 16-row tiles (mma.sync) moved a row's bits in a measured variant. Under
+the interpreter a third schedule, packed, runs the fold schedule's per-row operations on many tiles per
+program (`_attention_packed_kernel`).
 Not for: sliding windows, ALiBi or soft-capping (not implemented); non-causal attention.
 """
 from __future__ import annotations
-
 
 import torch
 
@@ -64,9 +64,10 @@ def _merge(m, l, o, m_s, l_s, o_s):
 
 
 @triton.jit
-def _block_step(q, k_base, v_base, n0, kv_len, q_pos, m_s, l_s, o_s, qk_scale, Dh, stride_kl, stride_vl,
+def _block_step(q, k_base, v_base, n0, kv_len, q_pos, m_s, l_s, o_s, qk_scale, Dh, stride_l,
                 offs_n, offs_d, MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """One BLOCK_N block of keys into a split's online-softmax state (log2 domain).
+    """One BLOCK_N block of keys into a split's online-softmax state (log2 domain). stride_l: between
+    key positions, the same in k and v (the launcher checks the caches' strides are equal).
 
     MASKED=False is for blocks every row of the tile sees in full (inside the cache, at or before each
     row's position): the same operations without the masks, which would keep every element anyway."""
@@ -74,13 +75,13 @@ def _block_step(q, k_base, v_base, n0, kv_len, q_pos, m_s, l_s, o_s, qk_scale, D
     if MASKED:
         in_cache = pos < kv_len
         # k^T [BLOCK_D, BLOCK_N], v [BLOCK_N, BLOCK_D]; positions past kv_len read as 0, never garbage
-        kt = tl.load(k_base + pos[None, :] * stride_kl + offs_d[:, None],
+        kt = tl.load(k_base + pos[None, :] * stride_l + offs_d[:, None],
                      mask=in_cache[None, :] & (offs_d[:, None] < Dh), other=0.0)
-        v = tl.load(v_base + pos[:, None] * stride_vl + offs_d[None, :],
+        v = tl.load(v_base + pos[:, None] * stride_l + offs_d[None, :],
                     mask=in_cache[:, None] & (offs_d[None, :] < Dh), other=0.0)
     else:
-        kt = tl.load(k_base + pos[None, :] * stride_kl + offs_d[:, None], mask=offs_d[:, None] < Dh, other=0.0)
-        v = tl.load(v_base + pos[:, None] * stride_vl + offs_d[None, :], mask=offs_d[None, :] < Dh, other=0.0)
+        kt = tl.load(k_base + pos[None, :] * stride_l + offs_d[:, None], mask=offs_d[:, None] < Dh, other=0.0)
+        v = tl.load(v_base + pos[:, None] * stride_l + offs_d[None, :], mask=offs_d[None, :] < Dh, other=0.0)
     scores = tl.dot(q, kt, input_precision=PRECISION) * qk_scale                    # [BLOCK_M, BLOCK_N]
     if MASKED:
         scores = tl.where(pos[None, :] <= q_pos[:, None], scores, float("-inf"))   # causal + length
@@ -143,13 +144,13 @@ def _attention_kernel(
         s_hi = s_lo + 1
         if s_lo >= n_splits:
             return
+        ws_ml_ptr = ws_ptr + tl.load(cu_q_ptr + B).to(tl.int64) * H * n_split_slots * BLOCK_D   # m, l
     offs_n = tl.arange(0, BLOCK_N)
     # blocks ending at or before the tile's shallowest row are visible to every row and inside the cache:
     # they skip the masks (a mask that keeps everything changes no bit, so both loops below run the
     # same operations on every row)
     first_pos = kv_len - n_q + (tile * BLOCK_M) // G
     all_visible_end = (first_pos + 1) // BLOCK_N * BLOCK_N
-    ws_ml_ptr = ws_ptr + tl.load(cu_q_ptr + B).to(tl.int64) * H * n_split_slots * BLOCK_D   # split: m, l
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)      # running state over splits (fold)
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     o = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -164,10 +165,10 @@ def _attention_kernel(
         visible_end = tl.maximum(tl.minimum(split_end, all_visible_end), s * SPLIT)
         for n0 in range(s * SPLIT, visible_end, BLOCK_N):
             m_s, l_s, o_s = _block_step(q, k_base, v_base, n0, kv_len, q_pos, m_s, l_s, o_s, qk_scale, HEAD_D,
-                                        stride_cl, stride_cl, offs_n, offs_d, False, PRECISION)
+                                        stride_cl, offs_n, offs_d, False, PRECISION)
         for n0 in range(visible_end, split_end, BLOCK_N):
             m_s, l_s, o_s = _block_step(q, k_base, v_base, n0, kv_len, q_pos, m_s, l_s, o_s, qk_scale, HEAD_D,
-                                        stride_cl, stride_cl, offs_n, offs_d, True, PRECISION)
+                                        stride_cl, offs_n, offs_d, True, PRECISION)
         if FOLD:
             m, l, o = _merge(m, l, o, m_s, l_s, o_s)
         else:
@@ -178,9 +179,7 @@ def _attention_kernel(
             tl.store(ws_ml_ptr + ws_row * 2, m_s, mask=row_ok)
             tl.store(ws_ml_ptr + ws_row * 2 + 1, l_s, mask=row_ok)
     if FOLD:
-        out = o / tl.where(row_ok, l, 1.0)[:, None]
-        tl.store(out_ptr + ((q_start + qi) * H + head).to(tl.int64)[:, None] * HEAD_D + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D))
+        _store_rows(out_ptr, o, l, q_start + qi, head, H, row_ok, HEAD_D, BLOCK_D)
     else:
         # The split that finishes last folds all of the tile's splits, in split order (the fold
         # schedule's merges). The counter only decides WHICH program folds, never what is added or in
@@ -229,7 +228,6 @@ def _fold_splits(out_ptr, ws_ptr, ws_ml_ptr, row0, kv_head, q_start, n_q, kv_len
     # reads stay inside the workspace)
     n_row = tl.where(ok, tl.minimum(tl.cdiv(kv_len - n_q + qi + 1, SPLIT), n_splits), 0)
     ws_row = ((q_start + qi) * H + head).to(tl.int64) * n_split_slots
-    offs_d = tl.arange(0, BLOCK_D)
     m = tl.full((FOLD_ROWS,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((FOLD_ROWS,), dtype=tl.float32)
     o = tl.zeros((FOLD_ROWS, BLOCK_D), dtype=tl.float32)
@@ -242,8 +240,15 @@ def _fold_splits(out_ptr, ws_ptr, ws_ml_ptr, row0, kv_head, q_start, n_q, kv_len
         m, l, o = _merge(m, l, o, m1, l1, o1)
         m, l, o = _merge(m, l, o, m2, l2, o2)
         m, l, o = _merge(m, l, o, m3, l3, o3)
+    _store_rows(out_ptr, o, l, q_start + qi, head, H, ok, HEAD_D, BLOCK_D)
+
+
+@triton.jit
+def _store_rows(out_ptr, o, l, token, head, H, ok, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[token, head] = o / l for the rows that are `ok` (out is [Tq, H, HEAD_D], contiguous)."""
+    offs_d = tl.arange(0, BLOCK_D)
     out = o / tl.where(ok, l, 1.0)[:, None]
-    tl.store(out_ptr + ((q_start + qi) * H + head).to(tl.int64)[:, None] * HEAD_D + offs_d[None, :],
+    tl.store(out_ptr + (token * H + head).to(tl.int64)[:, None] * HEAD_D + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=ok[:, None] & (offs_d[None, :] < HEAD_D))
 
 
