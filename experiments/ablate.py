@@ -1,10 +1,10 @@
 """The variance ablation: which source makes a request's output depend on its batch, and how often.
 
 For every cell of router x backend x combine x dtype, each probe prompt runs alone (the reference) and
-inside many batch compositions (experiments/compositions.py). Per cell it records how many probe
+inside many batch compositions (lab/compositions.py). Per cell it records how many probe
 tokens' logits differ bitwise, by how much, how many greedy completions change and where, and the
-cause of every divergent token (experiments/attribution.py). Results go to the Hydra run directory:
-results.json, cells.csv, by_batch_size.csv and PNG plots (experiments/plot.py).
+cause of every divergent token (lab/attribution.py). Results go to the Hydra run directory:
+results.json, cells.csv, by_batch_size.csv and PNG plots (lab/plot.py).
 
     python -m experiments.ablate                                  # the default factorial, CPU
     python -m experiments.ablate -m router=topk,capacity kernels=torch,batch_invariant
@@ -23,12 +23,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.attribution import CAUSES, attribute_divergence
-from experiments.compositions import make_compositions, make_probes
-from experiments.engine import Engine, Request
-from experiments.hydra_utils import (CONFIG_DIR, TRAINED_PRESET, run_cells, run_dir, vocab_size, write_csv,
+from lab.attribution import CAUSES, attribute_divergence
+from lab.compositions import make_compositions, make_probes
+from moe.engine import Engine, Request
+from lab.hydra_utils import (CONFIG_DIR, TRAINED_PRESET, run_cells, run_dir, vocab_size, write_csv,
                                      write_json)
-from experiments.stdlib_text import load_corpus
+from lab.stdlib_text import load_corpus
 from moe import MoETransformer
 
 INVARIANT_ROUTERS = ("topk", "sequence_capacity")
@@ -120,7 +120,7 @@ def run_ablation(cfg: DictConfig, out: Path) -> dict:
     write_csv(out / "by_batch_size.csv", [
         dict(router=c["router"], backend=c["backend"], combine=c["combine"], dtype=c["dtype"], batch_size=B, **v)
         for c in cells for B, v in c["by_batch_size"].items()])
-    from experiments.plot import plot_run
+    from lab.plot import plot_run
     plot_run(out)
     return results
 

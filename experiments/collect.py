@@ -3,7 +3,7 @@
     python -m experiments.ablate -m router=topk,capacity kernels=torch,batch_invariant
     python -m experiments.collect multirun/ablate/<sweep>
 
-Writes collected.csv, collected.json and the plots of experiments/plot.py into the sweep directory.
+Writes collected.csv, collected.json and the plots of lab/plot.py into the sweep directory.
 Runs still in progress contribute the cells they have finished.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from experiments.ablate import check_claims
-from experiments.hydra_utils import write_csv, write_json
-from experiments.plot import load_cells, plot_by_batch_size, plot_heatmap, plot_margins
+from lab.hydra_utils import write_csv, write_json
+from lab.plot import load_cells, plot_by_batch_size, plot_heatmap, plot_margins
 
 TABLE_KEYS = ("router", "backend", "combine", "dtype", "tokens", "frac_logits_differ", "frac_routes_differ",
               "max_abs_delta_logit", "mean_abs_delta_logit", "frac_completions_differ")

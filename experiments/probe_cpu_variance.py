@@ -1,7 +1,7 @@
 """Which stock PyTorch ops are batch-variant on this machine? For each op, compute row 0 (or the
 first sequence) alone and inside batches of 1..max rows, and count the distinct bit patterns.
 
-    python -m experiments.probe_cpu_variance --out experiments/results
+    python -m experiments.probe_cpu_variance --out benchmarks/results
 
 Writes cpu_variance.json (with torch version and CPU) and prints a table; the README quotes it.
 """
@@ -81,7 +81,7 @@ def probes(dtype: torch.dtype) -> dict[str, tuple[int, list[int]]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("experiments/results"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     table = {str(dt).removeprefix("torch."): probes(dt) for dt in (torch.float32, torch.bfloat16)}
     meta = dict(torch=torch.__version__, cpu=platform.processor() or platform.machine(),

@@ -27,10 +27,10 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import kernels  # noqa: E402
-from experiments.compositions import random_prompt  # noqa: E402
-from experiments.engine import Engine, Request, poisson  # noqa: E402
-from experiments.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
-from experiments.plot import save_figure  # noqa: E402
+from lab.compositions import random_prompt  # noqa: E402
+from moe.engine import Engine, Request, poisson  # noqa: E402
+from lab.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
+from lab.plot import save_figure  # noqa: E402
 from moe import MoETransformer, cu_seqlens_of  # noqa: E402
 
 

@@ -7,7 +7,7 @@ on stock kernels, 1 with batch-invariant kernels) on our MoE models, and adds th
     python -m experiments.serve_sim                         # CPU default: every router x backend
     python -m experiments.serve_sim serve.n_probe_runs=1000 device=cuda model=large
     # long prompts, where stock kernels vary (model wide: K >= 4096; decode over >= 1024 keys), and a
-    # load that swings between an empty and a full batch (bash experiments/gpu_checks.sh repro OUT):
+    # load that swings between an empty and a full batch (bash benchmarks/gpu_checks.sh repro OUT):
     python -m experiments.serve_sim device=cuda model=wide dtype=bfloat16 router.names=[topk] \
         serve.probe_len=1280 serve.max_new_tokens=32 serve.load=1.25 serve.load_period=100 \
         serve.max_slots=64 serve.traffic_max_len=64 serve.traffic_max_new=16 serve.n_probe_runs=1000
@@ -34,10 +34,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from experiments.compositions import random_prompt  # noqa: E402
-from experiments.engine import Engine, Request, poisson  # noqa: E402
-from experiments.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
-from experiments.plot import save_figure  # noqa: E402
+from lab.compositions import random_prompt  # noqa: E402
+from moe.engine import Engine, Request, poisson  # noqa: E402
+from lab.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
+from lab.plot import save_figure  # noqa: E402
 from moe import MoETransformer, pretrained_config  # noqa: E402
 
 

@@ -3,7 +3,7 @@ the experiments: trained routers have the uneven, sometimes near-tied scores tha
 
     python -m experiments.train                      # preset "trained", ~3-4 min on 2 idle CPU cores
     python -m experiments.train train.steps=50 model=tiny
-    python -m experiments.train export=true          # also refresh experiments/checkpoints/trained.pt
+    python -m experiments.train export=true          # also refresh moe/checkpoints/trained.pt
 
 Loss = next-byte cross-entropy + aux_loss_coef * the Switch load-balancing loss (Fedus et al. 2021,
 eq. 4). Training runs the model's own code (`forward_train`) on the stock `torch` backend, always with
@@ -28,8 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import kernels
-from experiments.hydra_utils import CONFIG_DIR, run_dir, write_json
-from experiments.stdlib_text import Corpus, even_windows, load_corpus, random_windows
+from lab.hydra_utils import CONFIG_DIR, run_dir, write_json
+from lab.stdlib_text import Corpus, even_windows, load_corpus, random_windows
 from moe import ModelConfig, MoETransformer, Routing
 
 
@@ -148,7 +148,7 @@ def save_checkpoint(model: MoETransformer, metrics: dict, path: Path) -> None:
 
 
 def plot_curve(curve: dict, unigram: float, path: Path) -> None:
-    from experiments.plot import plt, save_figure  # pyplot on the Agg backend
+    from lab.plot import plt, save_figure  # pyplot on the Agg backend
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(curve["step"], curve["loss"], lw=0.8, alpha=0.6, label="train (per step)")
     ax.plot(curve["val_step"], curve["val_loss"], "o-", label="validation")
@@ -168,7 +168,7 @@ def main(cfg: DictConfig) -> None:
     print(f"val loss {metrics['val_loss']:.4f} nats/byte (unigram {metrics['unigram_val_loss']:.4f}), "
           f"{metrics['seconds']} s; results in {out}")
     if cfg.export:
-        from experiments.default_model import CHECKPOINT
+        from moe.trained import CHECKPOINT
         save_checkpoint(model, metrics, CHECKPOINT)
         write_json(CHECKPOINT.with_suffix(".json"), {k: v for k, v in metrics.items() if k != "curve"})
         print(f"exported to {CHECKPOINT}")

@@ -116,7 +116,7 @@ PRESETS: dict[str, dict] = {
                  moe=dict(n_experts=8, top_k=2, d_expert=64)),
     "small": dict(vocab_size=512, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=1024,
                   moe=dict(n_experts=16, top_k=4, d_expert=128, n_shared_experts=1)),
-    # Trained on the Python stdlib's bytes by experiments/train.py; weights in experiments/checkpoints/.
+    # Trained on the Python stdlib's bytes by experiments/train.py; weights in moe/checkpoints/.
     "trained": dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256,
                     moe=dict(n_experts=8, top_k=2, d_expert=64)),
     # Shaped like a production MoE layer (OLMoE/Qwen3-MoE class), for the GPU.

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 
 import kernels
 import moe
-from experiments.hydra_utils import model_config
+from lab.hydra_utils import model_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -12,8 +12,8 @@ import torch
 
 import kernels
 import moe
-from experiments.compositions import Composition
-from experiments.engine import Engine, Request
+from lab.compositions import Composition
+from moe.engine import Engine, Request
 from tests.conftest import random_prompts, requires_cuda, tiny_config
 
 

@@ -349,10 +349,10 @@ def tiles() -> tuple[int, int, int]:
 # GPU: query-row tile of the split schedule, key block, and the fixed KV split size. BLOCK_N and SPLIT
 # set the bits (the online-softmax steps and the merge structure); BLOCK_M only groups query rows, as
 # long as it stays >= 64: a 16-row tile runs mma.sync instead of wgmma and moved a row's bits
-# (experiments/results/attention_variants/).
+# (benchmarks/results/attention_variants/).
 GPU_BLOCK_M, GPU_BLOCK_N, GPU_SPLIT = 64, 64, 512
 # software-pipeline depth of the key/value loads (scheduling only): 3 measured 1.38 against 1.44 for 2
-# (geometric mean over bench_kernels' attention cells, same H100 run, experiments/results/attention_stages/)
+# (geometric mean over bench_kernels' attention cells, same H100 run, benchmarks/results/attention_stages/)
 GPU_STAGES = 3
 
 
@@ -361,7 +361,7 @@ GPU_STAGES = 3
 # prefill: 1.40 against 1.50 of SDPA's time at 16k tokens), else 64 (decode at large batch, which also
 # takes the fold schedule: a tile then holds G useful rows, and 128 rows measured slower there). Both
 # give a row the same bits: the GPU tests compare prefill on 128-row tiles with decode on 64-row tiles
-# (experiments/results/attention_variants/).
+# (benchmarks/results/attention_variants/).
 FOLD_BLOCK_M, FOLD_BLOCK_M_PREFILL = 64, 128
 
 # Rows the split schedule's last program folds at a time (GPU): four splits of 16 rows are in flight.

@@ -5,8 +5,8 @@ import json
 from hydra import compose, initialize_config_dir
 
 from experiments.ablate import run_ablation
-from experiments.hydra_utils import CONFIG_DIR
-from experiments.plot import plot_run
+from lab.hydra_utils import CONFIG_DIR
+from lab.plot import plot_run
 
 
 def test_default_ablation_at_tiny_size_shows_the_claims(tmp_path, seed):

@@ -2,7 +2,7 @@
 import pytest
 from hydra import compose, initialize_config_dir
 
-from experiments.hydra_utils import CONFIG_DIR
+from lab.hydra_utils import CONFIG_DIR
 from experiments.rl_consistency import run_rl_consistency
 
 
@@ -36,7 +36,7 @@ def test_stock_kernels_differ_only_by_rounding(tmp_path, seed):
 def test_sampler_arrivals_are_poisson_and_low_load_does_not_hang():
     import random
 
-    from experiments.engine import poisson
+    from moe.engine import poisson
     rng = random.Random(0)
     draws = [poisson(rng, 0.3) for _ in range(4000)]
     assert abs(sum(draws) / len(draws) - 0.3) < 0.05 and max(draws) >= 1

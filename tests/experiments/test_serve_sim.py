@@ -5,9 +5,9 @@ import random
 import pytest
 from hydra import compose, initialize_config_dir
 
-from experiments.compositions import random_prompt
-from experiments.engine import poisson
-from experiments.hydra_utils import CONFIG_DIR
+from lab.compositions import random_prompt
+from moe.engine import poisson
+from lab.hydra_utils import CONFIG_DIR
 from experiments.serve_sim import arrival_rates, make_traffic, run_serve_sim
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import moe
-from experiments.default_model import CHECKPOINT, load_trained_model
-from experiments.stdlib_text import load_corpus
+from moe.trained import CHECKPOINT, load_trained_model
+from lab.stdlib_text import load_corpus
 from experiments.train import TrainConfig, load_balancing_loss, train
 
 SMALL = TrainConfig(steps=4, batch_size=2, seq_len=24, eval_every=2, val_windows=3, warmup=2, max_bytes=300_000)

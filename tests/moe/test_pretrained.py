@@ -13,8 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 import kernels  # noqa: E402
 import moe  # noqa: E402
-from experiments.attribution import attribute_divergence  # noqa: E402
-from experiments.engine import Engine, Request  # noqa: E402
+from lab.attribution import attribute_divergence  # noqa: E402
+from moe.engine import Engine, Request  # noqa: E402
 
 COMMON = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=2)
@@ -142,7 +142,7 @@ def test_ablation_app_takes_a_pretrained_folder(saved, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from experiments.ablate import run_ablation
-    from experiments.hydra_utils import CONFIG_DIR
+    from lab.hydra_utils import CONFIG_DIR
 
     folder, _ = saved["qwen3_moe"]
     with initialize_config_dir(CONFIG_DIR, version_base=None):

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
-from experiments.engine import Request
+from moe.engine import Request
 
 MODES = ("prefill", "mixed", "chunked")
 

@@ -1,14 +1,14 @@
 """End-to-end price of batch invariance: tokens/s of the MoE transformer, `torch` vs `batch_invariant`,
 for prefill and decode at batch sizes 1..256, timed in the same run (GPU).
 
-    python -m experiments.bench_model --presets small large --out experiments/results
+    python -m benchmarks.bench_model --presets small large --out benchmarks/results
 
 Medians of `triton.testing.do_bench`, over ROUNDS rounds in which the backends alternate. Prefill: B
 sequences of --prefill-len tokens in one ragged step. Decode: one token for each of B sequences over a
 KV cache of --context tokens. Writes
 bench_model.csv / .json (with the command line and device) and prints ratios (batch_invariant / torch).
 
-    python -m experiments.bench_model --profile large:decode:256 small:decode:1 --out DIR
+    python -m benchmarks.bench_model --profile large:decode:256 small:decode:1 --out DIR
 
 profiles those cases instead (torch.profiler, both backends, the same step as the benchmark): per
 backend the host and kernel time per step, kernel launches and host-sync events per step, and the top
@@ -190,7 +190,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 16, 64, 256])
     ap.add_argument("--prefill-len", type=int, default=256)
     ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--out", type=Path, default=Path("experiments/results"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--profile", nargs="+", type=parse_case, default=[], metavar="PRESET:MODE:B",
                     help="profile these cases (e.g. large:decode:256) instead of running the benchmark")
     ap.add_argument("--gc-off", action="store_true",
@@ -215,7 +215,7 @@ def main() -> None:
     geo = math.exp(sum(math.log(r["ratio"]) for r in rat) / len(rat))
     print(f"geometric mean {geo:.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(command="python -m experiments.bench_model " + " ".join(sys.argv[1:]),
+    meta = dict(command="python -m benchmarks.bench_model " + " ".join(sys.argv[1:]),
                 device=torch.cuda.get_device_name(), torch=torch.__version__, geomean_ratio=geo, gc_off=args.gc_off)
     (args.out / "bench_model.json").write_text(json.dumps(dict(meta=meta, rows=rows, ratios=rat), indent=2))
     with open(args.out / "bench_model.csv", "w") as f:

@@ -4,10 +4,10 @@ import torch
 
 import kernels
 import moe
-from experiments.attribution import attribute_divergence
-from experiments.engine import Engine, Request, TokenRoutes
+from lab.attribution import attribute_divergence
+from moe.engine import Engine, Request, TokenRoutes
 from tests.conftest import random_prompts, tiny_config
-from tests.experiments.rowwise_backend import PerturbedRowwiseBackend, RowwiseBackend
+from tests.lab.rowwise_backend import PerturbedRowwiseBackend, RowwiseBackend
 
 kernels.register_backend("rowwise", RowwiseBackend)
 kernels.register_backend("rowwise_perturbed", PerturbedRowwiseBackend)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from experiments.engine import Request
+from moe.engine import Request
 
 CAUSES = ("arithmetic", "structural", "amplified")
 

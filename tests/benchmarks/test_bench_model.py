@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from experiments.bench_model import parse_case, profile_case
+from benchmarks.bench_model import parse_case, profile_case
 
 
 def test_case_syntax():

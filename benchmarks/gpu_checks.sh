@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU claim of the project, checked in one go on a CUDA machine (we use an H100 through the
-# device tool; the figures in experiments/results/ came from this script). Usage:
-#   bash experiments/gpu_checks.sh tests|bench|experiments|repro|probe  OUT_DIR
+# device tool; the figures in benchmarks/results/ came from this script). Usage:
+#   bash benchmarks/gpu_checks.sh tests|bench|experiments|repro|probe  OUT_DIR
 # Needs torch + triton there; hydra comes from wheels in .whl/ when the machine has no hydra.
 set -uo pipefail
 part=${1:?tests|bench|experiments|repro|probe}
@@ -18,7 +18,7 @@ case $part in
     python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$out/gpu_kernel_tests.log"
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_invariance.py 2>&1 | tee "$out/gpu_model_tests.log" ;;
   bench)  # end-to-end price of invariance
-    python3 -m experiments.bench_model --out "$out" 2>&1 | tee "$out/bench_model.log" ;;
+    python3 -m benchmarks.bench_model --out "$out" 2>&1 | tee "$out/bench_model.log" ;;
   experiments)  # the serving simulation (1000 runs of one prompt) and the ablation, on the GPU
     python3 -m experiments.serve_sim device=cuda model=small dtype=bfloat16 serve.n_probe_runs=1000 \
       serve.load=8 serve.max_slots=64 hydra.run.dir="$out/serve_sim" 2>&1 | grep -v "cell/s" | tee "$out/serve_sim.log"
@@ -34,7 +34,7 @@ case $part in
     # that swings between an empty and a full batch (1-64 requests) every 100 steps. Router topk, so
     # only arithmetic can move the answer; both backends. `probe`: 100 runs (serve_wide_probe/).
     # `repro`: REPRO_RUNS runs (serve_wide/), default 300: measured 85 s on one H100 (97 vs 1 distinct);
-    # REPRO_RUNS=1000 is the published count: 168 s (188 vs 1; experiments/results/gpu_serve_wide/).
+    # REPRO_RUNS=1000 is the published count: 168 s (188 vs 1; benchmarks/results/gpu_serve_wide/).
     # sdpa_backends.txt says which fused SDPA kernels accept the stock backend's masked GQA call (cuDNN's
     # did, and ran: bench_model_profile_large_*.txt). Each cell's steps and seconds are in the summary.
     python3 - <<'PY' 2>&1 | tee "$out/sdpa_backends.txt"

@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from moe import MoETransformer, Routing, cu_seqlens_of
+from moe.model import MoETransformer, cu_seqlens_of
+from moe.routing import Routing
 from moe.generate import sample_next
 
 

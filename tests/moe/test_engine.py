@@ -1,6 +1,6 @@
 """The continuous-batching engine: arrivals, slots, chunked prefill, requests with nothing to do."""
 import moe
-from experiments.engine import Engine, Request
+from moe.engine import Engine, Request
 from tests.conftest import random_prompts, tiny_config
 
 

@@ -1,7 +1,7 @@
 """Plots of an ablation run, readable without the code. Redraw any run directory (or a multirun
 sweep, whose runs are merged) without re-running it:
 
-    python -m experiments.plot outputs/ablate/<run>      # or multirun/ablate/<sweep>
+    python -m lab.plot outputs/ablate/<run>      # or multirun/ablate/<sweep>
 """
 from __future__ import annotations
 
@@ -119,6 +119,6 @@ def plot_run(path: Path) -> list[Path]:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m experiments.plot RUN_OR_SWEEP_DIR")
+        sys.exit("usage: python -m lab.plot RUN_OR_SWEEP_DIR")
     for p in plot_run(Path(sys.argv[1])):
         print(p)

@@ -2,10 +2,10 @@
 
 Medians of `triton.testing.do_bench`, ours and stock in the same run, ratio = ours / stock (lower is
 better; < 1 means ours is faster). Writes a CSV and a JSON (with the command line and the GPU name) to
---out (default experiments/results/).
+--out (default benchmarks/results/).
 
-    python experiments/bench_kernels.py                    # all three tables
-    python experiments/bench_kernels.py --only matmul --quick
+    python -m benchmarks.bench_kernels                    # all three tables
+    python -m benchmarks.bench_kernels --only matmul --quick
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels.ops.attention import attention  # noqa: E402  (kernels before triton: see kernels/runtime.py)
 from kernels.ops.grouped_gemm import grouped_matmul  # noqa: E402
 from kernels.ops.matmul import matmul  # noqa: E402

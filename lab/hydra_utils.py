@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import kernels
-from experiments.default_model import PRESET as TRAINED_PRESET, load_trained_weights
+from moe.trained import PRESET as TRAINED_PRESET, load_trained_weights
 from moe import ModelConfig, MoETransformer, from_pretrained, pretrained_config
 
 # absolute, so @hydra.main finds it however the app is started (python -m, or imported by a launcher)

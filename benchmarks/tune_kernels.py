@@ -5,7 +5,7 @@ peer's, and whether the probe rows' bits equal those of the reference tiles (a c
 row's bits could not be used as an M-dependent choice). It also separates host launch cost from GPU time
 (`do_bench` against `do_bench_cudagraph`, which replays a CUDA graph and so has no launch cost).
 
-    python experiments/tune_kernels.py --out experiments/results/tune   # ~4 minutes on an H100
+    python -m benchmarks.tune_kernels --out benchmarks/results/tune   # ~4 minutes on an H100
 
 Writes tune_{matmul,grouped,launch}.csv and tune_summary.json (best candidate per cell and per M
 bucket). Nothing here is used at run time: the chosen tiles are copied into TILES_GPU by hand, with the
@@ -23,8 +23,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.bench_kernels import (GROUPED, GROUPED_ROWS, MATMUL_KN, MATMUL_M, decode_case,  # noqa: E402
+from benchmarks.bench_kernels import (GROUPED, GROUPED_ROWS, MATMUL_KN, MATMUL_M, decode_case,  # noqa: E402
                                       grouped_rows)
 from kernels.ops import grouped_gemm as gg  # noqa: E402  (kernels before triton: see kernels/runtime.py)
 from kernels.ops.attention import attention  # noqa: E402
@@ -226,7 +225,7 @@ def best_per_bucket(rows: list[dict], buckets: list[tuple[int, int]]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="experiments/results/tune")
+    ap.add_argument("--out", default="benchmarks/results/tune")
     ap.add_argument("--only", choices=["matmul", "grouped", "launch", "host", "narrow"], action="append")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -234,7 +233,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
     parts = args.only or ["launch", "grouped", "matmul"]
-    summary: dict = dict(command="python experiments/tune_kernels.py " + " ".join(sys.argv[1:]),
+    summary: dict = dict(command="python -m benchmarks.tune_kernels " + " ".join(sys.argv[1:]),
                          device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     if "host" in parts:
         host_profile(args.out)

@@ -6,10 +6,10 @@ sizes, that a split-schedule prefill chunk equals the prefill, that a repeated l
 and that the split schedule's arrival counters are back at zero; then it times bench_kernels' attention
 cells. A variant that moves bits could not be an M- or batch-dependent choice.
 
-    python experiments/attention_variants.py OUT_DIR [name,name,...]   # ~2.5 min on an H100
+    python -m benchmarks.attention_variants OUT_DIR [name,name,...]   # ~2.5 min on an H100
 
 Writes OUT_DIR/variants.json (per variant: settings, bit mismatches, geometric mean, cells).
-experiments/results/attention_variants/ holds the run that chose the defaults.
+benchmarks/results/attention_variants/ holds the run that chose the defaults.
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import bench_kernels as bk  # noqa: E402  (kernels before triton: see kernels/runtime.py)
+from benchmarks import bench_kernels as bk  # noqa: E402  (kernels before triton: see kernels/runtime.py)
 import kernels.ops.attention as A  # noqa: E402
 
 VARIANTS = {

@@ -1,5 +1,5 @@
 """The default model of the experiments: preset "trained" with the weights that experiments/train.py
-learned on the Python stdlib (experiments/checkpoints/trained.pt, ~4 MB fp32, shipped in the repo).
+learned on the Python stdlib (moe/checkpoints/trained.pt, ~4 MB fp32, shipped in the repo).
 
     model = load_trained_model(router="capacity", capacity_factor=1.0)
 
@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from moe import ModelConfig, MoETransformer
+from moe.config import ModelConfig
+from moe.model import MoETransformer
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "trained.pt"
 PRESET = "trained"
