@@ -44,6 +44,14 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
     return get_backend().grouped_matmul(x, w, offsets)
 
 
+def matmul_partials(x: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tensor:
+    return get_backend().matmul_partials(x, w, chunks)
+
+
+def grouped_matmul_partials(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int) -> torch.Tensor:
+    return get_backend().grouped_matmul_partials(x, w, offsets, chunks)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return get_backend().rms_norm(x, weight, eps)
 
@@ -61,4 +69,4 @@ def attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale: float) -
 
 
 __all__ = ["Backend", "BACKENDS", "available_backends", "get_backend", "register_backend", "use_backend",
-           "matmul", "grouped_matmul", "rms_norm", "softmax", "log_softmax", "attention"]
+           "matmul", "grouped_matmul", "matmul_partials", "grouped_matmul_partials", "rms_norm", "softmax", "log_softmax", "attention"]

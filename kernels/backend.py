@@ -21,6 +21,10 @@ class Backend(Protocol):
     """What a backend must provide. Shapes use T = tokens (rows), K = reduction dim, N = output dim."""
 
     name: str
+    # How a sum across ranks (multi-GPU layers, moe/parallel.py) is formed: True gathers every rank's fp32
+    # partials and adds them in one fixed tree, so the bits do not depend on the number of ranks; False
+    # is the collective serving engines use (an all-reduce, whose order depends on the rank count).
+    ordered_collectives: bool
 
     def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [T, K] @ w [K, N] -> [T, N] in x's dtype (fp32 accumulate)."""
@@ -28,6 +32,13 @@ class Backend(Protocol):
     def grouped_matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Rows of x [T, K] sorted by group; w [E, K, N]; offsets [E] int32 cumulative row ends.
         Row t of group e gives x[t] @ w[e]. Returns [T, N]."""
+
+    def matmul_partials(self, x: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tensor:
+        """The K axis in `chunks` equal chunks: [chunks, T, N] fp32, chunk c = x[:, Kc-range c] @ w[Kc-range c]."""
+
+    def grouped_matmul_partials(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                                chunks: int) -> torch.Tensor:
+        """`grouped_matmul` with its K axis in `chunks` equal chunks: [chunks, T, N] fp32 partials."""
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [T, D] normalised per row, times weight [D]."""

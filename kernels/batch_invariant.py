@@ -19,7 +19,9 @@ import torch
 from kernels import runtime  # noqa: F401  (checks the interpreter switch came before triton: kernels/__init__.py)
 from kernels.ops.attention import attention as _attention
 from kernels.ops.grouped_gemm import grouped_matmul as _grouped_matmul
+from kernels.ops.grouped_gemm import grouped_matmul_partials as _grouped_matmul_partials
 from kernels.ops.matmul import matmul as _matmul
+from kernels.ops.matmul import matmul_partials as _matmul_partials
 from kernels.ops.rmsnorm import rms_norm as _rms_norm
 from kernels.ops.softmax import log_softmax as _log_softmax
 from kernels.ops.softmax import softmax as _softmax
@@ -27,12 +29,20 @@ from kernels.ops.softmax import softmax as _softmax
 
 class BatchInvariantBackend:
     name = "batch_invariant"
+    ordered_collectives = True
 
     def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return _matmul(x, w)
 
     def grouped_matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return _grouped_matmul(x, w, offsets)
+
+    def matmul_partials(self, x: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tensor:
+        return _matmul_partials(x, w, chunks)
+
+    def grouped_matmul_partials(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                                chunks: int) -> torch.Tensor:
+        return _grouped_matmul_partials(x, w, offsets, chunks)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return _rms_norm(x, weight, eps)

@@ -3,8 +3,8 @@
 On a machine without a GPU, `kernels/__init__.py` switches Triton's interpreter on when the package is
 imported, so `use_backend("batch_invariant")` works with no environment variable set by the user.
 
-How triton 3.x reads the switch: `@triton.jit` looks at `triton.knobs.runtime.interpret` when it decorates
-a function, and that knob reads the environment variable `TRITON_INTERPRET` at that moment (it is not
+How triton (3.4 and later) reads the switch: `@triton.jit` looks at `triton.knobs.runtime.interpret` when it
+decorates a function, and that knob reads the environment variable `TRITON_INTERPRET` at that moment (it is not
 cached at `import triton`). Triton's own library functions (`tl.max`, `tl.sum`, `tl.cdiv`, ...) are
 decorated the same way when `import triton` runs, so the switch must come before triton is first
 imported: if triton is already loaded without it, those functions are compiled-mode and every
@@ -30,7 +30,6 @@ grouped GEMM `tiles_for`), where the GPU tests prove them bit-neutral.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -51,8 +50,7 @@ import triton  # noqa: E402  (must come after the switch above)
 def interpreting() -> bool:
     """True when @triton.jit kernels run under the interpreter (numpy on the CPU). Cached: the choice is
     process-wide and was fixed when the kernels were decorated (reading the knob costs ~3 us a call)."""
-    return bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else \
-        os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(triton.knobs.runtime.interpret)
 
 
 # Host-side integer helpers. `triton.cdiv` and `triton.next_power_of_2` are @jit functions: called from
@@ -139,8 +137,23 @@ def _rowwise_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
     return TensorHandle(acc.astype(d.data.dtype, copy=False), d.dtype.scalar)
 
 
+def _version(text: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "3.9.0" or "2.4.0rc1"."""
+    major, minor = text.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def _check_interpreter_versions() -> None:
+    """Triton's interpreter runs our kernels from triton 3.4 (pyproject's bound; measured on 3.4 and 3.9).
+    With numpy >= 2.4 it needs triton >= 3.7: older interpreters convert 1-element arrays to Python ints,
+    which numpy 2.4 refuses, so a kernel with a scalar loop bound would fail inside its first launch."""
+    if _version(triton.__version__) < (3, 7) and _version(np.__version__) >= (2, 4):
+        raise ImportError(f"triton {triton.__version__}'s interpreter cannot run with numpy {np.__version__}: "
+                          "install triton>=3.7 or numpy<2.4")
+
+
 def _speed_up_interpreter(interp) -> None:
-    """Two process-wide changes that only make the interpreter faster (private triton APIs, 3.9):
+    """Two process-wide changes that only make the interpreter faster (private triton APIs, 3.4 to 3.9):
 
     * No integer-overflow checks: the interpreter's default options sanitise every int32 add/sub/mul
       (`binary_op_sanitize_overflow_impl`, one extra int64 op and a compare per index op). Compiled
@@ -172,6 +185,7 @@ def _speed_up_interpreter(interp) -> None:
 
 
 if interpreting():
+    _check_interpreter_versions()
     from triton.runtime import interpreter as _interpreter
     _interpreter.InterpreterBuilder.create_dot = _rowwise_dot
     _speed_up_interpreter(_interpreter)

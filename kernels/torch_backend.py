@@ -9,14 +9,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.checks import check_attention_indices, check_group_offsets
+
 
 class TorchBackend:
     name = "torch"
+    ordered_collectives = False
 
     def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return torch.mm(x, w)
 
     def grouped_matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if not offsets.is_cuda:  # the values only on the host: on a GPU reading them is a sync per call
+            check_group_offsets(offsets, w.shape[0], x.shape[0])
         # torch._grouped_mm wants 16-byte aligned strides; fall back to a loop of mm where it can't run
         # (e.g. bf16 on the CPU, or odd sizes).
         try:
@@ -29,6 +34,16 @@ class TorchBackend:
                     out[start:end] = torch.mm(x[start:end], w[e])
                 start = end
             return out
+
+    # Partials for completeness (a stock layer all-reduces its rounded local product instead): each chunk
+    # as the stock GEMM computes it, in fp32.
+    def matmul_partials(self, x: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tensor:
+        return torch.stack([torch.mm(xc, wc).float() for xc, wc in zip(x.chunk(chunks, 1), w.chunk(chunks, 0))])
+
+    def grouped_matmul_partials(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                                chunks: int) -> torch.Tensor:
+        return torch.stack([self.grouped_matmul(xc.contiguous(), wc.contiguous(), offsets).float()
+                            for xc, wc in zip(x.chunk(chunks, 1), w.chunk(chunks, 1))])
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
@@ -45,7 +60,9 @@ class TorchBackend:
         # keys (never an empty row, so no NaN) and are discarded.
         H = q.shape[1]
         q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-        max_q, max_k = int(q_lens.max()), int(kv_lens.max())
+        # the padded sizes are read back anyway (one sync), and the index checks come in the same transfer
+        max_q, max_k = check_attention_indices(cu_seqlens_q, kv_lens, slots, q.shape[0], k_cache.shape[0],
+                                               k_cache.shape[1])
         # gather the batch into [B, max_q, H, Dh]
         row = torch.arange(max_q, device=q.device)
         valid_q = row[None, :] < q_lens[:, None]                              # [B, max_q]

@@ -1,30 +1,70 @@
 """Glue between Hydra configs and the library: build a model from the `model` and `router` groups,
-run a grid of cells that survives interruption, find the run directory, write JSON/CSV results."""
+run a grid of cells that survives interruption, find the run directory, write JSON/CSV results.
+
+The `router` group has no YAML files: it is generated from the router registry when this module is
+imported (`register_router_group`), so a new router is selectable as `router=<name>` with no config edit.
+"""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 from typing import Callable
 
 import torch
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import kernels
 from moe.trained import PRESET as TRAINED_PRESET, load_trained_weights
-from moe import ModelConfig, MoETransformer, from_pretrained, pretrained_config
+from moe import ModelConfig, MoEConfig, MoETransformer, from_pretrained, pretrained_config
+from moe.routers import registry
 
-# absolute, so @hydra.main finds it however the app is started (python -m, or imported by a launcher)
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+# The Hydra YAML: configs/ at the repository root in a checkout, lab/configs in an installed wheel
+# (pyproject maps it there). Absolute, so @hydra.main finds it however the app is started (python -m, from
+# any directory, or imported by a launcher).
+_HERE = Path(__file__).resolve().parent
+CONFIG_DIR = str(_HERE / "configs" if (_HERE / "configs").is_dir() else _HERE.parent / "configs")
 
-ROUTER_OPTIONS = ("capacity_factor", "drop_order", "group_size", "min_capacity", "renormalize")
+
+def router_group_options() -> dict:
+    """The keys of every `router` group entry besides `names`: each registered router's options that are
+    MoEConfig fields (an option without one cannot be set from a config), at MoEConfig's defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(MoEConfig) if f.default is not dataclasses.MISSING}
+    used = {k for name in registry.router_names() for k in registry.router_options(name)}
+    return {k: defaults[k] for k in sorted(used & set(defaults))}
+
+
+def router_group() -> dict[str, dict]:
+    """The Hydra `router` group's entries, from the registry: `router=<name>` for every registered router,
+    and `router=all` (the batch-invariant routers first, then the batch-dependent ones, each in
+    registration order). Each entry holds `names` and every router option (`router_group_options`)."""
+    names = registry.router_names()
+    if "all" in names:
+        raise ValueError("a router must not be named 'all': `router=all` selects every router")
+    options = router_group_options()
+    invariant = [n for n in names if registry.router_class(n).batch_invariant]
+    every = invariant + [n for n in names if n not in invariant]
+    return {**{n: {"names": [n], **options} for n in names}, "all": {"names": every, **options}}
+
+
+def register_router_group() -> None:
+    """Put the `router` group into Hydra's config store. Runs on import; a router registered later needs a
+    second call."""
+    store = ConfigStore.instance()
+    for name, node in router_group().items():
+        store.store(group="router", name=name, node=node)
+
+
+register_router_group()
 
 
 def router_options(router: DictConfig) -> dict:
     """The router group's MoEConfig options (capacity_factor, drop_order, ...)."""
-    return {k: router[k] for k in ROUTER_OPTIONS if k in router}
+    return {k: router[k] for k in router_group_options() if k in router}
 
 
 def model_config(model: DictConfig, router: DictConfig, router_name: str, combine: str = "ordered",
@@ -46,8 +86,7 @@ def build_model(cfg: DictConfig, router: str, combine: str, dtype: str) -> MoETr
     if cfg.get("pretrained"):
         return from_pretrained(cfg.pretrained, dtype=dtype, device=cfg.device, router=router, combine=combine,
                                **router_options(cfg.router))
-    mcfg = model_config(cfg.model, cfg.router, router, combine, dtype)
-    mcfg.seed = cfg.seed
+    mcfg = dataclasses.replace(model_config(cfg.model, cfg.router, router, combine, dtype), seed=cfg.seed)
     model = MoETransformer(mcfg, device=cfg.device)
     if cfg.model.get("preset") == TRAINED_PRESET:
         load_trained_weights(model)

@@ -4,14 +4,22 @@ Public API: MoEConfig, ModelConfig, MoELayer, MoETransformer, generate, build_ro
 from_pretrained (local Hugging Face MoE checkpoints).
 """
 from moe.cache import KVCache
-from moe.config import COMBINES, PRESETS, ROUTERS, ModelConfig, MoEConfig
+from moe.config import COMBINES, PRESETS, ModelConfig, MoEConfig
 from moe.generate import generate
 from moe.layer import MoELayer
 from moe.model import MoETransformer, cu_seqlens_of
 from moe.pretrained import from_pretrained, pretrained_config
-from moe.routers import build_router
+from moe.routers import build_router, router_names
 from moe.routing import ChunkState, Routing
 
 __all__ = ["MoEConfig", "ModelConfig", "MoELayer", "MoETransformer", "generate", "build_router", "Routing",
            "ChunkState", "KVCache", "cu_seqlens_of", "ROUTERS", "COMBINES", "PRESETS",
            "from_pretrained", "pretrained_config"]
+
+
+def __getattr__(name: str):
+    # moe.ROUTERS: the registered routers' names, read from the registry on each access, so that a
+    # router registered after `import moe` is listed too
+    if name == "ROUTERS":
+        return router_names()
+    raise AttributeError(f"module 'moe' has no attribute {name!r}")

@@ -30,19 +30,19 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         H, Hkv, Dh, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
-        self.wq = nn.Parameter(torch.empty(D, H * Dh))
-        self.wk = nn.Parameter(torch.empty(D, Hkv * Dh))
-        self.wv = nn.Parameter(torch.empty(D, Hkv * Dh))
-        self.wo = nn.Parameter(torch.empty(H * Dh, D))
+        self.wq = nn.Parameter(torch.empty(D, H * Dh, dtype=dtype))
+        self.wk = nn.Parameter(torch.empty(D, Hkv * Dh, dtype=dtype))
+        self.wv = nn.Parameter(torch.empty(D, Hkv * Dh, dtype=dtype))
+        self.wo = nn.Parameter(torch.empty(H * Dh, D, dtype=dtype))
         if cfg.qkv_bias:  # Qwen2-MoE
-            self.bq, self.bk, self.bv = (nn.Parameter(torch.empty(n * Dh)) for n in (H, Hkv, Hkv))
+            self.bq, self.bk, self.bv = (nn.Parameter(torch.empty(n * Dh, dtype=dtype)) for n in (H, Hkv, Hkv))
         if cfg.qk_norm:   # OLMoE normalises the whole projection, Qwen3-MoE each head
-            self.q_norm = nn.Parameter(torch.ones(H * Dh if cfg.qk_norm == "full" else Dh))
-            self.k_norm = nn.Parameter(torch.ones(Hkv * Dh if cfg.qk_norm == "full" else Dh))
+            self.q_norm = nn.Parameter(torch.ones(H * Dh if cfg.qk_norm == "full" else Dh, dtype=dtype))
+            self.k_norm = nn.Parameter(torch.ones(Hkv * Dh if cfg.qk_norm == "full" else Dh, dtype=dtype))
 
     def forward(self, x: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         cfg, T = self.cfg, x.shape[0]

@@ -9,9 +9,7 @@ from typing import Optional
 
 import torch
 
-ROUTERS = ("topk", "capacity", "expert_choice", "sequence_capacity")
 COMBINES = ("ordered", "scatter_add")
-DROP_ORDERS = ("position", "choice", "score")
 QK_NORMS = ("full", "head")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -22,37 +20,35 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-@dataclass
+@dataclass(frozen=True)  # read at forward time: fixed once a module is built from it
 class MoEConfig:
     n_experts: int
     top_k: int
     d_expert: int                      # hidden size of each SwiGLU expert
     n_shared_experts: int = 0          # dense SwiGLU experts every token goes through (Qwen2-MoE, DeepSeek)
-    router: str = "topk"               # one of ROUTERS
+    router: str = "topk"               # a registered router's name, one of moe.ROUTERS
     capacity_factor: float = 1.25      # capacity routers: slots per expert = ceil(cf * tokens * top_k / E)
     combine: str = "ordered"           # one of COMBINES
     renormalize: bool = True           # divide the top-k weights by their sum (Mixtral, norm_topk_prob)
-    drop_order: str = "position"       # capacity router: who keeps a slot (DROP_ORDERS; see routers/capacity.py)
+    drop_order: str = "position"       # capacity router: who keeps a slot (see routers/capacity.py)
     group_size: int = 64               # sequence_capacity: tokens per fixed chunk of one sequence
     min_capacity: int = 0              # lower bound on slots per expert (DeepSpeed uses 8)
     shared_expert_gate: bool = False   # scale shared experts by sigmoid(x @ w) (Qwen2-MoE)
 
     def __post_init__(self) -> None:
-        _check(self.n_experts >= 1, f"n_experts must be >= 1, got {self.n_experts}")
-        _check(1 <= self.top_k <= self.n_experts,
-               f"top_k must be in 1..n_experts={self.n_experts}, got {self.top_k}")
+        # n_experts, top_k, router and the router options follow the router classes' own rules: every
+        # registered router is built from this config (the chosen one first), so an option the chosen
+        # router ignores is still checked, and a typo in it is an error rather than a silent default
+        from moe.routers import router_from_config, router_names  # (moe.routers imports this module)
+        _check(self.router in router_names(), f"router must be one of {router_names()}, got {self.router!r}")
+        for name in dict.fromkeys((self.router, *router_names())):
+            router_from_config(self, name)
         _check(self.d_expert >= 1, f"d_expert must be >= 1, got {self.d_expert}")
         _check(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
-        _check(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
-        _check(self.capacity_factor > 0, f"capacity_factor must be > 0, got {self.capacity_factor}")
         _check(self.combine in COMBINES, f"combine must be one of {COMBINES}, got {self.combine!r}")
-        _check(self.drop_order in DROP_ORDERS,
-               f"drop_order must be one of {DROP_ORDERS}, got {self.drop_order!r}")
-        _check(self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}")
-        _check(self.min_capacity >= 0, f"min_capacity must be >= 0, got {self.min_capacity}")
 
 
-@dataclass
+@dataclass(frozen=True)  # read at forward time: fixed once a module is built from it
 class ModelConfig:
     vocab_size: int
     d_model: int
@@ -74,7 +70,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):  # from Hydra/YAML
-            self.moe = MoEConfig(**self.moe)
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))  # frozen: the one set-up write
         _check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
         _check(self.n_layers >= 1, f"n_layers must be >= 1, got {self.n_layers}")
         _check(self.attn_head_dim is None or self.attn_head_dim >= 1,

@@ -22,7 +22,7 @@ import torch
 
 from moe.model import MoETransformer, cu_seqlens_of
 from moe.routing import Routing
-from moe.generate import sample_next
+from moe.generate import check_count, check_prompt, check_sampling, sample_next
 
 
 @dataclass
@@ -53,6 +53,19 @@ class Request:
     generator: Optional[torch.Generator] = None
     logits: list[torch.Tensor] = field(default_factory=list)
     route_parts: list[TokenRoutes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # token ids are checked against the vocabulary by Engine.run, where the model is known
+        if not isinstance(self.prompt, list):  # prompt + generated must be list concatenation
+            raise ValueError(f"prompt must be a non-empty list of int token ids, got {self.prompt!r}")
+        check_prompt("prompt", self.prompt)
+        check_count("max_new_tokens", self.max_new_tokens, 0)   # 0: nothing to generate, done at once
+        check_count("arrival", self.arrival, 0)
+        if self.chunk is not None:
+            check_count("chunk", self.chunk, 1)
+        check_sampling(self.temperature, self.top_p)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
 
     @property
     def done(self) -> bool:
@@ -111,6 +124,9 @@ class Engine:
     def run(self, requests: list[Request], max_steps: int = 100_000, until_tracked_done: bool = False) -> list[Request]:
         """Serve the requests to completion (or, with until_tracked_done, until every tracked request has
         finished: what the others do afterwards cannot affect it); returns them with `generated` filled."""
+        vocab = self.model.cfg.vocab_size
+        for i, r in enumerate(requests):   # before any step: a bad request must not stop the others midway
+            check_prompt(f"requests[{i}].prompt", r.prompt, vocab)
         pending = sorted((r for r in requests if not r.done), key=lambda r: r.arrival)  # 0 new tokens: done
         active: list[Request] = []
         tracked = [r for r in requests if r.track]

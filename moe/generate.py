@@ -6,11 +6,44 @@ other prompts are drawn beside it.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+import numbers
+from typing import Any, Optional, Sequence
 
 import torch
 
 from moe.model import MoETransformer, cu_seqlens_of
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    """The sampling options' rules, shared by `generate` and the serving engine's `Request`."""
+    if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+            and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if not (isinstance(top_p, numbers.Real) and not isinstance(top_p, bool) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+
+
+def check_count(name: str, value: Any, lo: int) -> None:
+    if not _is_int(value) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+
+
+def check_prompt(name: str, prompt: Sequence[int] | torch.Tensor, vocab_size: Optional[int] = None) -> None:
+    """A prompt is a non-empty sequence of int token ids, each in 0..vocab_size-1 where the model is known."""
+    ids = prompt if isinstance(prompt, torch.Tensor) else None
+    if ids is None and isinstance(prompt, (list, tuple)) and all(_is_int(t) for t in prompt):
+        ids = torch.tensor(prompt, dtype=torch.long)
+    if ids is None or ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must be a non-empty list of int token ids, got {prompt!r}")
+    if vocab_size is not None:
+        lo, hi = torch.stack([ids.min(), ids.max()]).tolist()   # one transfer
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name} must hold token ids in 0..vocab_size-1={vocab_size - 1}, got {lo}..{hi}")
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
@@ -32,14 +65,17 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 def generate(model: MoETransformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: Optional[int] = None, eos_id: Optional[int] = None) -> list[list[int]]:
     """Generate up to max_new_tokens for each prompt (a list of token ids); returns the new tokens."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    vocab = model.cfg.vocab_size
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of token-id lists, got {prompts!r}")
+    for i, p in enumerate(prompts):
+        check_prompt(f"prompts[{i}]", p, vocab)
+    check_count("max_new_tokens", max_new_tokens, 0)
+    check_sampling(temperature, top_p)
+    if seed is not None and not _is_int(seed):
+        raise ValueError(f"seed must be None or an int, got {seed!r}")
+    if eos_id is not None and not (_is_int(eos_id) and 0 <= eos_id < vocab):
+        raise ValueError(f"eos_id must be None or a token id in 0..vocab_size-1={vocab - 1}, got {eos_id!r}")
     if temperature > 0 and seed is None:
         seed = int(torch.seed() % 2**31)
     generators = None if temperature == 0 else [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]

@@ -21,20 +21,21 @@ from moe.routing import ChunkState, Routing
 class MoELayer(nn.Module):
     """`y, routing = layer(x, seq_ids)` for a ragged batch x [T, D] with seq_ids [T]."""
 
-    def __init__(self, cfg: MoEConfig, d_model: int):
+    def __init__(self, cfg: MoEConfig, d_model: int, dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.cfg, self.d_model = cfg, d_model
         E, Fd = cfg.n_experts, cfg.d_expert
+        kw = dict(dtype=dtype)  # None: torch's default dtype, as for nn.Linear
         self.router = router_from_config(cfg)
-        self.w_router = nn.Parameter(torch.empty(d_model, E))
-        self.w_gate_up = nn.Parameter(torch.empty(E, d_model, 2 * Fd))  # gate and up projections, fused
-        self.w_down = nn.Parameter(torch.empty(E, Fd, d_model))
+        self.w_router = nn.Parameter(torch.empty(d_model, E, **kw))
+        self.w_gate_up = nn.Parameter(torch.empty(E, d_model, 2 * Fd, **kw))  # gate and up projections, fused
+        self.w_down = nn.Parameter(torch.empty(E, Fd, d_model, **kw))
         if cfg.n_shared_experts:
             Fs = cfg.n_shared_experts * Fd
-            self.w_shared_gate_up = nn.Parameter(torch.empty(d_model, 2 * Fs))
-            self.w_shared_down = nn.Parameter(torch.empty(Fs, d_model))
+            self.w_shared_gate_up = nn.Parameter(torch.empty(d_model, 2 * Fs, **kw))
+            self.w_shared_down = nn.Parameter(torch.empty(Fs, d_model, **kw))
             if cfg.shared_expert_gate:
-                self.w_shared_gate = nn.Parameter(torch.empty(d_model, 1))
+                self.w_shared_gate = nn.Parameter(torch.empty(d_model, 1, **kw))
 
     def forward(self, x: torch.Tensor, seq_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 state: Optional[ChunkState] = None) -> tuple[torch.Tensor, Routing]:

@@ -22,13 +22,13 @@ from moe.step import Step
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
         super().__init__()
         self.layer, self.eps = layer, cfg.norm_eps
-        self.attn_norm = nn.Parameter(torch.ones(cfg.d_model))
-        self.attn = Attention(cfg, layer)
-        self.moe_norm = nn.Parameter(torch.ones(cfg.d_model))
-        self.moe = MoELayer(cfg.moe, cfg.d_model)
+        self.attn_norm = nn.Parameter(torch.ones(cfg.d_model, dtype=dtype))
+        self.attn = Attention(cfg, layer, dtype)
+        self.moe_norm = nn.Parameter(torch.ones(cfg.d_model, dtype=dtype))
+        self.moe = MoELayer(cfg.moe, cfg.d_model, dtype)
 
     def forward(self, x: torch.Tensor, step: Step, cache: KVCache) -> tuple[torch.Tensor, Routing]:
         x = x + self.attn(kernels.rms_norm(x, self.attn_norm, self.eps), step, cache)
@@ -45,12 +45,15 @@ class MoETransformer(nn.Module):
     def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None):
         super().__init__()
         self.cfg = cfg
-        with torch.device(device or "cpu"):  # build in place: a large preset never passes through CPU memory
-            self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model, dtype=cfg.torch_dtype))
-            self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-            self.final_norm = nn.Parameter(torch.ones(cfg.d_model))
-            self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.d_model, cfg.vocab_size))
-        self.to(cfg.torch_dtype)
+        dtype = cfg.torch_dtype
+        # built in place, in the target dtype: a large preset never passes through CPU memory, nor
+        # through fp32 (twice its size in bf16)
+        with torch.device(device or "cpu"):
+            self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model, dtype=dtype))
+            self.blocks = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.n_layers))
+            self.final_norm = nn.Parameter(torch.ones(cfg.d_model, dtype=dtype))
+            self.lm_head = (None if cfg.tie_embeddings else
+                            nn.Parameter(torch.empty(cfg.d_model, cfg.vocab_size, dtype=dtype)))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -59,20 +62,28 @@ class MoETransformer(nn.Module):
         if self.embed.is_meta:  # shapes only (moe.from_pretrained fills them in): nothing to draw
             return
         # drawn on the model's device (a large preset would take minutes on the CPU): the same config
-        # gives the same weights on every machine of one device type
+        # gives the same weights on every machine of one device type. Drawn in fp32 whatever the dtype
+        # and rounded by copy_, so a model built in bf16 holds its fp32 twin's weights cast to bf16.
         g = torch.Generator(device=self.embed.device).manual_seed(self.cfg.seed)
         for name, p in self.named_parameters():
             if name.endswith("norm"):
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=g, device=p.device).mul_(self.cfg.init_std))
+                draw = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
+                p.copy_(draw.mul_(self.cfg.init_std))
 
+    # The parameters, not cfg.dtype, say where and in what dtype the model computes: `.to()`, `.half()`
+    # and `.cuda()` move them, and everything a forward allocates follows them.
     @property
     def device(self) -> torch.device:
         return self.embed.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
     def new_cache(self, n_slots: int, max_len: Optional[int] = None) -> KVCache:
-        return KVCache(self.cfg, n_slots, max_len, device=self.device)
+        return KVCache(self.cfg, n_slots, max_len, dtype=self.dtype, device=self.device)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, cache: Optional[KVCache] = None,

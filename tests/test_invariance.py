@@ -3,9 +3,8 @@
 With the batch_invariant backend and a batch-invariant router, a request's logits and its greedy
 completion are the same bits alone and in any ragged batch: other batch sizes, other places in the
 batch, co-requests of other lengths and contents, prefill beside decode, chunked prefill; and a
-token's logits are the same whether it was prefilled or decoded. The stock torch backend is shown
-NOT to be invariant on this CPU where that still holds (the test reports, as an xfail, if a future torch
-makes it invariant), so the ablation has something to measure.
+token's logits are the same whether it was prefilled or decoded. (That the stock torch backend is not
+invariant on this CPU is asserted by tests/experiments/test_ablate.py and tests/lab/test_attribution.py.)
 """
 import pytest
 import torch
@@ -14,7 +13,7 @@ import kernels
 import moe
 from lab.compositions import Composition
 from moe.engine import Engine, Request
-from tests.conftest import random_prompts, requires_cuda, tiny_config
+from tests.conftest import random_prompts, tiny_config
 
 
 def probe_run(model, probe, comp: Composition | None, new_tokens: int) -> Request:
@@ -78,20 +77,6 @@ def test_freed_slots_are_reused_without_a_trace(seed):
         assert torch.equal(b.token_logits(), a.token_logits())
 
 
-def test_torch_backend_is_not_invariant_on_this_cpu(seed):
-    """Reports rather than fails if a future torch makes the stock path invariant."""
-    model = moe.MoETransformer(tiny_config("topk"))
-    V = model.cfg.vocab_size
-    probe = random_prompts(1, V, 2, 3)[0]
-    with kernels.use_backend("torch"):
-        ref = probe_run(model, probe, None, 2)
-        test = probe_run(model, probe, random_composition(8, "prefill", V), 2)
-    if torch.equal(test.token_logits(), ref.token_logits()):
-        pytest.xfail("stock torch kernels were batch-invariant for this case (fp32 mm on this CPU used to "
-                     "change a row between 3 and 4 rows): the ablation's arithmetic axis may read zero")
-
-
-@requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_gpu_model_bitwise_invariant(seed, dtype):

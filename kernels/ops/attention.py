@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 
 from kernels import runtime
+from kernels.checks import check_attention_indices
 from kernels.ops.tile_map import group_tile
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -402,6 +403,12 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_
     if cu_seqlens_q.shape != (B + 1,) or slots.shape != (B,):
         raise ValueError(f"cu_seqlens_q must be [B+1={B + 1}] and slots [B={B}], got "
                          f"{tuple(cu_seqlens_q.shape)}, {tuple(slots.shape)}")
+    if any(t.device != q.device for t in (cu_seqlens_q, kv_lens, slots)):
+        raise ValueError(f"cu_seqlens_q, kv_lens and slots must be on q's device {q.device}")
+    if not q.is_cuda:
+        # their values too, where reading them costs no device sync (the interpreter's host tensors); on
+        # the GPU the model has checked its batch once per forward (moe/model.py), not once per layer
+        check_attention_indices(cu_seqlens_q, kv_lens, slots, Tq, k_cache.shape[0], k_cache.shape[1])
     if k_cache.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("q, k_cache and v_cache must be contiguous in their last dim (Dh)")
     if v_cache.stride() != k_cache.stride():   # one set of cache strides goes to the kernel

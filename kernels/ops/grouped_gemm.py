@@ -24,6 +24,7 @@ import dataclasses
 import torch
 
 from kernels import runtime
+from kernels.checks import check_group_offsets
 from kernels.ops.matmul import Tiles, reduction_for
 from kernels.ops.tile_map import group_tile
 import triton  # noqa: E402
@@ -33,10 +34,15 @@ import triton.language as tl  # noqa: E402
 @triton.jit
 def _grouped_mm_kernel(
     x_ptr, w_ptr, out_ptr, row_ends_ptr, E, N, K,
-    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_on,
+    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_on, stride_oc,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    # -- which K chunk (grid axis 2, as in matmul.py: chunk c sums K range [c*K, (c+1)*K) into out[c]) --
+    chunk = tl.program_id(2).to(tl.int64)
+    x_ptr += chunk * K * stride_xk
+    w_ptr += chunk * K * stride_wk
+    out_ptr += chunk * stride_oc
     # -- which expert and which of its row tiles this program computes (tile_map.py: the map is built
     #    in the kernel from the group ends) --
     pid_n = tl.program_id(1)
@@ -73,7 +79,7 @@ def _grouped_mm_kernel(
 @triton.jit
 def _grouped_mm_packed_kernel(
     x_ptr, w_ptr, out_ptr, row_starts_ptr, row_ends_ptr, E, N, K,
-    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_on,
+    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_on, stride_oc,
     E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -85,6 +91,10 @@ def _grouped_mm_packed_kernel(
     Per row it does the same BLOCK_K steps and the same dot as the per-tile kernel (the interpreter's dot
     runs row by row, see runtime.py), so a row's bits are the same (tested).
     """
+    chunk = tl.program_id(2).to(tl.int64)   # K chunk, as in _grouped_mm_kernel
+    x_ptr += chunk * K * stride_xk
+    w_ptr += chunk * K * stride_wk
+    out_ptr += chunk * stride_oc
     experts = tl.arange(0, E_POW2)
     e_ok = experts < E
     row_end = tl.load(row_ends_ptr + experts, mask=e_ok, other=0)                     # [E_POW2]
@@ -137,9 +147,24 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                    tiles: Tiles | None = None, packed: bool | None = None) -> torch.Tensor:
     """x [T, K] (sorted by group), w [E, K, N], offsets [E] cumulative row ends -> [T, N] in x's dtype.
 
-    Rows at or after offsets[-1] are not written (as torch._grouped_mm). `tiles` and `packed` (the
-    interpreter's many-tiles-per-program kernel; default: on under the interpreter) are test hooks.
+    offsets[-1] must be T: every row belongs to a group. `tiles` and `packed` (the interpreter's
+    many-tiles-per-program kernel; default: on under the interpreter) are test hooks.
     """
+    return _grouped(x, w, offsets, 1, False, tiles, packed)
+
+
+def grouped_matmul_partials(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int) -> torch.Tensor:
+    """The K axis cut into `chunks` equal chunks: [chunks, T, N] fp32, chunk c = rows @ w[e, c*Kc:(c+1)*Kc]
+    of the rows' K range c (Kc = K / chunks), unrounded, each summed as `grouped_matmul` sums a K of Kc:
+    the partials of a row-parallel expert projection (matmul.matmul_partials; moe/parallel.py)."""
+    if chunks < 1 or x.shape[-1] % chunks:
+        raise ValueError(f"chunks must be >= 1 and divide K={x.shape[-1]}, got {chunks}")
+    return _grouped(x, w, offsets, chunks, True, None, None)
+
+
+def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int, partials: bool,
+             tiles: Tiles | None, packed: bool | None) -> torch.Tensor:
+    """Check, allocate ([T, N] in x's dtype, or [chunks, T, N] fp32) and launch over `chunks` K chunks."""
     # 1. check shapes
     runtime.check_float("x", x)
     runtime.check_device("x", x)
@@ -151,20 +176,28 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
     if offsets.dim() != 1 or offsets.shape[0] != w.shape[0] or offsets.device != x.device:
         raise ValueError(f"offsets must be [E={w.shape[0]}] on {x.device}, got {tuple(offsets.shape)} "
                          f"on {offsets.device}")
-    T, K = x.shape
+    T = x.shape[0]
+    K = x.shape[1] // chunks                   # the K that one program sums
     E, _, N = w.shape
+    if not offsets.is_cuda:
+        # their values too, where reading them costs no device sync (the interpreter's host tensors); on
+        # the GPU the MoE layer's searchsorted makes them right by construction (moe/layer.py), and a
+        # check would cost a sync per expert GEMM
+        check_group_offsets(offsets, E, T)
     block_k = reduction_for(N, K, x.dtype).BLOCK_K   # the dense matmul's K step for this (N, K)
     t = tiles or tiles_for(T, E, N)
     bm = t.BLOCK_M
 
     # 2. allocate output (the tile map is built in the kernel: no host sync, no extra launches on the GPU)
-    out = runtime.empty((T, N), x.device, x.dtype)
+    out = runtime.empty((chunks, T, N), x.device, torch.float32) if partials else \
+        runtime.empty((T, N), x.device, x.dtype)
     if T == 0 or N == 0:
         return out
+    strides_out = (out.stride(-2), out.stride(-1), out.stride(0) if partials else 0)
     row_ends = offsets if offsets.dtype == torch.int32 else offsets.to(torch.int32)
     if packed if packed is not None else runtime.interpreting():
         row_starts = torch.cat([row_ends.new_zeros(1), row_ends[:-1]])
-        _launch_packed(x, w, out, row_starts, row_ends, t.BLOCK_N, block_k)
+        _launch_packed(x, w, out, strides_out, row_starts, row_ends, K, chunks, t.BLOCK_N, block_k)
         return out
     if runtime.interpreting():   # exact grid: every interpreted program costs milliseconds
         sizes = torch.diff(row_ends, prepend=row_ends.new_zeros(1))
@@ -174,10 +207,10 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
 
     # 3. launch
     block_n = t.BLOCK_N
-    grid = (m_programs, runtime.cdiv(N, block_n))
+    grid = (m_programs, runtime.cdiv(N, block_n), chunks)
     _grouped_mm_kernel[grid](
         x, w, out, row_ends, E, N, K,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), *strides_out,
         BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, E_POW2=runtime.next_pow2(E),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=t.num_warps, num_stages=t.num_stages,
@@ -185,16 +218,17 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
     return out
 
 
-def _launch_packed(x, w, out, row_starts, row_ends, block_n: int, block_k: int) -> None:
+def _launch_packed(x, w, out, strides_out, row_starts, row_ends, K: int, chunks: int, block_n: int,
+                   block_k: int) -> None:
     """Interpreter only: cdiv(largest group, PACKED_BLOCK_M) programs, each on all experts."""
-    E, K, N = w.shape
+    E, _, N = w.shape
     m_programs = runtime.cdiv(int((row_ends - row_starts).max()), PACKED_BLOCK_M)
     if m_programs == 0:
         return
-    grid = (m_programs, runtime.cdiv(N, block_n))
+    grid = (m_programs, runtime.cdiv(N, block_n), chunks)
     _grouped_mm_packed_kernel[grid](
         x, w, out, row_starts, row_ends, E, N, K,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), *strides_out,
         E_POW2=runtime.next_pow2(E), BLOCK_M=PACKED_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )

@@ -33,10 +33,17 @@ import triton.language as tl  # noqa: E402
 @triton.jit
 def _matmul_kernel(
     x_ptr, w_ptr, out_ptr, M, N, K,
-    stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_oc,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    # -- which K chunk (grid axis 1): chunk c sums x's K range [c*K, (c+1)*K) into its own output
+    #    out[c]; a plain matmul is the one chunk 0 --
+    chunk = tl.program_id(1).to(tl.int64)
+    x_ptr += chunk * K * stride_xk
+    w_ptr += chunk * K * stride_wk
+    out_ptr += chunk * stride_oc
+
     # -- which output tile: grouped ordering so that GROUP_M row-tiles share the same W columns in L2 --
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -145,7 +152,27 @@ def matmul(x: torch.Tensor, w: torch.Tensor, reduction: Reduction | None = None,
     `reduction` and `tiles` are for tests and benchmarks (defaults: `reduction_for`, `tiles_for`). An
     explicit `reduction` runs as given: a tile's BLOCK_K step applies only to the default one.
     """
-    # 1. check shapes
+    _check(x, w)
+    out = runtime.empty((x.shape[0], w.shape[1]), x.device, x.dtype)
+    return _launch(x, w, out, 1, reduction, tiles)
+
+
+def matmul_partials(x: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tensor:
+    """The K axis cut into `chunks` equal chunks: [chunks, M, N] fp32, chunk c = x[:, c*Kc:(c+1)*Kc] @
+    w[c*Kc:(c+1)*Kc] (Kc = K / chunks), unrounded, each summed exactly as `matmul` sums a K of Kc.
+
+    For row-parallel layers: a rank holding chunks c0..c1 of K computes the same bits for them as one
+    device holding all of K, and the partials are added in a fixed order afterwards (moe/parallel.py).
+    One launch (the chunks are a grid axis)."""
+    _check(x, w)
+    M, K = x.shape
+    if chunks < 1 or K % chunks:
+        raise ValueError(f"chunks must be >= 1 and divide K={K}, got {chunks}")
+    out = runtime.empty((chunks, M, w.shape[1]), x.device, torch.float32)
+    return _launch(x, w, out, chunks, None, None)
+
+
+def _check(x: torch.Tensor, w: torch.Tensor) -> None:
     runtime.check_float("x", x)
     runtime.check_device("x", x)
     if x.dim() != 2:
@@ -153,8 +180,13 @@ def matmul(x: torch.Tensor, w: torch.Tensor, reduction: Reduction | None = None,
     if w.dim() != 2 or w.shape[0] != x.shape[1]:
         raise ValueError(f"w must be [K={x.shape[1]}, N], got shape {tuple(w.shape)}")
     runtime.check_like("w", w, "x", x)
-    M, K = x.shape
-    N = w.shape[1]
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, chunks: int, reduction: Reduction | None,
+            tiles: Tiles | None) -> torch.Tensor:
+    """Launch over `chunks` equal K chunks into out [chunks, M, N] (or [M, N] for one chunk)."""
+    M, N = x.shape[0], w.shape[1]
+    K = x.shape[1] // chunks                  # the K that one program sums
     t = tiles or tiles_for(M, N, x.dtype == torch.float32)
     block_k = (reduction or reduction_for(N, K, x.dtype)).BLOCK_K
     if reduction is None and t.BLOCK_K is not None and K % t.BLOCK_K == 0 and not runtime.interpreting():
@@ -162,14 +194,11 @@ def matmul(x: torch.Tensor, w: torch.Tensor, reduction: Reduction | None = None,
         # products that the reduction's own step does not (a -0.0 sum would come out +0.0)
         block_k = t.BLOCK_K
 
-    # 2. allocate
-    out = runtime.empty((M, N), x.device, x.dtype)
     if M == 0 or N == 0:
         return out
-
-    # 3. launch
-    _matmul_kernel[(runtime.cdiv(M, t.BLOCK_M) * runtime.cdiv(N, t.BLOCK_N),)](
-        x, w, out, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+    _matmul_kernel[(runtime.cdiv(M, t.BLOCK_M) * runtime.cdiv(N, t.BLOCK_N), chunks)](
+        x, w, out, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(-2), out.stride(-1),
+        out.stride(0) if chunks > 1 else 0,
         BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=block_k, GROUP_M=8, EVEN_K=K % block_k == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=t.num_warps, num_stages=t.num_stages,

@@ -1,13 +1,16 @@
 """Shared machinery of all routers: fp32 probabilities, top-k with ties broken by expert index, and
 the rank of each assignment inside its expert's queue (for capacity limits).
 
-A router subclass overrides one method, `assign(probs, seq_ids, positions, state)`.
+A router subclass overrides one method, `assign(probs, seq_ids, positions, state)`, and checks its own
+options in its constructor with the `check_*` helpers below (a ValueError naming the option and what is
+allowed), so `build_router` and `MoEConfig` share one set of rules.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from fractions import Fraction
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -21,11 +24,12 @@ class Router:
     name = "base"
     drops = True      # may drop assignments (a capacity limit); False lets the MoE layer skip a device sync
     stateful = False  # reads and returns a per-sequence ChunkState carried across steps
+    batch_invariant = False  # a token's route never depends on other requests in the batch (by design)
 
     def __init__(self, n_experts: int, top_k: int, renormalize: bool = True):
-        self.n_experts = n_experts
-        self.top_k = top_k
-        self.renormalize = renormalize
+        self.n_experts = check_int("n_experts", n_experts, 1)
+        self.top_k = check_int("top_k", top_k, 1, n_experts, hi_name="n_experts")
+        self.renormalize = check_bool("renormalize", renormalize)
 
     def __call__(self, logits: torch.Tensor, seq_ids: torch.Tensor,
                  positions: Optional[torch.Tensor] = None, state: Optional[ChunkState] = None) -> Routing:
@@ -47,6 +51,36 @@ class Router:
         if self.renormalize:
             weights = weights / weights.sum(dim=1, keepdim=True)
         return order, weights
+
+
+def check_int(name: str, value: Any, lo: int, hi: Optional[int] = None, hi_name: str = "") -> int:
+    """`value` as an int in lo..hi (hi None: no upper bound), else a ValueError naming `name`."""
+    # bool is an int subclass, but True experts is a typo, not a count
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in {lo}..{hi_name + '=' if hi_name else ''}{hi}"
+        raise ValueError(f"{name} must be an int {bound}, got {value!r}")
+    return int(value)
+
+
+def check_positive(name: str, value: Any) -> float:
+    """`value` as a finite number > 0, else a ValueError naming `name`."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
 
 
 def expert_capacity(capacity_factor: float, tokens: int, top_k: int, n_experts: int, min_capacity: int = 0) -> int:

@@ -16,19 +16,24 @@ from __future__ import annotations
 
 import torch
 
-from moe.routers.base import Router, expert_capacity, rank_in_queue
+from moe.routers.base import (Router, check_choice, check_int, check_positive, expert_capacity,
+                              rank_in_queue)
+from moe.routers.registry import register_router
 from moe.routing import Routing
 
+DROP_ORDERS = ("position", "choice", "score")
 
+
+@register_router
 class CapacityRouter(Router):
     name = "capacity"
 
     def __init__(self, n_experts: int, top_k: int, renormalize: bool = True,
                  capacity_factor: float = 1.25, drop_order: str = "position", min_capacity: int = 0):
         super().__init__(n_experts, top_k, renormalize)
-        self.capacity_factor = capacity_factor
-        self.drop_order = drop_order
-        self.min_capacity = min_capacity
+        self.capacity_factor = check_positive("capacity_factor", capacity_factor)
+        self.drop_order = check_choice("drop_order", drop_order, DROP_ORDERS)
+        self.min_capacity = check_int("min_capacity", min_capacity, 0)
 
     def assign(self, probs, seq_ids, positions, state) -> Routing:
         T = probs.shape[0]

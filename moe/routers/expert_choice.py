@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import torch
 
-from moe.routers.base import Router, expert_capacity
+from moe.routers.base import Router, check_positive, expert_capacity
+from moe.routers.registry import register_router
 from moe.routing import Routing
 
 
+@register_router
 class ExpertChoiceRouter(Router):
     name = "expert_choice"
 
     def __init__(self, n_experts: int, top_k: int, capacity_factor: float = 1.25):
         super().__init__(n_experts, top_k, renormalize=False)
-        self.capacity_factor = capacity_factor
+        self.capacity_factor = check_positive("capacity_factor", capacity_factor)
 
     def assign(self, probs, seq_ids, positions, state) -> Routing:
         T, E = probs.shape

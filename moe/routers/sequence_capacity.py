@@ -13,19 +13,24 @@ from typing import Optional
 
 import torch
 
-from moe.routers.base import Router, expert_capacity, rank_in_queue
+from moe.routers.base import Router, check_int, check_positive, expert_capacity, rank_in_queue
+from moe.routers.registry import register_router
 from moe.routing import ChunkState, Routing
 
 
+@register_router
 class SequenceCapacityRouter(Router):
     name = "sequence_capacity"
     stateful = True
+    batch_invariant = True
 
     def __init__(self, n_experts: int, top_k: int, renormalize: bool = True,
                  capacity_factor: float = 1.25, group_size: int = 64, min_capacity: int = 0):
         super().__init__(n_experts, top_k, renormalize)
-        self.group_size = group_size
-        self.slots = expert_capacity(capacity_factor, group_size, top_k, n_experts, min_capacity)
+        capacity_factor = check_positive("capacity_factor", capacity_factor)
+        self.group_size = check_int("group_size", group_size, 1)
+        min_capacity = check_int("min_capacity", min_capacity, 0)
+        self.slots = expert_capacity(capacity_factor, self.group_size, self.top_k, self.n_experts, min_capacity)
 
     def assign(self, probs, seq_ids, positions, state: Optional[ChunkState]) -> Routing:
         T, E, k = probs.shape[0], self.n_experts, self.top_k

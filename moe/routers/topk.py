@@ -9,12 +9,15 @@ from __future__ import annotations
 import torch
 
 from moe.routers.base import Router
+from moe.routers.registry import register_router
 from moe.routing import Routing
 
 
+@register_router
 class TopKRouter(Router):
     name = "topk"
     drops = False
+    batch_invariant = True
 
     def assign(self, probs, seq_ids, positions, state) -> Routing:
         experts, weights = self.top_k_choice(probs)

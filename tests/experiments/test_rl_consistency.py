@@ -21,14 +21,12 @@ def test_trainer_equals_sampler_with_invariant_kernels(tmp_path, seed, router):
 
 
 def test_stock_kernels_differ_only_by_rounding(tmp_path, seed):
-    """With stock kernels the two views differ, but only at rounding level: a misaligned position or a
-    wrong packing would show as a large difference."""
+    """With stock kernels the two views may differ (on this CPU they do), but only at rounding level: a
+    misaligned position or a wrong packing would show as a large difference."""
     with initialize_config_dir(CONFIG_DIR, version_base=None):
         cfg = compose("rl_consistency", overrides=["router=topk", "kernels=torch", f"seed={seed}",
                                                    "rl.n_samples=8", "rl.max_new_tokens=6"])
     (cell,) = run_rl_consistency(cfg, tmp_path)["cells"]
-    if cell["frac_logits_differ"] == 0:
-        pytest.xfail("stock CPU kernels happened to agree between decode and the packed full forward")
     assert cell["max_abs_delta_logprob"] < 1e-4
     assert abs(cell["mean_kl"]) < 1e-6
 

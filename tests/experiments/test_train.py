@@ -46,7 +46,6 @@ def test_corpus_split_is_deterministic_and_disjoint(corpus):
     assert corpus.val.numel() > 0 and 2.0 < corpus.unigram_loss() < 5.5
 
 
-@pytest.mark.skipif(not CHECKPOINT.exists(), reason="no shipped checkpoint")
 def test_default_model_loads_with_any_router():
     metrics = json.loads(CHECKPOINT.with_suffix(".json").read_text())
     assert metrics["val_loss"] < metrics["unigram_val_loss"] - 0.5
@@ -66,6 +65,8 @@ def test_train_yaml_mirrors_train_config():
     from pathlib import Path
 
     import yaml
-    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "train.yaml").read_text())
+
+    from lab.hydra_utils import CONFIG_DIR
+    data = yaml.safe_load((Path(CONFIG_DIR) / "train.yaml").read_text())
     assert data["train"] == dataclasses.asdict(TrainConfig())
     assert data["defaults"][0] == {"model": "trained"}

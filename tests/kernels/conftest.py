@@ -1,23 +1,20 @@
-"""Shared fixtures for the kernel tests: fresh random inputs each run, and NaN-poisoned outputs."""
+"""Shared fixtures for the kernel tests: fresh random inputs each run, and NaN-poisoned outputs. GPU-only
+tests carry the `gpu` marker (tests/conftest.py skips them without CUDA)."""
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
 
 from kernels import runtime
+from tests.conftest import draw_seed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture
-def gen() -> torch.Generator:
-    """A generator seeded from the clock; the seed is printed so a failure can be replayed."""
-    seed = time.time_ns() % 2**31
-    print(f"seed={seed}")
-    return torch.Generator().manual_seed(seed)
+def gen(request) -> torch.Generator:
+    """A generator seeded as the `seed` fixture is: DETMOE_SEED, or the clock (printed for a replay)."""
+    return torch.Generator().manual_seed(draw_seed(request.node.name))
 
 
 @pytest.fixture(autouse=True)

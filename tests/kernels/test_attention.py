@@ -7,7 +7,7 @@ import torch
 
 from kernels.ops.attention import attention, schedules, tiles
 from kernels.torch_backend import TorchBackend
-from tests.kernels.conftest import DEVICE, TOL, needs_gpu, randn, rel_err
+from tests.kernels.conftest import DEVICE, TOL, randn, rel_err
 
 
 def _cache(gen, S, L, Hkv, Dh, dtype):
@@ -68,7 +68,7 @@ def test_bad_heads_named():
         attention(q, k, k, torch.tensor([0, 2], dtype=torch.int32, device=DEVICE), one * 2, one * 0, 1.0)
 
 
-@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("ctx", [1000, 8500])
 def test_gpu_prefill_equals_decode(gen, ctx, dtype):
@@ -120,3 +120,31 @@ def test_cache_strides_must_match():
     one = torch.ones(1, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="same strides"):
         attention(q, k, v, torch.tensor([0, 1], dtype=torch.int32, device=DEVICE), one, one * 0, 1.0)
+
+
+# A valid batch: sequences (2 queries, kv_len 3, slot 0) and (1 query, kv_len 5, slot 1) over a cache of
+# 2 slots x 8 positions; each row below breaks one index tensor.
+BAD_INDICES = [
+    (dict(cu=[0, 2, 4]), "cu_seqlens_q"),       # ends past the 3 query rows
+    (dict(cu=[1, 2, 3]), "cu_seqlens_q"),       # does not start at 0
+    (dict(cu=[0, 4, 3]), "cu_seqlens_q"),       # decreases
+    (dict(kv=[1, 5]), "kv_lens"),               # fewer keys than the sequence's 2 queries
+    (dict(kv=[3, 9]), "kv_lens"),               # past the cache length 8
+    (dict(kv=[3.0, 5.0]), "kv_lens"),           # not integers
+    (dict(slots=[0, 2]), "slots"),              # past the 2 slots
+    (dict(slots=[-1, 1]), "slots"),
+]
+
+
+@pytest.mark.parametrize("bad, field", BAD_INDICES)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_indices_named(bad, field, backend):
+    if backend == "triton" and DEVICE != "cpu":
+        pytest.skip("on the GPU the launcher leaves value checks to the model (one sync per forward)")
+    q = torch.randn(3, 4, 8, device=DEVICE)
+    k = torch.randn(2, 8, 2, 8, device=DEVICE)
+    idx = {**dict(cu=[0, 2, 3], kv=[3, 5], slots=[0, 1]), **bad}
+    cu, kv, slots = (torch.tensor(idx[n], device=DEVICE) for n in ("cu", "kv", "slots"))
+    run = attention if backend == "triton" else TorchBackend().attention
+    with pytest.raises(ValueError, match=field):
+        run(q, k, k, cu, kv, slots, 1.0)

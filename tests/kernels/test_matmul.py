@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels.ops.matmul import TILES_GPU, Tiles, matmul, reduction_for
-from tests.kernels.conftest import DEVICE, TOL, batches_with_probe, needs_gpu, randn, rel_err
+from tests.kernels.conftest import DEVICE, TOL, batches_with_probe, randn, rel_err
 
 SIZES = [1, 2, 3, 4, 5, 7, 8, 13, 31, 64, 67, 97]          # odd and prime sizes included
 
@@ -41,19 +41,8 @@ def test_bad_shapes_name_the_parameter():
         matmul(x.int(), torch.randn(8, 4, device=DEVICE))
 
 
-def test_torch_backend_is_variant_on_this_machine(gen):
-    """Why the backend exists: stock fp32 torch.mm changes row 0 between batch sizes (FACTS.md: 3 vs 4
-    on the 2-core CPU). Reports (xfail) rather than fails if a future torch is invariant here."""
-    K = N = 4096 if DEVICE == "cpu" else 8192
-    x, w = randn(gen, 64, K), randn(gen, K, N)
-    rows0 = {torch.mm(x[:m], w)[0].cpu().numpy().tobytes() for m in (1, 2, 3, 4, 8, 16, 64)}
-    if len(rows0) == 1:
-        pytest.xfail("stock torch.mm gave one version of row 0 over batch sizes here (fixed upstream?)")
-    assert len(rows0) > 1
-
-
 # --- GPU: real sizes, M swept densely -----------------------------------------------------------------
-@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("K,N", [(4096, 4096), (14336, 4096), (2048, 768), (4096, 14336)])
 def test_gpu_row_invariant_dense_m(gen, K, N):
     w = randn(gen, K, N, dtype=torch.bfloat16)
@@ -72,7 +61,7 @@ def test_gpu_row_invariant_dense_m(gen, K, N):
             assert torch.equal(matmul(x[:300], w, tiles=tiles), at_300), f"tiles {tiles} changed bits"
 
 
-@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_gpu_row_invariant_other_dtypes(gen, dtype):
     """fp16 takes bf16's tiles and K steps; fp32 its own K step with an ieee (FMA) dot."""

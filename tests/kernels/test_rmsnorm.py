@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels.ops.rmsnorm import rms_norm
-from tests.kernels.conftest import TOL, batches_with_probe, needs_gpu, randn, rel_err
+from tests.kernels.conftest import TOL, batches_with_probe, randn, rel_err
 
 SIZES = [1, 2, 3, 7, 13, 64, 67, 300]
 
@@ -27,7 +27,7 @@ def test_row_invariant_and_accurate(gen, dtype, D):
     assert rel_err(out, _reference(batch, w, 1e-6)) < TOL[dtype]
 
 
-@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("D", [2048, 4096, 7168])
 def test_gpu_row_invariant(gen, D):
     w = randn(gen, D, dtype=torch.bfloat16)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels.ops.softmax import log_softmax, softmax
-from tests.kernels.conftest import batches_with_probe, needs_gpu, randn, rel_err
+from tests.kernels.conftest import batches_with_probe, randn, rel_err
 
 SIZES = [1, 2, 3, 7, 13, 64, 67, 300]
 
@@ -23,7 +23,7 @@ def test_row_invariant_and_accurate(gen, fn, ref, dtype, N):
     assert rel_err(out, ref(batch.double(), -1)) < 1e-5
 
 
-@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("N", [512, 151936])
 def test_gpu_row_invariant(gen, N):
     x = randn(gen, 1024, N, dtype=torch.bfloat16) * 4

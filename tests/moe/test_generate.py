@@ -12,6 +12,10 @@ def test_greedy_batched_equals_alone_and_recompute(make_model):
     prompts = random_prompts(4, model.cfg.vocab_size, 2, 9)
     batched = moe.generate(model, prompts, max_new_tokens=6)
     assert [len(g) for g in batched] == [6] * 4
+    # each prompt generated alone
+    for prompt, together in zip(prompts, batched):
+        alone = moe.generate(model, [prompt], max_new_tokens=6)[0]
+        assert alone == together or _near_tie(model, prompt, together, prompt + alone)
     # greedy continuation by full recomputation, no cache
     p = prompts[0] + []
     for _ in range(6):
@@ -54,8 +58,12 @@ def test_top_p_keeps_only_the_nucleus():
 
 @pytest.mark.parametrize("kw, field", [
     (dict(prompts=[]), "prompts"), (dict(prompts=[[]]), "prompts"),
-    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-1.0), "temperature"),
-    (dict(top_p=0.0), "top_p"),
+    (dict(prompts=[[1, 2], [3, 256]]), r"prompts\[1\].*vocab_size"),   # the tiny preset's vocab is 256
+    (dict(prompts=[[-1]]), "prompts"), (dict(prompts=[[1.0, 2.0]]), "prompts"),
+    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(max_new_tokens=2.0), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(eos_id=256), "eos_id"), (dict(seed=1.5, temperature=1.0), "seed"),
 ])
 def test_bad_arguments(make_model, kw, field):
     args = dict(prompts=[[1, 2]], max_new_tokens=2)

@@ -1,4 +1,5 @@
-"""Router semantics on hand-built cases, and batch-(in)variance as properties."""
+"""Router semantics on hand-built cases, batch-(in)variance as properties, the constructors' checks, and
+the registry (a router defined here is built by name with no other edit)."""
 import dataclasses
 import math
 
@@ -7,7 +8,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import moe
-from moe.routers import expert_capacity
+from moe.routers import Router, check_positive, expert_capacity, register_router, registry
+from moe.routing import Routing
+from tests.conftest import tiny_config
 
 
 def route(name, logits, seq_ids=None, positions=None, state=None, **kw):
@@ -182,3 +185,99 @@ def test_sequence_capacity_state_across_multi_token_steps(steps, seed):
         state, start = r.state, start + n
         drops.append(r.dropped)
     assert torch.equal(torch.cat(drops), full.dropped)
+
+
+# ---- every constructor checks its arguments ---------------------------------------------------------
+
+BAD_ARGUMENTS = [  # (routers, keyword arguments, the parameter the message must name)
+    (moe.ROUTERS, dict(n_experts=0, top_k=1), "n_experts"),
+    (moe.ROUTERS, dict(n_experts=4.0, top_k=1), "n_experts"),
+    (moe.ROUTERS, dict(n_experts=4, top_k=6), "top_k"),     # once silently clipped to 4 experts
+    (moe.ROUTERS, dict(n_experts=4, top_k=0), "top_k"),
+    (moe.ROUTERS, dict(n_experts=4, top_k=True), "top_k"),
+    (("capacity",), dict(drop_order="postion"), "drop_order"),   # once silently meant "position"
+    (("capacity", "expert_choice", "sequence_capacity"), dict(capacity_factor=0.0), "capacity_factor"),
+    (("capacity", "expert_choice", "sequence_capacity"), dict(capacity_factor=-1), "capacity_factor"),
+    (("capacity", "expert_choice", "sequence_capacity"), dict(capacity_factor="1.25"), "capacity_factor"),
+    (("capacity", "sequence_capacity"), dict(min_capacity=-1), "min_capacity"),
+    (("sequence_capacity",), dict(group_size=0), "group_size"),
+    (("sequence_capacity",), dict(group_size=2.5), "group_size"),
+    (("topk", "capacity", "sequence_capacity"), dict(renormalize="yes"), "renormalize"),
+    (moe.ROUTERS, dict(no_such_option=1), "no_such_option"),
+]
+
+
+@pytest.mark.parametrize("names, kw, field", BAD_ARGUMENTS)
+def test_build_router_refuses_bad_arguments(names, kw, field):
+    for name in names:
+        with pytest.raises(ValueError, match=field):
+            moe.build_router(name, **{"n_experts": 4, "top_k": 2, **kw})
+
+
+@pytest.mark.parametrize("names, kw, field", [b for b in BAD_ARGUMENTS if b[2] != "no_such_option"])
+def test_moe_config_refuses_what_the_routers_refuse(names, kw, field):
+    """MoEConfig shares the routers' rules, for its chosen router and for options it does not use."""
+    for name in ("topk", *names):
+        with pytest.raises(ValueError, match=field):
+            moe.MoEConfig(**{"n_experts": 4, "top_k": 2, "d_expert": 8, "router": name, **kw})
+
+
+def test_router_options_are_the_constructor_parameters():
+    assert registry.router_options("capacity") == dict(renormalize=True, capacity_factor=1.25,
+                                                       drop_order="position", min_capacity=0)
+    assert registry.router_options("expert_choice") == dict(capacity_factor=1.25)
+
+
+# ---- a router added in one file --------------------------------------------------------------------
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """The registry as it is, restored after the test: routers registered in it do not outlive it."""
+    monkeypatch.setattr(registry, "_ROUTERS", dict(registry._ROUTERS))
+
+
+def test_a_router_defined_here_is_built_by_name(scratch_registry, seed):
+    @register_router
+    class HashRouter(Router):
+        """Each token goes to experts (token position + j) mod E, weights from its probabilities."""
+        name = "hash_test"
+        drops = False
+        batch_invariant = True
+
+        def __init__(self, n_experts: int, top_k: int, capacity_factor: float = 1.25):
+            super().__init__(n_experts, top_k, renormalize=False)
+            self.capacity_factor = check_positive("capacity_factor", capacity_factor)
+
+        def assign(self, probs, seq_ids, positions, state) -> Routing:
+            experts = (positions[:, None] + torch.arange(self.top_k)) % self.n_experts   # [T, k]
+            return Routing(experts, probs.gather(1, experts), torch.zeros_like(experts, dtype=torch.bool), probs)
+
+    assert moe.ROUTERS[-1] == "hash_test"
+    r = moe.build_router("hash_test", n_experts=4, top_k=2, capacity_factor=2.0)
+    assert isinstance(r, HashRouter) and r.capacity_factor == 2.0
+    with pytest.raises(ValueError, match="capacity_factor"):
+        moe.build_router("hash_test", n_experts=4, top_k=2, capacity_factor=0)
+    model = moe.MoETransformer(tiny_config("hash_test", capacity_factor=1.5))
+    assert isinstance(model.blocks[0].moe.router, HashRouter) and model.blocks[0].moe.router.capacity_factor == 1.5
+    tokens, cu = moe.cu_seqlens_of([[1, 2, 3], [4, 5]])
+    _, routings = model(tokens, cu)
+    assert routings[0].experts.tolist() == [[0, 1], [1, 2], [2, 3], [0, 1], [1, 2]]
+
+
+def test_register_router_refuses_what_cannot_be_built(scratch_registry):
+    with pytest.raises(ValueError, match="name"):
+        register_router(type("NoName", (Router,), {"name": "not an identifier"}))
+
+    class Taken(Router):
+        name = "topk"
+    with pytest.raises(ValueError, match="already registered"):
+        register_router(Taken)
+
+    class NoDefault(Router):
+        name = "no_default_test"
+
+        def __init__(self, n_experts: int, top_k: int, spread: float):
+            super().__init__(n_experts, top_k)
+    with pytest.raises(ValueError, match="spread"):
+        register_router(NoDefault)
+    assert "no_default_test" not in moe.ROUTERS

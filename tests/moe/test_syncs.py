@@ -5,6 +5,8 @@ On a GPU every op whose output size or value the host must know (`.item()`, `int
 until the GPU catches up. We count those ops as they are dispatched (on the CPU, where the same ops
 run), with a stub backend so that only the model's own code is counted, not a kernel's.
 """
+import dataclasses
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -69,8 +71,7 @@ def test_layers_add_no_syncs_beyond_dropping_routers_nonzero(seed, router):
     """A step through a cache: the dropless router syncs nowhere in its layers; a router that can drop
     syncs once per layer (the kept assignments' count is data: nonzero), and nothing else does."""
     for n_layers in (1, 3):
-        cfg = tiny_config(router)
-        cfg.n_layers = n_layers
+        cfg = dataclasses.replace(tiny_config(router), n_layers=n_layers)
         model = moe.MoETransformer(cfg)
         cache = model.new_cache(4, 32)
         prompts = random_prompts(3, cfg.vocab_size, 1, 9)
