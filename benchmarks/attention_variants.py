@@ -31,7 +31,7 @@ VARIANTS = {
     "bn128": {"GPU_BLOCK_N": 128},                # 128-key blocks (another fixed order, both schedules)
     "split256": {"GPU_SPLIT": 256},               # shorter fixed splits (another fixed order)
     "fold128": {"FOLD_BLOCK_M": 128},             # 128-row fold tiles for decode too (8 warps)
-    "fold64": {"FOLD_BLOCK_M_PREFILL": 64},       # 64-row prefill tiles (session 2's default)
+    "fold64": {"FOLD_BLOCK_M_PREFILL": 64},       # 64-row prefill tiles, as decode
     "stages2": {"GPU_STAGES": 2},                 # pipeline depth (both schedules)
     "stages4": {"GPU_STAGES": 4},
 }

@@ -1,8 +1,8 @@
-"""Benchmark the batch-invariant kernels against their stock peers on one GPU (issue 4).
+"""Benchmark the batch-invariant kernels against their stock peers on one GPU.
 
 Medians of `triton.testing.do_bench`, ours and stock in the same run, ratio = ours / stock (lower is
-better; < 1 means ours is faster). Writes a CSV and a JSON (with the command line and the GPU name) to
---out (default benchmarks/results/).
+better; < 1 means ours is faster). Writes bench_kernels[_TAG].csv and .json (with the command line and the
+GPU name) to --out (default benchmarks/results/, where git keeps the earlier runs).
 
     python -m benchmarks.bench_kernels                    # all three tables
     python -m benchmarks.bench_kernels --only matmul --quick
@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=INT",
                     help="override a module constant for this run, e.g. kernels.ops.attention.FOLD_BLOCK_M=128 "
                          "(to compare kernel variants; the defaults are what the backend runs)")
-    ap.add_argument("--tag", default="", help="added to the output file names")
+    ap.add_argument("--tag", default="", help="added to the output file names: bench_kernels_TAG.csv")
     args = ap.parse_args()
     for item in args.set:
         name, value = item.split("=")
@@ -147,12 +147,12 @@ def main() -> None:
         print(f"{name:10s} geo-mean ratio {summary[name]['geomean']:.3f}  max {summary[name]['max']:.2f}  "
               f"min {summary[name]['min']:.2f}  ({len(ratios)} cells)")
     os.makedirs(args.out, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S") + (f"_{args.tag}" if args.tag else "")
-    with open(os.path.join(args.out, f"bench_kernels_{stamp}.csv"), "w", newline="") as f:
+    stem = "bench_kernels" + (f"_{args.tag}" if args.tag else "")
+    with open(os.path.join(args.out, f"{stem}.csv"), "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
         wr.writeheader()
         wr.writerows(rows)
-    with open(os.path.join(args.out, f"bench_kernels_{stamp}.json"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump(dict(command=" ".join(sys.argv), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                        triton=triton.__version__, summary=summary, rows=rows), f, indent=1)
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU claim of the project, checked in one go on a CUDA machine (we use an H100 through the
 # device tool; the figures in benchmarks/results/ came from this script). Usage:
-#   bash benchmarks/gpu_checks.sh tests|bench|experiments|repro|probe  OUT_DIR
+#   bash benchmarks/gpu_checks.sh tests|bench|experiments|repro|probe|parallel  OUT_DIR
 # Needs torch + triton there; hydra comes from wheels in .whl/ when the machine has no hydra.
 set -uo pipefail
-part=${1:?tests|bench|experiments|repro|probe}
+part=${1:?tests|bench|experiments|repro|probe|parallel}
 out=${2:?output directory}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -36,7 +36,7 @@ case $part in
     # `repro`: REPRO_RUNS runs (serve_wide/), default 300: measured 85 s on one H100 (97 vs 1 distinct);
     # REPRO_RUNS=1000 is the published count: 168 s (188 vs 1; benchmarks/results/gpu_serve_wide/).
     # sdpa_backends.txt says which fused SDPA kernels accept the stock backend's masked GQA call (cuDNN's
-    # did, and ran: bench_model_profile_large_*.txt). Each cell's steps and seconds are in the summary.
+    # did, and ran: benchmarks/results/profiles/). Each cell's steps and seconds are in the summary.
     python3 - <<'PY' 2>&1 | tee "$out/sdpa_backends.txt"
 import torch
 from torch.backends import cuda
@@ -59,4 +59,16 @@ PY
       serve.load=1.25 serve.load_period=100 serve.traffic_max_len=64 serve.traffic_max_new=16 \
       hydra.run.dir="$out/$dir" 2>&1 | grep -v "cell/s" | tee "$out/$dir.log"
     echo "serve_sim wide, $runs runs: $((SECONDS - start)) s in all" | tee -a "$out/$dir.log" ;;
+  parallel)
+    # Multi-GPU (one host): the same bits on 1, 2 and 4 GPUs with the batch_invariant backend, batch
+    # invariance under each layout, and the step time of both backends (PRESET, default wide). NVLink
+    # multicast stays off: it can take a shared host's GPUs out of service.
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+    for W in 1 2 4; do
+      [ "$W" -le "$gpus" ] || continue
+      torchrun --standalone --nproc_per_node "$W" -m benchmarks.parallel_check --preset "${PRESET:-wide}" \
+        --out "$out" 2>&1 | tail -n 80 > "$out/parallel_W$W.log"
+    done
+    python3 -m benchmarks.parallel_check --compare "$out" ;;
 esac

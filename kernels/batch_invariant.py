@@ -10,7 +10,7 @@ interpreter on CPU tensors (`import kernels` switches it on, before anything imp
 needed). Importing `kernels` does not import this module (or triton): the backend is built on first use.
 
 Every op is one of ours: no stock op was kept (see kernels/NOTES.md: stock rms_norm/log_softmax measured
-invariant on the H100 in FACTS.md, but our kernels also run on the CPU interpreter and keep one code path).
+invariant on the H100, but our kernels also run on the CPU interpreter and keep one code path).
 """
 from __future__ import annotations
 

@@ -4,12 +4,15 @@ Legend: T = tokens in the step, D = d_model, H = query heads, Hkv = key/value he
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
 import kernels
 from moe.cache import KVCache
 from moe.config import ModelConfig
+from moe.parallel import Layout, mark_shard, row_parallel_matmul, size_of
 from moe.step import Step
 
 
@@ -30,16 +33,22 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
+    """With a layout, this rank's H/W query heads and Hkv/W key/value heads (Megatron-style tensor
+    parallelism: wq/wk/wv split by columns, wo by rows, one cross-rank sum after wo)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, layout: Optional[Layout] = None):
         super().__init__()
-        self.cfg, self.layer = cfg, layer
-        H, Hkv, Dh, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
-        self.wq = nn.Parameter(torch.empty(D, H * Dh, dtype=dtype))
-        self.wk = nn.Parameter(torch.empty(D, Hkv * Dh, dtype=dtype))
-        self.wv = nn.Parameter(torch.empty(D, Hkv * Dh, dtype=dtype))
-        self.wo = nn.Parameter(torch.empty(H * Dh, D, dtype=dtype))
+        self.cfg, self.layer, self.layout = cfg, layer, layout
+        W = size_of(layout)
+        self.n_heads, self.n_kv_heads = cfg.n_heads // W, cfg.n_kv_heads // W     # this rank's
+        H, Hkv, Dh, D = self.n_heads, self.n_kv_heads, cfg.head_dim, cfg.d_model
+        self.wq = mark_shard(nn.Parameter(torch.empty(D, H * Dh, dtype=dtype)), layout, dim=1)
+        self.wk = mark_shard(nn.Parameter(torch.empty(D, Hkv * Dh, dtype=dtype)), layout, dim=1)
+        self.wv = mark_shard(nn.Parameter(torch.empty(D, Hkv * Dh, dtype=dtype)), layout, dim=1)
+        self.wo = mark_shard(nn.Parameter(torch.empty(H * Dh, D, dtype=dtype)), layout, dim=0)
         if cfg.qkv_bias:  # Qwen2-MoE
-            self.bq, self.bk, self.bv = (nn.Parameter(torch.empty(n * Dh, dtype=dtype)) for n in (H, Hkv, Hkv))
+            self.bq, self.bk, self.bv = (mark_shard(nn.Parameter(torch.empty(n * Dh, dtype=dtype)), layout, dim=0)
+                                         for n in (H, Hkv, Hkv))
         if cfg.qk_norm:   # OLMoE normalises the whole projection, Qwen3-MoE each head
             self.q_norm = nn.Parameter(torch.ones(H * Dh if cfg.qk_norm == "full" else Dh, dtype=dtype))
             self.k_norm = nn.Parameter(torch.ones(Hkv * Dh if cfg.qk_norm == "full" else Dh, dtype=dtype))
@@ -51,9 +60,9 @@ class Attention(nn.Module):
             q, k, v = q + self.bq, k + self.bk, v + self.bv
         if cfg.qk_norm == "full":
             q, k = kernels.rms_norm(q, self.q_norm, cfg.norm_eps), kernels.rms_norm(k, self.k_norm, cfg.norm_eps)
-        q = q.view(T, cfg.n_heads, cfg.head_dim)
-        k = k.view(T, cfg.n_kv_heads, cfg.head_dim)
-        v = v.view(T, cfg.n_kv_heads, cfg.head_dim)
+        q = q.view(T, self.n_heads, cfg.head_dim)
+        k = k.view(T, self.n_kv_heads, cfg.head_dim)
+        v = v.view(T, self.n_kv_heads, cfg.head_dim)
         if cfg.qk_norm == "head":
             q = kernels.rms_norm(q.reshape(-1, cfg.head_dim), self.q_norm, cfg.norm_eps).view_as(q)
             k = kernels.rms_norm(k.reshape(-1, cfg.head_dim), self.k_norm, cfg.norm_eps).view_as(k)
@@ -63,5 +72,7 @@ class Attention(nn.Module):
         cache.write(self.layer, step.slots, step.positions, step.seq_idx, k, v)
         out = kernels.attention(q, cache.k[self.layer], cache.v[self.layer], step.cu_seqlens,
                                 step.kv_lens, step.slots, cfg.head_dim ** -0.5)   # [T, H, Dh]
-        return kernels.matmul(out.reshape(T, cfg.n_heads * cfg.head_dim), self.wo)
+        # row-parallel: K (the heads) summed as a fixed tree of chunks, across ranks too (moe/parallel.py)
+        return row_parallel_matmul(out.reshape(T, self.n_heads * cfg.head_dim), self.wo, cfg.reduce_chunks,
+                                   self.layout)
 

@@ -16,15 +16,15 @@ from moe.routing import ChunkState
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, n_slots: int, max_len: Optional[int] = None, *,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, n_kv_heads: Optional[int] = None):
         """dtype and device of the keys and values: the model's (`model.new_cache`), which after a
-        `.to()` cast are not cfg.dtype."""
+        `.to()` cast are not cfg.dtype. n_kv_heads: the heads this rank holds (default all)."""
         if n_slots < 1:
             raise ValueError(f"n_slots must be >= 1, got {n_slots}")
         self.max_len = max_len or cfg.max_seq_len
         if self.max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {self.max_len}")
-        shape = (n_slots, self.max_len, cfg.n_kv_heads, cfg.head_dim)
+        shape = (n_slots, self.max_len, n_kv_heads or cfg.n_kv_heads, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)

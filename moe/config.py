@@ -67,6 +67,10 @@ class ModelConfig:
     attn_head_dim: Optional[int] = None  # per-head width when not d_model / n_heads (Qwen3-MoE)
     qkv_bias: bool = False             # biases on the q/k/v projections (Qwen2-MoE)
     qk_norm: Optional[str] = None      # RMSNorm on q, k before RoPE: "full" projection (OLMoE), "head" (Qwen3)
+    # batch_invariant backend: the row-parallel matmuls (attention output, expert and shared-expert down
+    # projections) sum K as a balanced tree of this many equal chunks, so that any tensor-parallel size
+    # dividing it gives the same bits (moe/parallel.py). A power of two.
+    reduce_chunks: int = 4
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):  # from Hydra/YAML
@@ -84,6 +88,12 @@ class ModelConfig:
         _check(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         _check(self.qk_norm is None or self.qk_norm in QK_NORMS,
                f"qk_norm must be None or one of {QK_NORMS}, got {self.qk_norm!r}")
+        C = self.reduce_chunks
+        _check(isinstance(C, int) and C >= 1 and C & (C - 1) == 0,
+               f"reduce_chunks must be a power of two >= 1, got {C!r}")
+        for name, K in (("n_heads * head_dim", self.n_heads * self.head_dim), ("d_expert", self.moe.d_expert)):
+            _check(K % C == 0, f"{name}={K} must be divisible by reduce_chunks={C} (the row-parallel "
+                               "matmuls sum K in that many equal chunks)")
 
     @property
     def head_dim(self) -> int:

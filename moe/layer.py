@@ -1,8 +1,11 @@
 """The MoE feed-forward layer: route, sort tokens by expert, run SwiGLU experts as grouped GEMMs,
 combine each token's expert outputs, add optional shared experts.
 
+With a layout (moe/parallel.py) a rank holds E/W whole experts ("ep") or every expert's F/W columns
+("tp"), and F/W of the shared experts; every rank routes the whole batch the same way.
+
 Legend: T = tokens, D = d_model, E = experts, F = d_expert, S = expert slots per token,
-A = kept assignments.
+A = kept assignments, W = ranks of the layout.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import torch.nn.functional as F
 
 import kernels
 from moe.config import MoEConfig
+from moe.parallel import (Layout, all_gather, all_reduce, mark_shard, row_parallel_grouped_matmul,
+                          row_parallel_matmul, size_of)
 from moe.routers import router_from_config
 from moe.routing import ChunkState, Routing
 
@@ -21,19 +26,35 @@ from moe.routing import ChunkState, Routing
 class MoELayer(nn.Module):
     """`y, routing = layer(x, seq_ids)` for a ragged batch x [T, D] with seq_ids [T]."""
 
-    def __init__(self, cfg: MoEConfig, d_model: int, dtype: Optional[torch.dtype] = None):
+    def __init__(self, cfg: MoEConfig, d_model: int, dtype: Optional[torch.dtype] = None,
+                 reduce_chunks: int = 4, layout: Optional[Layout] = None):
         super().__init__()
-        self.cfg, self.d_model = cfg, d_model
-        E, Fd = cfg.n_experts, cfg.d_expert
+        self.cfg, self.d_model, self.reduce_chunks, self.layout = cfg, d_model, reduce_chunks, layout
+        W = size_of(layout)
+        E, Fd, Fs = cfg.n_experts, cfg.d_expert, cfg.n_shared_experts * cfg.d_expert
+        for name, K in (("d_expert", Fd), ("the shared experts' width", Fs)):
+            if K % reduce_chunks:
+                raise ValueError(f"{name}={K} must be divisible by reduce_chunks={reduce_chunks}")
+        self.expert_parallel = layout is not None and layout.experts == "ep"
+        self.expert_tensor_parallel = layout is not None and layout.experts == "tp"
+        E_local = E // W if self.expert_parallel else E
+        F_local = Fd // W if self.expert_tensor_parallel else Fd
         kw = dict(dtype=dtype)  # None: torch's default dtype, as for nn.Linear
         self.router = router_from_config(cfg)
         self.w_router = nn.Parameter(torch.empty(d_model, E, **kw))
-        self.w_gate_up = nn.Parameter(torch.empty(E, d_model, 2 * Fd, **kw))  # gate and up projections, fused
-        self.w_down = nn.Parameter(torch.empty(E, Fd, d_model, **kw))
+        # gate and up projections, fused; "ep" splits the expert axis, "tp" each expert's F (gate and up alike)
+        self.w_gate_up = nn.Parameter(torch.empty(E_local, d_model, 2 * F_local, **kw))
+        self.w_down = nn.Parameter(torch.empty(E_local, F_local, d_model, **kw))
+        if self.expert_parallel:
+            mark_shard(self.w_gate_up, layout, dim=0)
+            mark_shard(self.w_down, layout, dim=0)
+        elif self.expert_tensor_parallel:
+            mark_shard(self.w_gate_up, layout, dim=2, parts=2)
+            mark_shard(self.w_down, layout, dim=1)
         if cfg.n_shared_experts:
-            Fs = cfg.n_shared_experts * Fd
-            self.w_shared_gate_up = nn.Parameter(torch.empty(d_model, 2 * Fs, **kw))
-            self.w_shared_down = nn.Parameter(torch.empty(Fs, d_model, **kw))
+            self.w_shared_gate_up = mark_shard(nn.Parameter(torch.empty(d_model, 2 * Fs // W, **kw)), layout,
+                                               dim=1, parts=2)
+            self.w_shared_down = mark_shard(nn.Parameter(torch.empty(Fs // W, d_model, **kw)), layout, dim=0)
             if cfg.shared_expert_gate:
                 self.w_shared_gate = nn.Parameter(torch.empty(d_model, 1, **kw))
 
@@ -65,9 +86,26 @@ class MoELayer(nn.Module):
         # bincount's device sync
         ids = torch.arange(self.cfg.n_experts, device=order.device, dtype=flat_experts.dtype)
         offsets = torch.searchsorted(flat_experts[order], ids, right=True).to(torch.int32)  # [E]
-        h = kernels.grouped_matmul(x[order // S], self.w_gate_up, offsets)       # [A, 2F]
+        rows = order
+        if self.expert_parallel:  # this rank's experts own one contiguous run of the sorted order
+            rows, offsets = _local_run(order, offsets, self.layout)              # [A_r], [E/W]
+        h = kernels.grouped_matmul(x[rows // S], self.w_gate_up, offsets)        # [A_r, 2F/W]
         gate, up = h.chunk(2, dim=1)
-        out = kernels.grouped_matmul(F.silu(gate) * up, self.w_down, offsets)     # [A, D]
+        act = F.silu(gate) * up
+        if self.layout is not None and not kernels.get_backend().ordered_collectives:
+            # stock: each rank combines the outputs it holds, then one all-reduce (as serving engines do)
+            out = kernels.grouped_matmul(act, self.w_down, offsets)
+            return all_reduce(self._combine(out, rows, routing, x), self.layout)
+        out = row_parallel_grouped_matmul(act, self.w_down, offsets, self.reduce_chunks, self.layout,
+                                          split=self.expert_tensor_parallel)     # [A_r, D]
+        if self.expert_parallel:  # every rank gets every expert's rows, with the bits their rank computed
+            owner = flat_experts[order] // self.w_down.shape[0]                   # [A] rank of each expert
+            out = _gather_rows(out, rows, order, owner, T * S, self.layout)      # [A, D]
+        return self._combine(out, order, routing, x)
+
+    def _combine(self, out: torch.Tensor, order: torch.Tensor, routing: Routing, x: torch.Tensor) -> torch.Tensor:
+        """y [T, D]: each token's weighted expert outputs (out: the rows of `order`) summed in fp32."""
+        T, S = routing.experts.shape
         w = routing.weights.flatten()[order, None]
         acc = torch.promote_types(x.dtype, torch.float32)  # fp32 accumulate (fp64 stays fp64)
         if self.cfg.combine == "scatter_add":
@@ -86,10 +124,31 @@ class MoELayer(nn.Module):
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = kernels.matmul(x, self.w_shared_gate_up).chunk(2, dim=1)
-        y = kernels.matmul(F.silu(gate) * up, self.w_shared_down)
+        y = row_parallel_matmul(F.silu(gate) * up, self.w_shared_down, self.reduce_chunks, self.layout)
         if self.cfg.shared_expert_gate:
             y = y * torch.sigmoid(kernels.matmul(x, self.w_shared_gate))
         return y
+
+
+def _local_run(order: torch.Tensor, offsets: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sorted assignments of this rank's experts and their group ends, relative to the run (one
+    device sync, for the run's bounds)."""
+    E_local = offsets.shape[0] // layout.size
+    lo = layout.rank * E_local
+    ends = offsets[lo:lo + E_local]
+    start = offsets[lo - 1] if lo > 0 else torch.zeros((), dtype=offsets.dtype, device=offsets.device)
+    first, last = torch.stack([start, ends[-1]]).tolist()
+    return order[first:last], ends - first
+
+
+def _gather_rows(out: torch.Tensor, rows: torch.Tensor, order: torch.Tensor, owner: torch.Tensor,
+                 n_cells: int, layout: Layout) -> torch.Tensor:
+    """Expert parallelism's return trip: each rank puts its rows in their (token, slot) cells, the cells
+    are all-gathered, and each assignment of `order` takes the row from its expert's rank. A copy, no
+    arithmetic."""
+    cells = out.new_zeros(n_cells, out.shape[1])                               # [T*S, D]
+    cells[rows] = out
+    return all_gather(cells, layout)[owner, order]                             # [W, T*S, D] -> [A, D]
 
 
 def _positions_in_sequence(seq_ids: torch.Tensor) -> torch.Tensor:

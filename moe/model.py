@@ -17,18 +17,19 @@ from moe.attention import Attention
 from moe.cache import KVCache
 from moe.config import ModelConfig
 from moe.layer import MoELayer
+from moe.parallel import Layout, shard_of, size_of
 from moe.routing import Routing
 from moe.step import Step
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, layout: Optional[Layout] = None):
         super().__init__()
         self.layer, self.eps = layer, cfg.norm_eps
         self.attn_norm = nn.Parameter(torch.ones(cfg.d_model, dtype=dtype))
-        self.attn = Attention(cfg, layer, dtype)
+        self.attn = Attention(cfg, layer, dtype, layout)
         self.moe_norm = nn.Parameter(torch.ones(cfg.d_model, dtype=dtype))
-        self.moe = MoELayer(cfg.moe, cfg.d_model, dtype)
+        self.moe = MoELayer(cfg.moe, cfg.d_model, dtype, cfg.reduce_chunks, layout)
 
     def forward(self, x: torch.Tensor, step: Step, cache: KVCache) -> tuple[torch.Tensor, Routing]:
         x = x + self.attn(kernels.rms_norm(x, self.attn_norm, self.eps), step, cache)
@@ -42,15 +43,20 @@ class Block(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None):
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None,
+                 layout: Optional[Layout] = None):
+        """layout: spread the model over the ranks of a process group (moe/parallel.py); each rank then
+        holds its shard of the weights the same config gives one device, and returns the full logits."""
         super().__init__()
-        self.cfg = cfg
+        if layout is not None:
+            layout.check(cfg)
+        self.cfg, self.layout = cfg, layout
         dtype = cfg.torch_dtype
         # built in place, in the target dtype: a large preset never passes through CPU memory, nor
         # through fp32 (twice its size in bf16)
         with torch.device(device or "cpu"):
             self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model, dtype=dtype))
-            self.blocks = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.n_layers))
+            self.blocks = nn.ModuleList(Block(cfg, i, dtype, layout) for i in range(cfg.n_layers))
             self.final_norm = nn.Parameter(torch.ones(cfg.d_model, dtype=dtype))
             self.lm_head = (None if cfg.tie_embeddings else
                             nn.Parameter(torch.empty(cfg.d_model, cfg.vocab_size, dtype=dtype)))
@@ -68,9 +74,11 @@ class MoETransformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm"):
                 p.fill_(1.0)
-            else:
-                draw = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
-                p.copy_(draw.mul_(self.cfg.init_std))
+            else:  # a sharded parameter draws the full tensor and keeps its part: the same weights
+                shard = shard_of(p)
+                draw = torch.randn(p.shape if shard is None else shard.full_shape(p.shape), generator=g,
+                                   device=p.device, dtype=torch.float32)
+                p.copy_((draw if shard is None else shard.take(draw)).mul_(self.cfg.init_std))
 
     # The parameters, not cfg.dtype, say where and in what dtype the model computes: `.to()`, `.half()`
     # and `.cuda()` move them, and everything a forward allocates follows them.
@@ -83,7 +91,8 @@ class MoETransformer(nn.Module):
         return self.embed.dtype
 
     def new_cache(self, n_slots: int, max_len: Optional[int] = None) -> KVCache:
-        return KVCache(self.cfg, n_slots, max_len, dtype=self.dtype, device=self.device)
+        return KVCache(self.cfg, n_slots, max_len, dtype=self.dtype, device=self.device,
+                       n_kv_heads=self.cfg.n_kv_heads // size_of(self.layout))
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, cache: Optional[KVCache] = None,

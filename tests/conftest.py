@@ -16,8 +16,6 @@ import torch
 
 import moe
 
-requires_cuda = pytest.mark.gpu  # the `gpu` marker, for modules that import it by this name
-
 CPU_BLAS_REASON = "stock fp32 torch.mm is batch-invariant on this CPU (its BLAS): no stock variance to measure"
 
 

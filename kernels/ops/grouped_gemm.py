@@ -135,7 +135,7 @@ def tiles_for(T: int, E: int, N: int) -> Tiles:
 
 
 # GPU tiles by mean rows per expert: (largest mean of the bucket, Tiles). Chosen from
-# benchmarks/results/tune_20261125/ (tune_kernels.py on an H100): 64x128 tiles win up to ~64 rows per
+# benchmarks/results/tune/ (tune_kernels.py on an H100): 64x128 tiles win up to ~64 rows per
 # expert, 128x256 with 8 warps above (at 65536 rows: 1.8x of torch._grouped_mm with 128x128 tiles, ~1.25x).
 TILES_GPU: list[tuple[int, Tiles]] = [
     (64, Tiles(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)),

@@ -117,7 +117,7 @@ def reduction_for(N: int, K: int, dtype: torch.dtype) -> Reduction:
 BLOCK_K_GPU, BLOCK_K_GPU_FP32 = 64, 32
 
 # GPU tiles by weight width N, then by rows M: {largest N: [(largest M, Tiles), ...]}. Chosen from an
-# H100 run of benchmarks/tune_kernels.py (benchmarks/results/tune_20261125/; N <= 1024 from its
+# H100 run of benchmarks/tune_kernels.py (benchmarks/results/tune/; N <= 1024 from its
 # `--only narrow` run, tune_narrow.csv): the best geometric mean
 # over the benchmark shapes of each (N, M) bucket, among candidates with unchanged row bits. Small M is
 # memory-bound: narrow tiles spread the weight over the SMs, and a 128-deep K step halves the loop trips.

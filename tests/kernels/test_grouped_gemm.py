@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.ops.grouped_gemm import grouped_matmul
+from kernels.ops.grouped_gemm import grouped_matmul, grouped_matmul_partials
 from kernels.torch_backend import TorchBackend
 from tests.kernels.conftest import DEVICE, TOL, randn, rel_err
 
@@ -78,3 +78,21 @@ def test_gpu_token_invariant(gen, E, K, N, dtype):
             out = grouped_matmul(x, w, _offsets(sizes))
             assert torch.equal(out[row], alone), f"token changed: {total} tokens, position {pos}"
     assert rel_err(out[:4096], _reference(x, w, sizes)[:4096]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_partials_are_the_chunks_of_any_k_shard(gen, dtype):
+    """grouped_matmul_partials: chunk c of K gives the same bits whichever K shard holds it (the experts'
+    down projection split by tensor parallelism), and a token's partials do not depend on its group."""
+    E, K, N, C = 4, 64, 40, 4
+    sizes = [3, 0, 11, 6]
+    x, w = randn(gen, sum(sizes), K, dtype=dtype), randn(gen, E, K, N, dtype=dtype)
+    full = grouped_matmul_partials(x, w, _offsets(sizes), C)                 # [C, T, N] fp32
+    Kc = K // C
+    for lo, hi in [(0, 2), (2, 4), (3, 4)]:
+        shard = grouped_matmul_partials(x[:, lo * Kc:hi * Kc].contiguous(), w[:, lo * Kc:hi * Kc].contiguous(),
+                                        _offsets(sizes), hi - lo)
+        assert torch.equal(shard, full[lo:hi]), (lo, hi)
+    alone = grouped_matmul_partials(x[3:4], w, _offsets([0, 0, 1, 0]), C)     # a row of expert 2, alone
+    assert torch.equal(alone[:, 0], full[:, 3])
+    assert rel_err(full.sum(0), _reference(x, w, sizes)) < TOL[dtype]

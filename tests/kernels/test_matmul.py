@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.ops.matmul import TILES_GPU, Tiles, matmul, reduction_for
+from kernels.ops.matmul import TILES_GPU, Tiles, matmul, matmul_partials, reduction_for
 from tests.kernels.conftest import DEVICE, TOL, batches_with_probe, randn, rel_err
 
 SIZES = [1, 2, 3, 4, 5, 7, 8, 13, 31, 64, 67, 97]          # odd and prime sizes included
@@ -89,3 +89,21 @@ def test_interpreter_switch_and_triton_import_order():
     for code, expect in ((works, "ok torch.Size([2, 8])"), (too_late, "import moe or kernels first")):
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert expect in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_partials_are_the_chunks_of_any_k_shard(gen, dtype):
+    """matmul_partials: chunk c of K is summed the same way whichever K shard holds it (a rank of a
+    row-parallel layer holds chunks c0..c1), and the same for every row whatever the batch."""
+    M, K, N, C = 37, 256, 48, 4
+    x, w = randn(gen, M, K, dtype=dtype), randn(gen, K, N, dtype=dtype)
+    full = matmul_partials(x, w, C)                                        # [C, M, N] fp32
+    assert full.dtype == torch.float32 and full.shape == (C, M, N)
+    Kc = K // C
+    for lo, hi in [(0, 2), (2, 4), (1, 2), (3, 4)]:
+        shard = matmul_partials(x[:, lo * Kc:hi * Kc].contiguous(), w[lo * Kc:hi * Kc].contiguous(), hi - lo)
+        assert torch.equal(shard, full[lo:hi]), (lo, hi)
+    assert torch.equal(matmul_partials(x[5:6], w, C)[:, 0], full[:, 5])
+    assert rel_err(full.sum(0), x.double() @ w.double()) < TOL[dtype]
+    with pytest.raises(ValueError, match="chunks"):
+        matmul_partials(x, w, 3)

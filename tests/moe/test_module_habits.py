@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kernels
 import moe
 from moe.engine import Engine, Request
-from tests.conftest import random_prompts, requires_cuda, tiny_config
+from tests.conftest import random_prompts, tiny_config
 
 CASTS = {  # name -> (dtype the model is built in, the cast, dtype it ends in)
     "to_bfloat16": ("float32", lambda m: m.to(torch.bfloat16), torch.bfloat16),
@@ -46,7 +46,7 @@ def test_cast_model_runs_forward_generate_and_engine(seed, cast):
         run_everything(model, prompt)
 
 
-@requires_cuda
+@pytest.mark.gpu
 def test_model_moved_to_cuda_runs_forward_generate_and_engine(seed):
     model = moe.MoETransformer(tiny_config()).to("cuda")
     assert model.device.type == "cuda"

@@ -1,0 +1,113 @@
+"""Tensor- and expert-parallel models (moe/parallel.py) over gloo: CPU processes, Triton's interpreter.
+
+With the batch_invariant backend a sharded model gives the single-process model's logits and greedy
+completions bitwise, alone and inside ragged batches (prefill, decode, mixed and chunked steps); with the
+stock backend its all-reduce changes the bits. Each check runs in every rank (spawned processes); a
+failing assert in any rank fails the test with that rank's traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import kernels
+import moe
+from lab.compositions import Composition
+from moe.engine import Engine, Request
+from moe.parallel import Layout, Shard
+from tests.conftest import random_prompts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(seed: int) -> moe.ModelConfig:
+    # tiny, with a shared expert (a third row-parallel matmul) and 4 KV heads so 4 ranks can split them
+    base = moe.ModelConfig.from_name("tiny", seed=seed, n_kv_heads=4)
+    return replace(base, moe=replace(base.moe, n_shared_experts=1))
+
+
+def _probe_in(model, probe: list[int], comp: Composition | None) -> Request:
+    if comp is None:
+        req = Request(probe, 3, track=True)
+        Engine(model, 1, 64).run([req])
+        return req
+    req, batch = comp.requests(probe, 3)
+    Engine(model, len(batch), 64).run(batch, until_tracked_done=True)
+    return req
+
+
+def _worker(rank: int, world: int, port: int, seed: int, experts: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(seed)                       # the same draws on every rank: the same batch
+        cfg = _config(seed)
+        single = moe.MoETransformer(cfg)
+        sharded = moe.MoETransformer(cfg, layout=Layout(attention="tp", experts=experts))
+        V = cfg.vocab_size
+        prompts = random_prompts(5, V, 1, 12)
+        tokens, cu = moe.cu_seqlens_of(prompts)
+        probe = random_prompts(1, V, 3, 9)[0]
+        comps = [Composition(batch_size=B, probe_index=int(torch.randint(0, B, ())), mode=mode,
+                             co_prompts=(co := random_prompts(B - 1, V, 1, 10)),
+                             co_new_tokens=[int(torch.randint(2, 5, ())) for _ in co],
+                             chunk=3 if mode == "chunked" else None)
+                 for B, mode in [(3, "prefill"), (4, "mixed"), (2, "chunked")]]
+        with kernels.use_backend("batch_invariant"):
+            assert torch.equal(sharded(tokens, cu)[0], single(tokens, cu)[0]), "ragged prefill"
+            alone = _probe_in(single, probe, None)
+            for comp in [None] + comps:
+                got = _probe_in(sharded, probe, comp)
+                assert got.generated == alone.generated, comp and comp.mode
+                assert torch.equal(got.token_logits(), alone.token_logits()), comp and comp.mode
+            assert moe.generate(sharded, prompts, 3) == moe.generate(single, prompts, 3)
+        with kernels.use_backend("torch"):
+            stock_differs = not torch.equal(sharded(tokens, cu)[0], single(tokens, cu)[0])
+        Path(out_dir, f"rank{rank}.json").write_text(
+            json.dumps(dict(stock_differs=stock_differs)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, experts", [(2, "ep"), (2, "tp"), (4, "ep")])
+def test_ranks_give_the_single_process_bits(seed, tmp_path, world, experts):
+    mp.spawn(_worker, args=(world, _free_port(), seed, experts, str(tmp_path)), nprocs=world, join=True)
+    verdicts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    # fp32 on this CPU: a full-K mm and the all-reduce of two half-K mms round differently
+    assert all(v["stock_differs"] for v in verdicts)
+
+
+def test_layout_needs_a_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already up")
+    with pytest.raises(ValueError, match="init_process_group"):
+        Layout()
+
+
+def test_shard_takes_fused_blocks():
+    full = torch.arange(2 * 8).view(2, 8)            # gate | up, 4 columns each
+    parts = [Shard(dim=1, rank=r, size=2, parts=2).take(full) for r in range(2)]
+    assert parts[0].tolist() == [[0, 1, 4, 5], [8, 9, 12, 13]]
+    assert parts[1].tolist() == [[2, 3, 6, 7], [10, 11, 14, 15]]
+    assert Shard(dim=1, rank=0, size=2, parts=2).full_shape(parts[0].shape) == full.shape
+
+
+def test_ordered_sum_is_one_balanced_tree():
+    from moe.parallel import ordered_sum
+    p = torch.randn(4, 3, 5)
+    assert torch.equal(ordered_sum(p, None), (p[0] + p[1]) + (p[2] + p[3]))
+    with pytest.raises(ValueError, match="power-of-two"):
+        ordered_sum(torch.randn(3, 2), None)
