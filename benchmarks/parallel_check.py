@@ -17,6 +17,7 @@ Random weights (the preset's seed), random tokens (fixed seeds): every run sees 
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import os
@@ -194,6 +195,23 @@ def compare(folder: Path) -> None:
             fps = {W: r["layouts"][experts][b] for W, r in sorted(runs.items())}
             same = len({json.dumps(f, sort_keys=True) for f in fps.values()}) == 1
             lines.append(f"experts={experts} {b:16s} same bits on W={sorted(fps)}: {same}")
+    rows = [dict(world=W, experts=experts, **cell) for W, r in sorted(runs.items())
+             for experts, e in r["layouts"].items() if not (W == 1 and experts == "tp")
+             for cell in e.get("step_times", [])]
+    if rows:
+        with open(folder / "parallel_step_times.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        lines += ["", "step time, batch_invariant / torch (median wall ms of alternating rounds):"]
+        lines += [f"W={c['world']} experts={c['experts']} {c['mode']:7s} B={c['B']:3d} L={c['L']:5d}  "
+                  f"torch {c['torch_ms']:8.2f}  invariant {c['batch_invariant_ms']:8.2f}  ratio {c['ratio']:.3f}"
+                  for c in rows]
+        multi = [c["ratio"] for c in rows if c["world"] > 1]
+        if multi:
+            lines.append(f"W>1: geometric mean {statistics.geometric_mean(multi):.3f}, max {max(multi):.3f}")
+    lines += [f"batch invariance under W={W} experts={experts}: {all(e['batch_invariance'].values())}"
+              for W, r in sorted(runs.items()) for experts, e in r["layouts"].items()]
     text = "\n".join(lines)
     (folder / "parallel_compare.txt").write_text(text + "\n")
     print(text)

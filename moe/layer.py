@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import kernels
 from moe.config import MoEConfig
-from moe.parallel import (Layout, all_gather, all_reduce, mark_shard, row_parallel_grouped_matmul,
+from moe.parallel import (Layout, all_reduce, gather_rows, mark_shard, row_parallel_grouped_matmul,
                           row_parallel_matmul, size_of)
 from moe.routers import router_from_config
 from moe.routing import ChunkState, Routing
@@ -75,7 +75,7 @@ class MoELayer(nn.Module):
         return y, routing
 
     def _experts(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        T, S = routing.experts.shape
+        S = routing.experts.shape[1]
         flat_experts = routing.experts.flatten()                                  # [T*S]
         if self.router.drops:
             kept = routing.kept.flatten().nonzero().squeeze(1)                    # token-major ids (a sync)
@@ -88,7 +88,7 @@ class MoELayer(nn.Module):
         offsets = torch.searchsorted(flat_experts[order], ids, right=True).to(torch.int32)  # [E]
         rows = order
         if self.expert_parallel:  # this rank's experts own one contiguous run of the sorted order
-            rows, offsets = _local_run(order, offsets, self.layout)              # [A_r], [E/W]
+            rows, offsets, counts = _local_run(order, offsets, self.layout)      # [A_r], [E/W], W ints
         h = kernels.grouped_matmul(x[rows // S], self.w_gate_up, offsets)        # [A_r, 2F/W]
         gate, up = h.chunk(2, dim=1)
         act = F.silu(gate) * up
@@ -98,9 +98,10 @@ class MoELayer(nn.Module):
             return all_reduce(self._combine(out, rows, routing, x), self.layout)
         out = row_parallel_grouped_matmul(act, self.w_down, offsets, self.reduce_chunks, self.layout,
                                           split=self.expert_tensor_parallel)     # [A_r, D]
-        if self.expert_parallel:  # every rank gets every expert's rows, with the bits their rank computed
-            owner = flat_experts[order] // self.w_down.shape[0]                   # [A] rank of each expert
-            out = _gather_rows(out, rows, order, owner, T * S, self.layout)      # [A, D]
+        if self.expert_parallel:
+            # every rank gets every expert's rows with the bits their rank computed: the ranks' runs,
+            # in rank order, are the sorted order again
+            out = gather_rows(out, counts, self.layout)                           # [A, D]
         return self._combine(out, order, routing, x)
 
     def _combine(self, out: torch.Tensor, order: torch.Tensor, routing: Routing, x: torch.Tensor) -> torch.Tensor:
@@ -130,25 +131,16 @@ class MoELayer(nn.Module):
         return y
 
 
-def _local_run(order: torch.Tensor, offsets: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sorted assignments of this rank's experts and their group ends, relative to the run (one
-    device sync, for the run's bounds)."""
-    E_local = offsets.shape[0] // layout.size
-    lo = layout.rank * E_local
-    ends = offsets[lo:lo + E_local]
-    start = offsets[lo - 1] if lo > 0 else torch.zeros((), dtype=offsets.dtype, device=offsets.device)
-    first, last = torch.stack([start, ends[-1]]).tolist()
-    return order[first:last], ends - first
-
-
-def _gather_rows(out: torch.Tensor, rows: torch.Tensor, order: torch.Tensor, owner: torch.Tensor,
-                 n_cells: int, layout: Layout) -> torch.Tensor:
-    """Expert parallelism's return trip: each rank puts its rows in their (token, slot) cells, the cells
-    are all-gathered, and each assignment of `order` takes the row from its expert's rank. A copy, no
-    arithmetic."""
-    cells = out.new_zeros(n_cells, out.shape[1])                               # [T*S, D]
-    cells[rows] = out
-    return all_gather(cells, layout)[owner, order]                             # [W, T*S, D] -> [A, D]
+def _local_run(order: torch.Tensor, offsets: torch.Tensor,
+               layout: Layout) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """This rank's run of the sorted assignments, its experts' group ends relative to the run, and every
+    rank's run length (one device sync, for the runs' bounds)."""
+    W, E_local = layout.size, offsets.shape[0] // layout.size
+    ends = offsets[E_local - 1::E_local].tolist()                                  # [W] runs' ends
+    starts = [0] + ends[:-1]
+    r = layout.rank
+    return (order[starts[r]:ends[r]], offsets[r * E_local:(r + 1) * E_local] - starts[r],
+            [e - s for s, e in zip(starts, ends)])
 
 
 def _positions_in_sequence(seq_ids: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,6 @@ def test_shard_takes_fused_blocks():
 def test_ordered_sum_is_one_balanced_tree():
     from moe.parallel import ordered_sum
     p = torch.randn(4, 3, 5)
-    assert torch.equal(ordered_sum(p, None), (p[0] + p[1]) + (p[2] + p[3]))
+    assert torch.equal(ordered_sum(p, None, torch.float32), (p[0] + p[1]) + (p[2] + p[3]))
     with pytest.raises(ValueError, match="power-of-two"):
-        ordered_sum(torch.randn(3, 2), None)
+        ordered_sum(torch.randn(3, 2), None, torch.float32)
