@@ -118,9 +118,10 @@ def step_times(model: moe.MoETransformer, cells: list[tuple[str, int, int]], rou
         else:
             cache = model.new_cache(B, L + 4 * rounds + 16)
             cache.lengths[:] = L            # a context of L (zero) keys per sequence: the same reads
-            tokens, cu = torch.randint(0, V, (B,), device=dev), torch.arange(B + 1, device=dev)
+            tokens, cu = moe.cu_seqlens_of(prompts(B, 1, 1, V, seed=6), dev)    # one token per sequence
             step = lambda: model(tokens, cu, cache)                                 # noqa: E731
         times = {b: [] for b in BACKENDS}
+        print(f"rank {os.environ.get('RANK', '0')}: timing {mode} B={B} L={L}", flush=True)
         for b in BACKENDS:                  # warm-up (compiles)
             with kernels.use_backend(b):
                 timed(step, 2)
@@ -158,7 +159,7 @@ def main() -> None:
              ("decode", 64, 1024)]
     if args.preset == "tiny":               # the smoke test's sizes
         global SCALE
-        SCALE, cells = 10, [("prefill", 2, 16), ("decode", 2, 32)]
+        SCALE, cells = 10, [("prefill", 2, 16), ("decode", 1, 32), ("decode", 2, 32)]
     result = dict(preset=args.preset, world=world, device=torch.cuda.get_device_name() if gpu else "cpu",
                   torch=torch.__version__, layouts={})
     for experts in ("ep", "tp"):
