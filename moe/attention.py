@@ -42,13 +42,16 @@ class Attention(nn.Module):
         W = size_of(layout)
         self.n_heads, self.n_kv_heads = cfg.n_heads // W, cfg.n_kv_heads // W     # this rank's
         H, Hkv, Dh, D = self.n_heads, self.n_kv_heads, cfg.head_dim, cfg.d_model
-        self.wq = mark_shard(nn.Parameter(torch.empty(D, H * Dh, dtype=dtype)), layout, dim=1)
-        self.wk = mark_shard(nn.Parameter(torch.empty(D, Hkv * Dh, dtype=dtype)), layout, dim=1)
-        self.wv = mark_shard(nn.Parameter(torch.empty(D, Hkv * Dh, dtype=dtype)), layout, dim=1)
-        self.wo = mark_shard(nn.Parameter(torch.empty(H * Dh, D, dtype=dtype)), layout, dim=0)
+        self.wq = nn.Parameter(torch.empty(D, H * Dh, dtype=dtype))
+        self.wk = nn.Parameter(torch.empty(D, Hkv * Dh, dtype=dtype))
+        self.wv = nn.Parameter(torch.empty(D, Hkv * Dh, dtype=dtype))
+        self.wo = nn.Parameter(torch.empty(H * Dh, D, dtype=dtype))
+        for name, dim in (("wq", 1), ("wk", 1), ("wv", 1), ("wo", 0)):
+            mark_shard(self, name, layout, dim)
         if cfg.qkv_bias:  # Qwen2-MoE
-            self.bq, self.bk, self.bv = (mark_shard(nn.Parameter(torch.empty(n * Dh, dtype=dtype)), layout, dim=0)
-                                         for n in (H, Hkv, Hkv))
+            self.bq, self.bk, self.bv = (nn.Parameter(torch.empty(n * Dh, dtype=dtype)) for n in (H, Hkv, Hkv))
+            for name in ("bq", "bk", "bv"):
+                mark_shard(self, name, layout, dim=0)
         if cfg.qk_norm:   # OLMoE normalises the whole projection, Qwen3-MoE each head
             self.q_norm = nn.Parameter(torch.ones(H * Dh if cfg.qk_norm == "full" else Dh, dtype=dtype))
             self.k_norm = nn.Parameter(torch.ones(Hkv * Dh if cfg.qk_norm == "full" else Dh, dtype=dtype))

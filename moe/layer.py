@@ -46,15 +46,16 @@ class MoELayer(nn.Module):
         self.w_gate_up = nn.Parameter(torch.empty(E_local, d_model, 2 * F_local, **kw))
         self.w_down = nn.Parameter(torch.empty(E_local, F_local, d_model, **kw))
         if self.expert_parallel:
-            mark_shard(self.w_gate_up, layout, dim=0)
-            mark_shard(self.w_down, layout, dim=0)
+            mark_shard(self, "w_gate_up", layout, dim=0)
+            mark_shard(self, "w_down", layout, dim=0)
         elif self.expert_tensor_parallel:
-            mark_shard(self.w_gate_up, layout, dim=2, parts=2)
-            mark_shard(self.w_down, layout, dim=1)
+            mark_shard(self, "w_gate_up", layout, dim=2, parts=2)
+            mark_shard(self, "w_down", layout, dim=1)
         if cfg.n_shared_experts:
-            self.w_shared_gate_up = mark_shard(nn.Parameter(torch.empty(d_model, 2 * Fs // W, **kw)), layout,
-                                               dim=1, parts=2)
-            self.w_shared_down = mark_shard(nn.Parameter(torch.empty(Fs // W, d_model, **kw)), layout, dim=0)
+            self.w_shared_gate_up = nn.Parameter(torch.empty(d_model, 2 * Fs // W, **kw))
+            self.w_shared_down = nn.Parameter(torch.empty(Fs // W, d_model, **kw))
+            mark_shard(self, "w_shared_gate_up", layout, dim=1, parts=2)
+            mark_shard(self, "w_shared_down", layout, dim=0)
             if cfg.shared_expert_gate:
                 self.w_shared_gate = nn.Parameter(torch.empty(d_model, 1, **kw))
 

@@ -17,7 +17,7 @@ from moe.attention import Attention
 from moe.cache import KVCache
 from moe.config import ModelConfig
 from moe.layer import MoELayer
-from moe.parallel import Layout, shard_of, size_of
+from moe.parallel import Layout, shards_of, size_of
 from moe.routing import Routing
 from moe.step import Step
 
@@ -71,11 +71,12 @@ class MoETransformer(nn.Module):
         # gives the same weights on every machine of one device type. Drawn in fp32 whatever the dtype
         # and rounded by copy_, so a model built in bf16 holds its fp32 twin's weights cast to bf16.
         g = torch.Generator(device=self.embed.device).manual_seed(self.cfg.seed)
+        shards = shards_of(self)
         for name, p in self.named_parameters():
             if name.endswith("norm"):
                 p.fill_(1.0)
             else:  # a sharded parameter draws the full tensor and keeps its part: the same weights
-                shard = shard_of(p)
+                shard = shards.get(name)
                 draw = torch.randn(p.shape if shard is None else shard.full_shape(p.shape), generator=g,
                                    device=p.device, dtype=torch.float32)
                 p.copy_((draw if shard is None else shard.take(draw)).mul_(self.cfg.init_std))

@@ -119,15 +119,17 @@ class Shard:
         return torch.cat([p.chunk(self.size, dim=self.dim)[self.rank] for p in pieces], dim=self.dim).contiguous()
 
 
-def mark_shard(p: torch.nn.Parameter, layout: Optional[Layout], dim: int, parts: int = 1) -> torch.nn.Parameter:
-    """Tag a parameter created with its local shape (no-op without a layout)."""
+def mark_shard(module: torch.nn.Module, name: str, layout: Optional[Layout], dim: int, parts: int = 1) -> None:
+    """Record that `module.<name>` was created with this rank's part of the full shape (no-op without a
+    layout). Kept on the module, by name: parameters are replaced by `.to_empty()` and the like."""
     if layout is not None and layout.size > 1:
-        p.shard = Shard(dim, layout.rank, layout.size, parts)
-    return p
+        module.__dict__.setdefault("_shards", {})[name] = Shard(dim, layout.rank, layout.size, parts)
 
 
-def shard_of(p: torch.Tensor) -> Optional[Shard]:
-    return getattr(p, "shard", None)
+def shards_of(model: torch.nn.Module) -> dict[str, Shard]:
+    """Parameter name (as `named_parameters` gives it) -> its Shard, for every sharded parameter."""
+    return {f"{prefix}.{name}" if prefix else name: shard for prefix, module in model.named_modules()
+            for name, shard in module.__dict__.get("_shards", {}).items()}
 
 
 def size_of(layout: Optional[Layout]) -> int:

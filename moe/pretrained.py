@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 
 from moe.config import DTYPES, ModelConfig, MoEConfig
-from moe.model import MoETransformer
+from moe.model import Block, MoETransformer
+from moe.parallel import Layout, shards_of
 
 SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -152,23 +153,43 @@ def _load_block(block, ckpt: _SafetensorsFolder, i: int, cfg: ModelConfig) -> No
         layer.w_shared_gate.copy_(ckpt.get(mlp + "shared_expert_gate.weight").t())      # [1, D] -> [D, 1]
 
 
+def _empty_block(cfg: ModelConfig, i: int) -> Block:
+    """Layer i of the layout-free model, allocated on the CPU without values."""
+    with torch.device("meta"):
+        block = Block(cfg, i, cfg.torch_dtype)
+    return block.to_empty(device="cpu")
+
+
 @torch.no_grad()
 def from_pretrained(path: str | Path, dtype: Optional[str | torch.dtype] = None,
-                    device: Optional[torch.device | str] = None, **moe_overrides) -> MoETransformer:
+                    device: Optional[torch.device | str] = None, layout: Optional[Layout] = None,
+                    **moe_overrides) -> MoETransformer:
     """A MoETransformer with the weights of a local HF checkpoint folder, in `dtype` (default: the
-    checkpoint's) on `device` (default: cpu). moe_overrides set MoEConfig fields, e.g. router="capacity"."""
+    checkpoint's) on `device` (default: cpu). moe_overrides set MoEConfig fields, e.g. router="capacity".
+
+    With a layout (moe/parallel.py) each rank keeps its shard: a layer is read whole into CPU memory (one
+    layer at a time), and each rank copies its part to the device."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype}")
         dtype = _DTYPE_NAMES[dtype]
     path = Path(path)
     cfg = pretrained_config(path, dtype, **moe_overrides)
-    model = MoETransformer(cfg, device="meta").to_empty(device=device or "cpu")   # shapes, no values yet
+    model = MoETransformer(cfg, device="meta", layout=layout).to_empty(device=device or "cpu")  # no values yet
+    shards = shards_of(model)
     with contextlib.ExitStack() as stack:
         ckpt = _SafetensorsFolder(path, stack)
         model.embed.copy_(ckpt.get("model.embed_tokens.weight"))
         for i, block in enumerate(model.blocks):
-            _load_block(block, ckpt, i, cfg)
+            if layout is None:
+                _load_block(block, ckpt, i, cfg)
+                continue
+            whole = _empty_block(cfg, i)                                     # one layer, layout-free
+            _load_block(whole, ckpt, i, cfg)
+            for name, p in block.named_parameters():
+                shard = shards.get(f"blocks.{i}.{name}")
+                full = whole.get_parameter(name)
+                p.copy_(full if shard is None else shard.take(full))
         model.final_norm.copy_(ckpt.get("model.norm.weight"))
         if model.lm_head is not None:
             model.lm_head.copy_(ckpt.get("lm_head.weight").t())                          # [V, D] -> [D, V]

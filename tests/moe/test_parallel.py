@@ -111,3 +111,28 @@ def test_ordered_sum_is_one_balanced_tree():
     assert torch.equal(ordered_sum(p, None, torch.float32), (p[0] + p[1]) + (p[2] + p[3]))
     with pytest.raises(ValueError, match="power-of-two"):
         ordered_sum(torch.randn(3, 2), None, torch.float32)
+
+
+def _load_worker(rank: int, world: int, port: int, folder: str, experts: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        single = moe.from_pretrained(folder)
+        sharded = moe.from_pretrained(folder, layout=Layout(attention="tp", experts=experts))
+        assert sum(p.numel() for p in sharded.parameters()) < sum(p.numel() for p in single.parameters())
+        tokens, cu = moe.cu_seqlens_of([[5, 17, 3, 90, 44], [2], [60, 61, 62, 63]])
+        with kernels.use_backend("batch_invariant"):
+            assert torch.equal(sharded(tokens, cu)[0], single(tokens, cu)[0])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, experts", [("qwen2_moe", "tp"), ("qwen3_moe", "ep")])
+def test_from_pretrained_keeps_each_ranks_shard(tmp_path, arch, experts):
+    """A checkpoint loaded with a layout gives the layout-free model's bits (qkv biases, a gated shared
+    expert and per-head qk norms included)."""
+    pytest.importorskip("transformers")
+    from tests.moe.test_pretrained import hf_model
+    hf_model(arch).save_pretrained(tmp_path)
+    mp.spawn(_load_worker, args=(2, _free_port(), str(tmp_path), experts), nprocs=2, join=True)
