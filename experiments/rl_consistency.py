@@ -11,7 +11,12 @@ max |delta log-prob| of the sampled tokens, and the fraction of tokens whose log
     python -m experiments.rl_consistency -m router=topk,capacity kernels=torch,batch_invariant
 
 With batch_invariant kernels and a batch-invariant router (topk, sequence_capacity) the difference is
-exactly zero; stock kernels or a capacity router make it non-zero.
+exactly zero; stock kernels or a capacity router make it non-zero. The sampler and the trainer may run
+on different parallel layouts of the same weights (as an RL trainer on one layout and its sampler on
+another do): still zero with batch_invariant kernels, whose sums do not depend on the layout.
+
+    torchrun --nproc_per_node 2 -m experiments.rl_consistency rl.sampler_layout=tp rl.trainer_layout=none \
+        hydra.run.dir=outputs/rl_layouts
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import kernels  # noqa: E402
 from lab.compositions import random_prompt  # noqa: E402
+from lab.distributed import is_main, layout_named  # noqa: E402
+from moe.parallel import shard_model  # noqa: E402
 from moe.engine import Engine, Request, poisson  # noqa: E402
 from lab.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
 from lab.plot import save_figure  # noqa: E402
@@ -117,9 +124,14 @@ def plot(cells: list[dict], path: Path) -> Path:
 
 
 def run_rl_consistency(cfg: DictConfig, out: Path) -> dict:
+    # the sampler and the trainer may spread the same weights over different layouts (torchrun)
+    sampler_layout, trainer_layout = layout_named(cfg.rl.sampler_layout), layout_named(cfg.rl.trainer_layout)
+
     def measure(model: MoETransformer) -> dict:
-        requests = sample(model, cfg.rl, cfg.seed)
-        return compare(requests, trainer_logits(model, requests, cfg.rl.trainer_microbatches, cfg.seed))
+        sampler = model if sampler_layout is None else shard_model(model, sampler_layout)
+        trainer = model if trainer_layout is None else shard_model(model, trainer_layout)
+        requests = sample(sampler, cfg.rl, cfg.seed)
+        return compare(requests, trainer_logits(trainer, requests, cfg.rl.trainer_microbatches, cfg.seed))
 
     grid = router_backend_grid(cfg)
     cells = run_cells(cfg, out, grid, measure, desc="router x backend")
@@ -138,8 +150,9 @@ def main(cfg: DictConfig) -> None:
     lines += [f"{c['router']:18} {c['backend']:16} {c['frac_logprob_differ']:14.3f} {c['max_abs_delta_logprob']:10.3g} "
               f"{c['mean_kl']:10.3g}" for c in results["cells"]]
     text = "\n".join(lines + [f"results and plot: {out.resolve()}"])
-    (out / "summary.txt").write_text(text + "\n")
-    print(text)
+    if is_main():
+        (out / "summary.txt").write_text(text + "\n")
+        print(text)
 
 
 if __name__ == "__main__":

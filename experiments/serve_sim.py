@@ -18,6 +18,10 @@ of 1313 positions).
 
 Per configuration it saves cells/<router>-<backend>.json (skipped when re-run in the same directory),
 then results.json, distinct_completions.csv and distinct_completions.png.
+
+Sharded over several GPUs (one process each; `serve.layout`: experts ep or tp, attention tp):
+
+    torchrun --nproc_per_node 4 -m experiments.serve_sim device=cuda model=wide serve.layout=ep hydra.run.dir=DIR
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from lab.compositions import random_prompt  # noqa: E402
+from lab.distributed import is_main, layout_named  # noqa: E402
+from moe.parallel import shard_model  # noqa: E402
 from moe.engine import Engine, Request, poisson  # noqa: E402
 from lab.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
 from lab.plot import save_figure  # noqa: E402
@@ -134,8 +140,11 @@ def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
                          f"traffic_max_len, plus max_new_tokens or traffic_max_new), more than the model's "
                          f"max_seq_len={limit}: shorten them, or raise model.max_seq_len")
     max_len = longest_request(serve) + 1   # KV-cache positions per slot (one spare)
+    layout = layout_named(serve.get("layout"))   # sharded over the ranks of a torchrun launch
 
     def measure(model: MoETransformer) -> dict:
+        if layout is not None:
+            model = shard_model(model, layout)
         _, copies, every = make_traffic(serve, model.cfg.vocab_size, cfg.seed)
         engine = Engine(model, serve.max_slots, max_len)
         start = time.perf_counter()
@@ -166,8 +175,9 @@ def main(cfg: DictConfig) -> None:
     if "engine" in cell:
         lines.append("steps by batch size: " + ", ".join(f"{k}: {v}" for k, v in cell["engine"]["batch_size_steps"].items()))
     text = "\n".join(lines + [f"results and plot: {out.resolve()}"])
-    (out / "summary.txt").write_text(text + "\n")
-    print(text)
+    if is_main():
+        (out / "summary.txt").write_text(text + "\n")
+        print(text)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import kernels
+from lab.distributed import is_main
 from moe.trained import PRESET as TRAINED_PRESET, load_trained_weights
 from moe import ModelConfig, MoEConfig, MoETransformer, from_pretrained, pretrained_config
 from moe.routers import registry
@@ -110,6 +112,10 @@ def run_cells(cfg: DictConfig, out: Path, grid: list[dict], measure: Callable[[M
     cells run in that many worker processes (the Triton interpreter is single-threaded)."""
     path = lambda point: out / "cells" / ("-".join(map(str, point.values())) + ".json")
     fingerprint = config_fingerprint(cfg)
+    if dist.is_initialized():  # several ranks run every cell together; rank 0 writes (lab/distributed.py)
+        cells = [_run_cell(cfg, p, measure, path(p), fingerprint) for p in tqdm(grid, desc=desc, unit="cell",
+                                                                                  disable=not is_main())]
+        return cells
     done = lambda point: path(point).exists() and json.loads(path(point).read_text()).get("config") == fingerprint
     # slowest first (the interpreted Triton kernels on a CPU), so parallel workers finish together
     todo = sorted((p for p in grid if not done(p)), key=lambda p: p["backend"] != "batch_invariant")
@@ -139,7 +145,7 @@ def config_fingerprint(cfg: DictConfig) -> str:
 
 
 def _run_cell(cfg: DictConfig, point: dict, measure: Callable[[MoETransformer], dict], path: Path,
-              fingerprint: str, threads: int | None = None) -> None:
+              fingerprint: str, threads: int | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     model = build_model(cfg, point["router"], point.get("combine", cfg.get("combine")),
@@ -147,6 +153,7 @@ def _run_cell(cfg: DictConfig, point: dict, measure: Callable[[MoETransformer], 
     with kernels.use_backend(point["backend"]):
         cell = {**point, **measure(model), "config": fingerprint}
     write_json(path, cell)
+    return cell
 
 
 def run_dir() -> Path:
@@ -155,6 +162,9 @@ def run_dir() -> Path:
 
 
 def write_json(path: Path, obj) -> None:
+    """(On rank 0 only, when several processes run the app.)"""
+    if not is_main():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=float))
@@ -162,7 +172,7 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
+    if not rows or not is_main():
         return
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:

@@ -15,12 +15,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lab.distributed import is_main  # noqa: E402
+
 CAUSE_COLORS = {"arithmetic": "#4C72B0", "structural": "#DD8452", "amplified": "#C44E52"}
 
 
 def save_figure(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if is_main():  # one process writes when several run the app (lab/distributed.py)
+        fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 

@@ -132,6 +132,23 @@ def shards_of(model: torch.nn.Module) -> dict[str, Shard]:
             for name, shard in module.__dict__.get("_shards", {}).items()}
 
 
+@torch.no_grad()
+def shard_model(model: torch.nn.Module, layout: Layout) -> torch.nn.Module:
+    """The same model spread over `layout`: a new MoETransformer holding this rank's part of `model`'s
+    weights (for a model trained or loaded on one device, e.g. an RL sampler on another layout than its
+    trainer). `model` must be layout-free."""
+    from moe.model import MoETransformer  # (the model imports this module)
+    if getattr(model, "layout", None) is not None:
+        raise ValueError("model must be layout-free (layout=None) to be sharded")
+    sharded = MoETransformer(model.cfg, device="meta", layout=layout).to_empty(device=model.device)
+    sharded.to(model.dtype)
+    shards, full = shards_of(sharded), dict(model.named_parameters())
+    for name, p in sharded.named_parameters():
+        shard = shards.get(name)
+        p.copy_(full[name] if shard is None else shard.take(full[name]))
+    return sharded
+
+
 def size_of(layout: Optional[Layout]) -> int:
     return 1 if layout is None else layout.size
 

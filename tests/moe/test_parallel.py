@@ -136,3 +136,33 @@ def test_from_pretrained_keeps_each_ranks_shard(tmp_path, arch, experts):
     from tests.moe.test_pretrained import hf_model
     hf_model(arch).save_pretrained(tmp_path)
     mp.spawn(_load_worker, args=(2, _free_port(), str(tmp_path), experts), nprocs=2, join=True)
+
+
+def _rl_worker(rank: int, world: int, port: int, seed: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from hydra import compose, initialize_config_dir
+    from experiments.rl_consistency import run_rl_consistency
+    from lab.hydra_utils import CONFIG_DIR
+    try:
+        with initialize_config_dir(CONFIG_DIR, version_base=None):
+            cfg = compose("rl_consistency", overrides=[
+                "router=topk", "kernels=all", f"seed={seed}", "rl.n_samples=4", "rl.max_new_tokens=4",
+                "rl.max_slots=3", "rl.prompt_max_len=8", "rl.trainer_microbatches=2",
+                "rl.sampler_layout=tp", "rl.trainer_layout=none"])
+        run_rl_consistency(cfg, Path(out_dir))       # the process group starts inside (lab/distributed.py)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_rl_sampler_on_two_ranks_trainer_on_one(seed, tmp_path):
+    """The RL consistency app with the sampler tensor-parallel over 2 ranks and the trainer on one
+    device: bitwise equal log-probs with batch_invariant kernels; only rank 0 writes."""
+    mp.spawn(_rl_worker, args=(2, _free_port(), seed, str(tmp_path)), nprocs=2, join=True)
+    cells = {c["backend"]: c for c in json.loads((tmp_path / "results.json").read_text())["cells"]}
+    inv = cells["batch_invariant"]
+    assert inv["tokens"] == 4 * 4
+    assert inv["frac_logits_differ"] == 0 and inv["max_abs_delta_logprob"] == 0.0
+    assert (tmp_path / "rl_consistency.png").exists()
