@@ -152,7 +152,7 @@ def main() -> None:
     if gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1:
-        dist.init_process_group("nccl" if gpu else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo")
     dev = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     cfg = moe.ModelConfig.from_name(args.preset)
     cells = [("prefill", 1, 2048), ("prefill", 16, 256), ("decode", 1, 1024), ("decode", 16, 1024),

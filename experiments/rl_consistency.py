@@ -34,11 +34,11 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 import kernels  # noqa: E402
 from lab.compositions import random_prompt  # noqa: E402
 from lab.distributed import is_main, layout_named  # noqa: E402
-from moe.parallel import shard_model  # noqa: E402
-from moe.engine import Engine, Request, poisson  # noqa: E402
 from lab.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
 from lab.plot import save_figure  # noqa: E402
 from moe import MoETransformer, cu_seqlens_of  # noqa: E402
+from moe.engine import Engine, Request, poisson  # noqa: E402
+from moe.parallel import shard_model  # noqa: E402
 
 
 def sample(model: MoETransformer, rl: DictConfig, seed: int) -> list[Request]:
@@ -129,7 +129,8 @@ def run_rl_consistency(cfg: DictConfig, out: Path) -> dict:
 
     def measure(model: MoETransformer) -> dict:
         sampler = model if sampler_layout is None else shard_model(model, sampler_layout)
-        trainer = model if trainer_layout is None else shard_model(model, trainer_layout)
+        trainer = (sampler if cfg.rl.trainer_layout == cfg.rl.sampler_layout else
+                   model if trainer_layout is None else shard_model(model, trainer_layout))
         requests = sample(sampler, cfg.rl, cfg.seed)
         return compare(requests, trainer_logits(trainer, requests, cfg.rl.trainer_microbatches, cfg.seed))
 

@@ -40,7 +40,6 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from lab.compositions import random_prompt  # noqa: E402
 from lab.distributed import is_main, layout_named  # noqa: E402
-from moe.parallel import shard_model  # noqa: E402
 from moe.engine import Engine, Request, poisson  # noqa: E402
 from lab.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
 from lab.plot import save_figure  # noqa: E402
@@ -143,8 +142,6 @@ def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
     layout = layout_named(serve.get("layout"))   # sharded over the ranks of a torchrun launch
 
     def measure(model: MoETransformer) -> dict:
-        if layout is not None:
-            model = shard_model(model, layout)
         _, copies, every = make_traffic(serve, model.cfg.vocab_size, cfg.seed)
         engine = Engine(model, serve.max_slots, max_len)
         start = time.perf_counter()
@@ -153,7 +150,7 @@ def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
         return dict(**summarize([r.generated for r in copies]), engine=load_record(engine.batch_sizes, serve.max_slots, seconds))
 
     grid = router_backend_grid(cfg)
-    cells = run_cells(cfg, out, grid, measure, desc="serving configurations")
+    cells = run_cells(cfg, out, grid, measure, desc="serving configurations", layout=layout)
     results = dict(config=OmegaConf.to_container(cfg, resolve=True), cells=cells)
     write_json(out / "results.json", results)
     write_csv(out / "distinct_completions.csv",

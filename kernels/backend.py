@@ -21,9 +21,10 @@ class Backend(Protocol):
     """What a backend must provide. Shapes use T = tokens (rows), K = reduction dim, N = output dim."""
 
     name: str
-    # How a sum across ranks (multi-GPU layers, moe/parallel.py) is formed: True gathers every rank's fp32
-    # partials and adds them in one fixed tree, so the bits do not depend on the number of ranks; False
-    # is the collective serving engines use (an all-reduce, whose order depends on the rank count).
+    # How a sum across ranks (multi-GPU layers, moe/parallel.py) is formed: True moves every rank's fp32
+    # partial sums and adds them in one fixed tree, so the bits do not depend on the number of ranks
+    # (the layers then call the *_partials ops); False is the collective serving engines use (an
+    # all-reduce, whose order depends on the rank count).
     ordered_collectives: bool
 
     def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -30,10 +30,11 @@ def layout_named(name: Optional[str]) -> Optional[Layout]:
                              "(e.g. torchrun --nproc_per_node 2 -m experiments.rl_consistency ...)")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # NCCL for CUDA tensors, gloo for CPU ones (a model on the CPU of a GPU host)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return Layout(attention="tp", experts=name)
 
 
 def is_main() -> bool:
-    """True on the one process that writes results (rank 0, or the only process)."""
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """True on the one process that writes results (rank 0 of a launch, or the only process)."""
+    return dist.get_rank() == 0 if dist.is_initialized() else os.environ.get("RANK", "0") == "0"

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,7 @@ import kernels
 from lab.distributed import is_main
 from moe.trained import PRESET as TRAINED_PRESET, load_trained_weights
 from moe import ModelConfig, MoEConfig, MoETransformer, from_pretrained, pretrained_config
+from moe.parallel import Layout, shard_model
 from moe.routers import registry
 
 # The Hydra YAML: configs/ at the repository root in a checkout, lab/configs in an installed wheel
@@ -82,17 +83,19 @@ def model_config(model: DictConfig, router: DictConfig, router_name: str, combin
     return ModelConfig(moe=moe_kw, **kw)
 
 
-def build_model(cfg: DictConfig, router: str, combine: str, dtype: str) -> MoETransformer:
+def build_model(cfg: DictConfig, router: str, combine: str, dtype: str,
+                layout: Optional[Layout] = None) -> MoETransformer:
     """One cell's model, with the weights every cell of a run shares: a local Hugging Face checkpoint
-    (`pretrained=/path`), the shipped trained model (`model=trained`), or random ones from cfg.seed."""
+    (`pretrained=/path`), the shipped trained model (`model=trained`), or random ones from cfg.seed;
+    with a layout, this rank's shard of it."""
     if cfg.get("pretrained"):
-        return from_pretrained(cfg.pretrained, dtype=dtype, device=cfg.device, router=router, combine=combine,
-                               **router_options(cfg.router))
+        return from_pretrained(cfg.pretrained, dtype=dtype, device=cfg.device, layout=layout, router=router,
+                               combine=combine, **router_options(cfg.router))
     mcfg = dataclasses.replace(model_config(cfg.model, cfg.router, router, combine, dtype), seed=cfg.seed)
-    model = MoETransformer(mcfg, device=cfg.device)
     if cfg.model.get("preset") == TRAINED_PRESET:
-        load_trained_weights(model)
-    return model
+        model = load_trained_weights(MoETransformer(mcfg, device=cfg.device))
+        return model if layout is None else shard_model(model, layout)
+    return MoETransformer(mcfg, device=cfg.device, layout=layout)
 
 
 def vocab_size(cfg: DictConfig) -> int:
@@ -104,18 +107,19 @@ def router_backend_grid(cfg: DictConfig) -> list[dict]:
 
 
 def run_cells(cfg: DictConfig, out: Path, grid: list[dict], measure: Callable[[MoETransformer], dict],
-              desc: str) -> list[dict]:
+              desc: str, layout: Optional[Layout] = None) -> list[dict]:
     """For each grid point (router, backend and optionally combine, dtype; cfg's otherwise), build its
     model and record `measure(model)` under its backend. Each cell is saved as it finishes, and a cell
     already saved in `out` with the same settings (an interrupted run) is loaded instead of run again;
     one saved with other settings is run again. With cfg.jobs > 1 the
-    cells run in that many worker processes (the Triton interpreter is single-threaded)."""
+    cells run in that many worker processes (the Triton interpreter is single-threaded). Under a
+    process group (torchrun, lab/distributed.py) every rank runs every cell with its shard of the model
+    (`layout`), none is skipped, and rank 0 writes."""
     path = lambda point: out / "cells" / ("-".join(map(str, point.values())) + ".json")
     fingerprint = config_fingerprint(cfg)
     if dist.is_initialized():  # several ranks run every cell together; rank 0 writes (lab/distributed.py)
-        cells = [_run_cell(cfg, p, measure, path(p), fingerprint) for p in tqdm(grid, desc=desc, unit="cell",
-                                                                                  disable=not is_main())]
-        return cells
+        return [_run_cell(cfg, p, measure, path(p), fingerprint, layout=layout)
+                for p in tqdm(grid, desc=desc, unit="cell", disable=not is_main())]
     done = lambda point: path(point).exists() and json.loads(path(point).read_text()).get("config") == fingerprint
     # slowest first (the interpreted Triton kernels on a CPU), so parallel workers finish together
     todo = sorted((p for p in grid if not done(p)), key=lambda p: p["backend"] != "batch_invariant")
@@ -145,11 +149,11 @@ def config_fingerprint(cfg: DictConfig) -> str:
 
 
 def _run_cell(cfg: DictConfig, point: dict, measure: Callable[[MoETransformer], dict], path: Path,
-              fingerprint: str, threads: int | None = None) -> dict:
+              fingerprint: str, threads: int | None = None, layout: Optional[Layout] = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     model = build_model(cfg, point["router"], point.get("combine", cfg.get("combine")),
-                        point.get("dtype", cfg.get("dtype")))
+                        point.get("dtype", cfg.get("dtype")), layout)
     with kernels.use_backend(point["backend"]):
         cell = {**point, **measure(model), "config": fingerprint}
     write_json(path, cell)

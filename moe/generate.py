@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from moe.model import MoETransformer, cu_seqlens_of
+from moe.parallel import broadcast_seed
 
 
 def _is_int(value: Any) -> bool:
@@ -78,6 +79,8 @@ def generate(model: MoETransformer, prompts: list[list[int]], max_new_tokens: in
         raise ValueError(f"eos_id must be None or a token id in 0..vocab_size-1={vocab - 1}, got {eos_id!r}")
     if temperature > 0 and seed is None:
         seed = int(torch.seed() % 2**31)
+        if model.layout is not None:  # every rank must draw the same samples: rank 0's seed for all
+            seed = broadcast_seed(seed, model.layout)
     generators = None if temperature == 0 else [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
     out: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens == 0:

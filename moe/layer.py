@@ -32,9 +32,10 @@ class MoELayer(nn.Module):
         self.cfg, self.d_model, self.reduce_chunks, self.layout = cfg, d_model, reduce_chunks, layout
         W = size_of(layout)
         E, Fd, Fs = cfg.n_experts, cfg.d_expert, cfg.n_shared_experts * cfg.d_expert
-        for name, K in (("d_expert", Fd), ("the shared experts' width", Fs)):
-            if K % reduce_chunks:
-                raise ValueError(f"{name}={K} must be divisible by reduce_chunks={reduce_chunks}")
+        if reduce_chunks < 1 or reduce_chunks & (reduce_chunks - 1) or Fd % reduce_chunks:
+            raise ValueError(f"reduce_chunks must be a power of two dividing d_expert={Fd}, got {reduce_chunks}")
+        if layout is not None and layout.experts == "ep" and E % W:
+            raise ValueError(f"n_experts={E} must be divisible by the layout's {W} ranks for experts='ep'")
         self.expert_parallel = layout is not None and layout.experts == "ep"
         self.expert_tensor_parallel = layout is not None and layout.experts == "tp"
         E_local = E // W if self.expert_parallel else E

@@ -107,7 +107,11 @@ class MoETransformer(nn.Module):
 
     def forward_train(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, list[Routing]]:
         """The same computation as `forward` (no cache), with autograd on: for training. Run it under
-        `kernels.use_backend("torch")`; the batch-invariant kernels have no backward."""
+        `kernels.use_backend("torch")`; the batch-invariant kernels have no backward. Layout-free models
+        only: the cross-rank sums of a sharded model are not autograd operations."""
+        if self.layout is not None:
+            raise ValueError("forward_train needs a layout-free model (layout=None): a sharded model's "
+                             "collectives have no backward")
         return self._forward(tokens, cu_seqlens, None, None)
 
     def _forward(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, cache: Optional[KVCache],

@@ -16,10 +16,11 @@ Embedding, norms, router and LM head are replicated (their inputs are the same b
 Where the ranks' results meet, the backend decides how (`Backend.ordered_collectives`):
 - `batch_invariant`: a row-parallel matmul (attention output, expert and shared-expert down
   projections) sums its K axis as a balanced tree over `cfg.reduce_chunks` equal chunks. Rank r owns a
-  subtree (chunks r*C/W .. (r+1)*C/W - 1), sums it in fp32 in the same tree shape, and the W fp32
-  subtree sums are all-gathered and added in the rest of the tree: the same additions in the same
-  order on 1, 2 or 4 ranks, and one device runs the same tree. Expert outputs (EP) are all-gathered
-  and each (token, slot) takes its owner's row, then the combine runs as on one device.
+  subtree (chunks r*C/W .. (r+1)*C/W - 1) and sums it in fp32 in the same tree shape; the rest of the
+  tree runs across ranks (`ordered_sum`: an all-to-all of fp32 pieces, the additions in tree order,
+  an all-gather of the rounded pieces): the same additions in the same order on 1, 2 or 4 ranks, and
+  one device runs the same tree. Expert outputs (EP) travel back as copies, each rank's run of rows in
+  rank order, and the combine runs as on one device.
 - `torch`: what serving engines do: each rank's rounded partial product, summed by an all-reduce
   (NCCL picks ring or tree by size and rank count), and EP ranks combine their own experts' outputs,
   then all-reduce. Its bits change with the layout: the `collective` source of variance.
@@ -32,12 +33,15 @@ Legend: T = tokens, W = ranks in the layout, C = cfg.reduce_chunks, N = output w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
 
 import kernels
+
+if TYPE_CHECKING:
+    from moe.config import ModelConfig
 
 # renamed in newer torch (the old name warns there)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -74,10 +78,9 @@ class Layout:
     def __str__(self) -> str:
         return f"attention={self.attention}x{self.size},experts={self.experts}x{self.size}"
 
-    def check(self, cfg) -> None:
+    def check(self, cfg: "ModelConfig") -> None:
         """Raise ValueError naming what in `cfg` (a ModelConfig) this layout cannot split."""
-        W, C = self.size, cfg.reduce_chunks
-        F_shared = cfg.moe.n_shared_experts * cfg.moe.d_expert
+        W, C = self.size, cfg.reduce_chunks   # (ModelConfig checks that C divides every row-parallel K)
         needs = [
             (C % W == 0, f"reduce_chunks={C} must be a multiple of the layout's {W} ranks (its sums are "
                          "trees over that many chunks, one subtree per rank)"),
@@ -87,10 +90,6 @@ class Layout:
                                     "by heads; use a layout-free model"),
             (self.experts != "ep" or cfg.moe.n_experts % W == 0,
              f"n_experts={cfg.moe.n_experts} must be divisible by the {W} ranks for experts='ep'"),
-            (self.experts != "tp" or cfg.moe.d_expert % C == 0,
-             f"d_expert={cfg.moe.d_expert} must be divisible by reduce_chunks={C} for experts='tp'"),
-            (F_shared % C == 0, f"the shared experts' width {F_shared} must be divisible by "
-                                f"reduce_chunks={C}"),
         ]
         for ok, why in needs:
             if not ok:
@@ -150,6 +149,7 @@ def shard_model(model: torch.nn.Module, layout: Layout) -> torch.nn.Module:
 
 
 def size_of(layout: Optional[Layout]) -> int:
+    """Ranks in the layout (1 without one)."""
     return 1 if layout is None else layout.size
 
 
@@ -223,6 +223,14 @@ def gather_rows(rows: torch.Tensor, counts: list[int], layout: Layout) -> torch.
     padded[:rows.shape[0]] = rows
     gathered = all_gather(padded, layout)                                              # [W, most, D]
     return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
+
+
+def broadcast_seed(seed: int, layout: Layout) -> int:
+    """Rank 0's seed on every rank (a sampler drawing on several ranks must draw the same tokens)."""
+    box = [seed]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(layout.group or dist.group.WORLD, 0),
+                               group=layout.group)
+    return box[0]
 
 
 def all_reduce(x: torch.Tensor, layout: Optional[Layout]) -> torch.Tensor:

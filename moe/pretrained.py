@@ -18,6 +18,7 @@ option we cannot reproduce exactly (sliding windows, dense layers, rope scaling)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -163,10 +164,11 @@ def _empty_block(cfg: ModelConfig, i: int) -> Block:
 @torch.no_grad()
 def from_pretrained(path: str | Path, dtype: Optional[str | torch.dtype] = None,
                     device: Optional[torch.device | str] = None, layout: Optional[Layout] = None,
-                    **moe_overrides) -> MoETransformer:
+                    reduce_chunks: int = 4, **moe_overrides) -> MoETransformer:
     """A MoETransformer with the weights of a local HF checkpoint folder, in `dtype` (default: the
     checkpoint's) on `device` (default: cpu). moe_overrides set MoEConfig fields, e.g. router="capacity".
 
+    reduce_chunks: the K chunks of the row-parallel sums (a multiple of the layout's ranks; ModelConfig).
     With a layout (moe/parallel.py) each rank keeps its shard: a layer is read whole into CPU memory (one
     layer at a time), and each rank copies its part to the device."""
     if isinstance(dtype, torch.dtype):
@@ -174,7 +176,7 @@ def from_pretrained(path: str | Path, dtype: Optional[str | torch.dtype] = None,
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype}")
         dtype = _DTYPE_NAMES[dtype]
     path = Path(path)
-    cfg = pretrained_config(path, dtype, **moe_overrides)
+    cfg = dataclasses.replace(pretrained_config(path, dtype, **moe_overrides), reduce_chunks=reduce_chunks)
     model = MoETransformer(cfg, device="meta", layout=layout).to_empty(device=device or "cpu")  # no values yet
     shards = shards_of(model)
     with contextlib.ExitStack() as stack:
