@@ -11,6 +11,12 @@ results.json, cells.csv, by_batch_size.csv and PNG plots (lab/plot.py).
 
 A run that is interrupted keeps every finished cell (cells/*.json) and skips them when re-run in the
 same directory (hydra.run.dir=<dir>).
+
+The layout axis (several processes): the probe alone runs on one device, every batch composition runs
+on the model spread over the ranks (attention tp, experts ep or tp) and again on one device, so a token
+that only the layout moved is counted as `collective`:
+
+    torchrun --nproc_per_node 2 -m experiments.ablate 'layouts=[none,tp]' hydra.run.dir=DIR
 """
 from __future__ import annotations
 
@@ -25,16 +31,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from lab.attribution import CAUSES, attribute_divergence
 from lab.compositions import make_compositions, make_probes
+from lab.distributed import is_main, layout_named
 from moe.engine import Engine, Request
 from lab.hydra_utils import (CONFIG_DIR, TRAINED_PRESET, run_cells, run_dir, vocab_size, write_csv,
                                      write_json)
 from lab.stdlib_text import load_corpus
 from moe import MoETransformer
+from moe.parallel import shard_model
 from moe.routers import registry
 
 
-def run_cell(model: MoETransformer, probes, compositions, max_new_tokens: int) -> dict:
-    """All probes x compositions for one model on the backend in force; returns the cell's record."""
+def run_cell(model: MoETransformer, probes, compositions, max_new_tokens: int,
+             sharded: MoETransformer | None = None) -> dict:
+    """All probes x compositions for one model on the backend in force; returns the cell's record.
+    With `sharded` (the same model on a parallel layout) the compositions run on it, the references
+    stay on one device, and each composition also runs on one device to tell the `collective` cause."""
     # room for the longest request: a probe or a co-request, and its new tokens
     longest = max([len(p) for p in probes] + [len(p) for c in compositions for p in c.co_prompts])
     most_new = max([max_new_tokens] + [n for c in compositions for n in c.co_new_tokens])
@@ -50,8 +61,12 @@ def run_cell(model: MoETransformer, probes, compositions, max_new_tokens: int) -
     by_size: dict[int, list[int]] = {}
     for (pi, ref), comp in itertools.product(enumerate(refs), compositions):
         probe_req, batch = comp.requests(probes[pi], max_new_tokens)
-        Engine(model, len(batch), max_len).run(batch, until_tracked_done=True)
-        d = attribute_divergence(ref, probe_req)
+        Engine(sharded or model, len(batch), max_len).run(batch, until_tracked_done=True)
+        same_batch = None
+        if sharded is not None:
+            same_batch, batch = comp.requests(probes[pi], max_new_tokens)
+            Engine(model, len(batch), max_len).run(batch, until_tracked_done=True)
+        d = attribute_divergence(ref, probe_req, same_batch)
         tokens += d.n_compared
         differ += int(d.logits_differ.sum())
         route_differ += int(d.routes_differ.sum())
@@ -90,6 +105,7 @@ def check_claims(cells: list[dict]) -> dict:
     inv = rows(lambda c: c["backend"] == "batch_invariant" and by_design(c) and c["combine"] == "ordered")
     struct = rows(lambda c: c["backend"] == "batch_invariant" and c["router"] == "capacity")
     arith = rows(lambda c: c["backend"] == "torch" and c["router"] == "topk")
+    sharded_stock = rows(lambda c: c["backend"] == "torch" and c.get("layout", "none") != "none")
     return {
         "invariant_kernels_and_router_give_zero_divergence":
             all(c["frac_logits_differ"] == 0 and c["frac_completions_differ"] == 0 for c in inv) if inv else None,
@@ -97,6 +113,8 @@ def check_claims(cells: list[dict]) -> dict:
             any(c["causes"]["structural"] > 0 for c in struct) if struct else None,
         "torch_backend_diverges_arithmetically_with_topk":
             any(c["causes"]["arithmetic"] > 0 for c in arith) if arith else None,
+        "stock_collectives_diverge_on_a_parallel_layout":
+            any(c["causes"]["collective"] > 0 for c in sharded_stock) if sharded_stock else None,
     }
 
 
@@ -110,40 +128,55 @@ def run_ablation(cfg: DictConfig, out: Path) -> dict:
                               cfg.seed, text)
     grid = [dict(router=r, backend=b, combine=c, dtype=d) for r, b, c, d in
             itertools.product(cfg.router.names, cfg.kernels.backends, cfg.combines, cfg.dtypes)]
-    cells = run_cells(cfg, out, grid, lambda model: run_cell(model, probes, comps, exp.max_new_tokens),
-                      desc="ablation cells")
+    layouts = list(cfg.get("layouts", ["none"]))
+    if layouts != ["none"]:  # the layout axis (a torchrun launch): reference on one device, tests sharded
+        grid = [dict(**p, layout=name) for p in grid for name in layouts]
+        for name in layouts:
+            layout_named(name)   # joins the process group before any model is built
+
+    def measure(model: MoETransformer, point: dict) -> dict:
+        layout = layout_named(point.get("layout"))
+        sharded = None if layout is None else shard_model(model, layout)
+        return run_cell(model, probes, comps, exp.max_new_tokens, sharded)
+
+    cells = run_cells(cfg, out, grid, measure, desc="ablation cells")
     results = dict(config=OmegaConf.to_container(cfg, resolve=True), claims=check_claims(cells), cells=cells)
     write_json(out / "results.json", results)
-    keys = ("router", "backend", "combine", "dtype", "tokens", "frac_logits_differ", "frac_routes_differ",
+    keys = ("router", "backend", "combine", "dtype", *(("layout",) if "layout" in grid[0] else ()), "tokens", "frac_logits_differ", "frac_routes_differ",
             "max_abs_delta_logit", "mean_abs_delta_logit", "frac_completions_differ")
     write_csv(out / "cells.csv", [{**{k: c[k] for k in keys}, **c["causes"]} for c in cells])
     write_csv(out / "by_batch_size.csv", [
-        dict(router=c["router"], backend=c["backend"], combine=c["combine"], dtype=c["dtype"], batch_size=B, **v)
+        dict(router=c["router"], backend=c["backend"], combine=c["combine"], dtype=c["dtype"],
+             layout=c.get("layout", "none"), batch_size=B, **v)
         for c in cells for B, v in c["by_batch_size"].items()])
-    from lab.plot import plot_run
-    plot_run(out)
+    if is_main():  # (the plots read the results back from disk)
+        from lab.plot import plot_run
+        plot_run(out)
     return results
 
 
 def summary(results: dict, out: Path) -> str:
-    lines = [f"{'router':18} {'backend':16} {'combine':12} {'dtype':9} {'logits':>7} {'compl.':>7}  "
+    lines = [f"{'router':18} {'backend':16} {'combine':12} {'dtype':9} {'layout':7} {'logits':>7} {'compl.':>7}  "
              + " ".join(f"{c:>10}" for c in CAUSES)]
     for c in results["cells"]:
-        lines.append(f"{c['router']:18} {c['backend']:16} {c['combine']:12} {c['dtype']:9} "
+        lines.append(f"{c['router']:18} {c['backend']:16} {c['combine']:12} {c['dtype']:9} {c.get('layout', 'none'):7} "
                      f"{c['frac_logits_differ']:7.3f} {c['frac_completions_differ']:7.3f}  "
                      + " ".join(f"{c['causes'][k]:10d}" for k in CAUSES))
     lines += ["", "fraction of probe tokens whose logits differ bitwise from the probe run alone;",
               "fraction of greedy completions that differ; divergent tokens by cause.", "",
               "claims: " + json.dumps(results["claims"], indent=1), "", f"results and plots: {out.resolve()}"]
     text = "\n".join(lines)
-    (out / "summary.txt").write_text(text + "\n")
+    if is_main():
+        (out / "summary.txt").write_text(text + "\n")
     return text
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="ablate", version_base=None)
 def main(cfg: DictConfig) -> None:
     out = run_dir()
-    print(summary(run_ablation(cfg, out), out))
+    text = summary(run_ablation(cfg, out), out)
+    if is_main():
+        print(text)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def run_rl_consistency(cfg: DictConfig, out: Path) -> dict:
     # the sampler and the trainer may spread the same weights over different layouts (torchrun)
     sampler_layout, trainer_layout = layout_named(cfg.rl.sampler_layout), layout_named(cfg.rl.trainer_layout)
 
-    def measure(model: MoETransformer) -> dict:
+    def measure(model: MoETransformer, point: dict) -> dict:
         sampler = model if sampler_layout is None else shard_model(model, sampler_layout)
         trainer = (sampler if cfg.rl.trainer_layout == cfg.rl.sampler_layout else
                    model if trainer_layout is None else shard_model(model, trainer_layout))

@@ -141,7 +141,7 @@ def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
     max_len = longest_request(serve) + 1   # KV-cache positions per slot (one spare)
     layout = layout_named(serve.get("layout"))   # sharded over the ranks of a torchrun launch
 
-    def measure(model: MoETransformer) -> dict:
+    def measure(model: MoETransformer, point: dict) -> dict:
         _, copies, every = make_traffic(serve, model.cfg.vocab_size, cfg.seed)
         engine = Engine(model, serve.max_slots, max_len)
         start = time.perf_counter()

@@ -10,6 +10,9 @@ A token *diverges* when its logits differ bitwise from the reference. Its cause:
 - `amplified`: routing differed, and at the first such layer the earliest differing token's own
   top-k choice flipped: slightly different numbers crossed a near tie. The reference top-k margin of
   each primary flip (one with nothing different upstream of its router) is recorded.
+- `collective` (test runs on a parallel layout): the same batch on one device gives this token the
+  reference's bits, so only the cross-rank sums of the layout moved it (their rounding, or a near tie
+  they tipped).
 
 Only positions whose inputs agree are compared: the prompt, then generated tokens up to and including
 the first one that differs (its logits are the divergence; everything after is a different request).
@@ -22,7 +25,7 @@ import torch
 
 from moe.engine import Request
 
-CAUSES = ("arithmetic", "structural", "amplified")
+CAUSES = ("arithmetic", "structural", "amplified", "collective")
 
 
 @dataclass
@@ -61,8 +64,11 @@ def _cause(j: int, route_diff: torch.Tensor, pref_diff: torch.Tensor) -> str:
     return "arithmetic"
 
 
-def attribute_divergence(ref: Request, test: Request) -> Divergence:
-    """Compare a tracked request with its reference run, token by token, and name each cause."""
+def attribute_divergence(ref: Request, test: Request, same_batch: Request | None = None) -> Divergence:
+    """Compare a tracked request with its reference run, token by token, and name each cause.
+
+    `same_batch`: for a test run on a parallel layout, the same batch on one device. A divergent token
+    whose logits that run reproduces bitwise moved because of the layout alone: `collective`."""
     if ref.prompt != test.prompt:
         raise ValueError("ref and test must be runs of the same prompt")
     n = min(_first_difference(ref.tokens, test.tokens), len(ref.tokens) - 1, len(test.tokens) - 1)
@@ -82,6 +88,11 @@ def attribute_divergence(ref: Request, test: Request) -> Divergence:
     primary = pref_diff & ~upstream
     logits_differ = (ref_logits != test_logits).any(-1)
     causes = [_cause(j, route_diff, pref_diff) if logits_differ[j] else None for j in range(n)]
+    if same_batch is not None:
+        m = min(n, _first_difference(ref.tokens, same_batch.tokens), len(same_batch.tokens) - 1)
+        batch_alone_equal = (same_batch.token_logits()[:m] == ref_logits[:m]).all(-1)
+        causes = [("collective" if c is not None and j < m and batch_alone_equal[j] else c)
+                  for j, c in enumerate(causes)]
     delta = (ref_logits - test_logits).abs()
     gen_ref, gen_test = ref.generated, test.generated
     first = _first_difference(gen_ref, gen_test)

@@ -106,10 +106,10 @@ def router_backend_grid(cfg: DictConfig) -> list[dict]:
     return [dict(router=r, backend=b) for r in cfg.router.names for b in cfg.kernels.backends]
 
 
-def run_cells(cfg: DictConfig, out: Path, grid: list[dict], measure: Callable[[MoETransformer], dict],
+def run_cells(cfg: DictConfig, out: Path, grid: list[dict], measure: Callable[[MoETransformer, dict], dict],
               desc: str, layout: Optional[Layout] = None) -> list[dict]:
     """For each grid point (router, backend and optionally combine, dtype; cfg's otherwise), build its
-    model and record `measure(model)` under its backend. Each cell is saved as it finishes, and a cell
+    model and record `measure(model, point)` under its backend. Each cell is saved as it finishes, and a cell
     already saved in `out` with the same settings (an interrupted run) is loaded instead of run again;
     one saved with other settings is run again. With cfg.jobs > 1 the
     cells run in that many worker processes (the Triton interpreter is single-threaded). Under a
@@ -148,14 +148,14 @@ def config_fingerprint(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(kw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _run_cell(cfg: DictConfig, point: dict, measure: Callable[[MoETransformer], dict], path: Path,
+def _run_cell(cfg: DictConfig, point: dict, measure: Callable[[MoETransformer, dict], dict], path: Path,
               fingerprint: str, threads: int | None = None, layout: Optional[Layout] = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     model = build_model(cfg, point["router"], point.get("combine", cfg.get("combine")),
                         point.get("dtype", cfg.get("dtype")), layout)
     with kernels.use_backend(point["backend"]):
-        cell = {**point, **measure(model), "config": fingerprint}
+        cell = {**point, **measure(model, point), "config": fingerprint}
     write_json(path, cell)
     return cell
 

@@ -17,7 +17,8 @@ import numpy as np  # noqa: E402
 
 from lab.distributed import is_main  # noqa: E402
 
-CAUSE_COLORS = {"arithmetic": "#4C72B0", "structural": "#DD8452", "amplified": "#C44E52"}
+CAUSE_COLORS = {"arithmetic": "#4C72B0", "structural": "#DD8452", "amplified": "#C44E52",
+                "collective": "#55A868"}
 
 
 def save_figure(fig: plt.Figure, path: Path) -> Path:
@@ -40,7 +41,8 @@ def load_cells(path: Path) -> list[dict]:
 
 
 def _label(c: dict) -> str:
-    return f"{c['backend']}\n{c['combine']}\n{c['dtype']}"
+    layout = c.get("layout", "none")
+    return f"{c['backend']}\n{c['combine']}\n{c['dtype']}" + ("" if layout == "none" else f"\nlayout {layout}")
 
 
 def plot_heatmap(cells: list[dict], out: Path) -> Path:
@@ -83,7 +85,8 @@ def plot_by_batch_size(cells: list[dict], out: Path) -> Path:
         sizes = sorted(int(b) for b in c["by_batch_size"])
         rates = [c["by_batch_size"][str(b) if str(b) in c["by_batch_size"] else b]["frac_logits_differ"] for b in sizes]
         style = "-" if c["backend"] == "torch" else "--"
-        ax.plot(sizes, rates, style, marker="o", ms=3, label=f"{c['router']} / {c['backend']} / {c['combine']} / {c['dtype']}")
+        ax.plot(sizes, rates, style, marker="o", ms=3, label=f"{c['router']} / {c['backend']} / {c['combine']} / {c['dtype']}"
+                + ("" if c.get("layout", "none") == "none" else f" / layout {c['layout']}"))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size the probe ran in")
     ax.set_ylabel("fraction of probe tokens whose logits differ")

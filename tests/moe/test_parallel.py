@@ -146,10 +146,11 @@ def _app_worker(rank: int, world: int, port: int, app: str, overrides: list[str]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     from hydra import compose, initialize_config_dir
+    from experiments.ablate import run_ablation
     from experiments.rl_consistency import run_rl_consistency
     from experiments.serve_sim import run_serve_sim
     from lab.hydra_utils import CONFIG_DIR
-    run = dict(rl_consistency=run_rl_consistency, serve_sim=run_serve_sim)[app]
+    run = dict(ablate=run_ablation, rl_consistency=run_rl_consistency, serve_sim=run_serve_sim)[app]
     try:
         with initialize_config_dir(CONFIG_DIR, version_base=None):
             cfg = compose(app, overrides=overrides)
@@ -182,3 +183,19 @@ def test_serving_simulation_sharded(seed, tmp_path):
     mp.spawn(_app_worker, args=(2, _free_port(), "serve_sim", overrides, str(tmp_path)), nprocs=2, join=True)
     (cell,) = json.loads((tmp_path / "results.json").read_text())["cells"]
     assert cell["runs"] == 4 and cell["distinct"] == 1
+
+
+@pytest.mark.slow
+def test_ablation_layout_axis_names_the_collective(seed, tmp_path):
+    """The ablation on 2 ranks with layouts none and tp: batch_invariant cells stay at zero on the
+    layout; on the stock backend the probe alone in a batch of one, sharded, already differs from one
+    device, and those tokens are counted as `collective`."""
+    overrides = ["model=tiny", "router=topk", "kernels=all", "combines=[ordered]", f"seed={seed}",
+                 "layouts=[none,tp]", "jobs=1", "experiment.batch_sizes=[1,3]", "experiment.max_new_tokens=3"]
+    mp.spawn(_app_worker, args=(2, _free_port(), "ablate", overrides, str(tmp_path)), nprocs=2, join=True)
+    results = json.loads((tmp_path / "results.json").read_text())
+    cells = {(c["backend"], c["layout"]): c for c in results["cells"]}
+    assert cells["batch_invariant", "tp"]["frac_logits_differ"] == 0
+    assert cells["torch", "tp"]["causes"]["collective"] > 0
+    assert cells["torch", "none"]["causes"]["collective"] == 0
+    assert results["claims"]["stock_collectives_diverge_on_a_parallel_layout"] is True
