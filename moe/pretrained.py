@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 
 from moe.config import DTYPES, ModelConfig, MoEConfig
-from moe.model import Block, MoETransformer
-from moe.parallel import Layout, shards_of
+from moe.model import MoETransformer
+from moe.parallel import Layout, Shard, shards_of
 
 SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -112,53 +112,102 @@ class _SafetensorsFolder:
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, part: Optional[tuple] = None) -> torch.Tensor:
+        """The tensor, or only its `part` (a tuple of slices: read from the file without the rest)."""
         if key not in self.where:
             raise ValueError(f"checkpoint lacks tensor {key!r}")
         self.used.add(key)
-        return self.where[key].get_tensor(key)
+        return self.where[key].get_tensor(key) if part is None else self.where[key].get_slice(key)[part]
 
 
-def _load_block(block, ckpt: _SafetensorsFolder, i: int, cfg: ModelConfig) -> None:
-    pre = f"model.layers.{i}."
-    block.attn_norm.copy_(ckpt.get(pre + "input_layernorm.weight"))
-    block.moe_norm.copy_(ckpt.get(pre + "post_attention_layernorm.weight"))
-    attn = block.attn
-    for n in "qkvo":
-        getattr(attn, f"w{n}").copy_(ckpt.get(f"{pre}self_attn.{n}_proj.weight").t())   # [out, in] -> [in, out]
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """Checkpoint tensor `key` (transposed in its last two dims if `transpose`: HF stores [out, in]) is
+    block parameter `param` at `index` (ints and slices, in the layout-free model's coordinates)."""
+    param: str
+    index: tuple
+    key: str
+    transpose: bool
+
+
+def _block_entries(ckpt: _SafetensorsFolder, i: int, cfg: ModelConfig) -> list[_Entry]:
+    """Where every tensor of layer i goes."""
+    pre, every = f"model.layers.{i}.", ()
+    out = [_Entry("attn_norm", every, pre + "input_layernorm.weight", False),
+           _Entry("moe_norm", every, pre + "post_attention_layernorm.weight", False)]
+    out += [_Entry(f"attn.w{n}", every, f"{pre}self_attn.{n}_proj.weight", True) for n in "qkvo"]
     if cfg.qkv_bias:
-        for n in "qkv":
-            getattr(attn, f"b{n}").copy_(ckpt.get(f"{pre}self_attn.{n}_proj.bias"))
+        out += [_Entry(f"attn.b{n}", every, f"{pre}self_attn.{n}_proj.bias", False) for n in "qkv"]
     if cfg.qk_norm:
-        attn.q_norm.copy_(ckpt.get(pre + "self_attn.q_norm.weight"))
-        attn.k_norm.copy_(ckpt.get(pre + "self_attn.k_norm.weight"))
+        out += [_Entry(f"attn.{n}_norm", every, f"{pre}self_attn.{n}_norm.weight", False) for n in "qk"]
     mlp = pre + ("block_sparse_moe." if pre + "block_sparse_moe.gate.weight" in ckpt else "mlp.")
-    layer, F = block.moe, cfg.moe.d_expert
-    layer.w_router.copy_(ckpt.get(mlp + "gate.weight").t())                             # [E, D] -> [D, E]
+    F = cfg.moe.d_expert
+    out.append(_Entry("moe.w_router", every, mlp + "gate.weight", True))                # [E, D] -> [D, E]
     if mlp + "experts.gate_up_proj" in ckpt:   # transformers >= 5 fused layout: [E, 2F, D], [E, D, F]
-        layer.w_gate_up.copy_(ckpt.get(mlp + "experts.gate_up_proj").transpose(1, 2))
-        layer.w_down.copy_(ckpt.get(mlp + "experts.down_proj").transpose(1, 2))
+        out += [_Entry("moe.w_gate_up", every, mlp + "experts.gate_up_proj", True),
+                _Entry("moe.w_down", every, mlp + "experts.down_proj", True)]
     else:                                      # one Linear per expert (the layout on the Hub)
         mixtral = mlp + "experts.0.w1.weight" in ckpt
         gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
         for e in range(cfg.moe.n_experts):
             x = f"{mlp}experts.{e}."
-            layer.w_gate_up[e, :, :F].copy_(ckpt.get(f"{x}{gate}.weight").t())
-            layer.w_gate_up[e, :, F:].copy_(ckpt.get(f"{x}{up}.weight").t())
-            layer.w_down[e].copy_(ckpt.get(f"{x}{down}.weight").t())
+            out += [_Entry("moe.w_gate_up", (e, slice(None), slice(0, F)), f"{x}{gate}.weight", True),
+                    _Entry("moe.w_gate_up", (e, slice(None), slice(F, 2 * F)), f"{x}{up}.weight", True),
+                    _Entry("moe.w_down", (e,), f"{x}{down}.weight", True)]
     if cfg.moe.n_shared_experts:
         Fs = cfg.moe.n_shared_experts * F
-        layer.w_shared_gate_up[:, :Fs].copy_(ckpt.get(mlp + "shared_expert.gate_proj.weight").t())
-        layer.w_shared_gate_up[:, Fs:].copy_(ckpt.get(mlp + "shared_expert.up_proj.weight").t())
-        layer.w_shared_down.copy_(ckpt.get(mlp + "shared_expert.down_proj.weight").t())
-        layer.w_shared_gate.copy_(ckpt.get(mlp + "shared_expert_gate.weight").t())      # [1, D] -> [D, 1]
+        out += [_Entry("moe.w_shared_gate_up", (slice(None), slice(0, Fs)), mlp + "shared_expert.gate_proj.weight", True),
+                _Entry("moe.w_shared_gate_up", (slice(None), slice(Fs, 2 * Fs)), mlp + "shared_expert.up_proj.weight", True),
+                _Entry("moe.w_shared_down", every, mlp + "shared_expert.down_proj.weight", True),
+                _Entry("moe.w_shared_gate", every, mlp + "shared_expert_gate.weight", True)]  # [1, D] -> [D, 1]
+    return out
 
 
-def _empty_block(cfg: ModelConfig, i: int) -> Block:
-    """Layer i of the layout-free model, allocated on the CPU without values."""
-    with torch.device("meta"):
-        block = Block(cfg, i, cfg.torch_dtype)
-    return block.to_empty(device="cpu")
+def _read(ckpt: _SafetensorsFolder, entry: _Entry, part: Optional[list] = None) -> torch.Tensor:
+    """The entry's tensor in our orientation; `part`: slices in our orientation, read alone."""
+    if part is not None and entry.transpose:
+        part = part[:-2] + [part[-1], part[-2]]
+    t = ckpt.get(entry.key, None if part is None else tuple(part))
+    return t.transpose(-1, -2) if entry.transpose else t
+
+
+def _load_block(block, ckpt: _SafetensorsFolder, i: int, cfg: ModelConfig, shards: dict[str, Shard]) -> None:
+    """Layer i's tensors into `block`; a sharded parameter (`shards`, by name in the block) takes only
+    its rank's part, and only that part is read from the files (an EP rank skips other ranks' experts)."""
+    for entry in _block_entries(ckpt, i, cfg):
+        param, shard = block.get_parameter(entry.param), shards.get(entry.param)
+        if shard is None:
+            param[entry.index].copy_(_read(ckpt, entry))
+            continue
+        ckpt.used.add(entry.key)  # mapped, even where another rank holds all of it
+        for local, part in _rank_parts(entry.index, param.dim(), shard, param.shape[shard.dim]):
+            param[local].copy_(_read(ckpt, entry, part))
+
+
+def _rank_parts(index: tuple, ndim: int, shard: Shard, local_len: int):
+    """For a tensor placed at `index` of a full parameter, the (local index, slices of the tensor) pairs
+    that fall in this rank's shard (none if it holds none of it)."""
+    idx = list(index) + [slice(None)] * (ndim - len(index))
+    d = shard.dim
+    tensor_dim = sum(1 for x in idx[:d] if not isinstance(x, int))       # d's axis in the tensor
+    tensor_ndim = sum(1 for x in idx if not isinstance(x, int))
+    piece = local_len // shard.parts                                       # this rank's length per part
+    part_len = piece * shard.size
+    if isinstance(idx[d], int):                                            # one row of the sharded axis
+        lo = shard.rank * piece
+        if lo <= idx[d] < lo + piece:
+            yield tuple(idx[:d] + [idx[d] - lo] + idx[d + 1:]), None
+        return
+    a = idx[d].start or 0
+    b = idx[d].stop if idx[d].stop is not None else part_len * shard.parts
+    for q in range(shard.parts):
+        lo = q * part_len + shard.rank * piece
+        s, e = max(a, lo), min(b, lo + piece)
+        if s < e:
+            local = idx[:d] + [slice(q * piece + s - lo, q * piece + e - lo)] + idx[d + 1:]
+            part = [slice(None)] * tensor_ndim
+            part[tensor_dim] = slice(s - a, e - a)
+            yield tuple(local), part
 
 
 @torch.no_grad()
@@ -169,8 +218,8 @@ def from_pretrained(path: str | Path, dtype: Optional[str | torch.dtype] = None,
     checkpoint's) on `device` (default: cpu). moe_overrides set MoEConfig fields, e.g. router="capacity".
 
     reduce_chunks: the K chunks of the row-parallel sums (a multiple of the layout's ranks; ModelConfig).
-    With a layout (moe/parallel.py) each rank keeps its shard: a layer is read whole into CPU memory (one
-    layer at a time), and each rank copies its part to the device."""
+    With a layout (moe/parallel.py) each rank reads only its part of each sharded tensor from the files
+    (safetensors slices; an expert-parallel rank skips the other ranks' experts) and the replicated ones."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype}")
@@ -178,20 +227,11 @@ def from_pretrained(path: str | Path, dtype: Optional[str | torch.dtype] = None,
     path = Path(path)
     cfg = dataclasses.replace(pretrained_config(path, dtype, **moe_overrides), reduce_chunks=reduce_chunks)
     model = MoETransformer(cfg, device="meta", layout=layout).to_empty(device=device or "cpu")  # no values yet
-    shards = shards_of(model)
     with contextlib.ExitStack() as stack:
         ckpt = _SafetensorsFolder(path, stack)
         model.embed.copy_(ckpt.get("model.embed_tokens.weight"))
         for i, block in enumerate(model.blocks):
-            if layout is None:
-                _load_block(block, ckpt, i, cfg)
-                continue
-            whole = _empty_block(cfg, i)                                     # one layer, layout-free
-            _load_block(whole, ckpt, i, cfg)
-            for name, p in block.named_parameters():
-                shard = shards.get(f"blocks.{i}.{name}")
-                full = whole.get_parameter(name)
-                p.copy_(full if shard is None else shard.take(full))
+            _load_block(block, ckpt, i, cfg, shards_of(block))
         model.final_norm.copy_(ckpt.get("model.norm.weight"))
         if model.lm_head is not None:
             model.lm_head.copy_(ckpt.get("lm_head.weight").t())                          # [V, D] -> [D, V]

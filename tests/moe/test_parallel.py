@@ -131,14 +131,20 @@ def _load_worker(rank: int, world: int, port: int, folder: str, experts: str) ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, experts", [("qwen2_moe", "tp"), ("qwen3_moe", "ep")])
+@pytest.mark.parametrize("arch, experts", [("qwen2_moe", "tp"), ("qwen3_moe", "ep"), ("qwen3_moe_fused", "tp")])
 def test_from_pretrained_keeps_each_ranks_shard(tmp_path, arch, experts):
-    """A checkpoint loaded with a layout gives the layout-free model's bits (qkv biases, a gated shared
-    expert and per-head qk norms included)."""
+    """A checkpoint loaded with a layout (each rank reading its slices of the files) gives the
+    layout-free model's bits: qkv biases, a gated shared expert, per-head qk norms, per-expert and
+    fused expert tensors."""
     pytest.importorskip("transformers")
-    from tests.moe.test_pretrained import hf_model
-    hf_model(arch).save_pretrained(tmp_path)
-    mp.spawn(_load_worker, args=(2, _free_port(), str(tmp_path), experts), nprocs=2, join=True)
+    from tests.moe.test_pretrained import hf_model, write_fused
+    model = hf_model(arch.removesuffix("_fused"))
+    model.save_pretrained(tmp_path / "hub")
+    folder = tmp_path / "hub"
+    if arch.endswith("_fused"):
+        (folder := tmp_path / "fused").mkdir()
+        write_fused(tmp_path / "hub", folder, model.config)
+    mp.spawn(_load_worker, args=(2, _free_port(), str(folder), experts), nprocs=2, join=True)
 
 
 def _app_worker(rank: int, world: int, port: int, app: str, overrides: list[str], out_dir: str) -> None:

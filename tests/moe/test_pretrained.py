@@ -102,19 +102,24 @@ def test_unmodelled_options_fail_clearly(saved, tmp_path):
         moe.pretrained_config(tmp_path)
 
 
+def write_fused(folder, out, config) -> None:
+    """The Qwen3-MoE checkpoint in `folder` rewritten to `out` with its experts fused."""
+    from safetensors.torch import load_file, save_file
+    (out / "config.json").write_text((folder / "config.json").read_text())
+    state = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
+    for i in range(config.num_hidden_layers):
+        pre = f"model.layers.{i}.mlp.experts."
+        take = lambda n: torch.stack([state.pop(f"{pre}{e}.{n}.weight") for e in range(config.num_experts)])
+        state[pre + "gate_up_proj"] = torch.cat([take("gate_proj"), take("up_proj")], dim=1)
+        state[pre + "down_proj"] = take("down_proj")
+    save_file(state, out / "model.safetensors")
+
+
 def test_fused_expert_layout(saved, tmp_path):
     """transformers >= 5 keeps experts fused in memory ([E, 2F, D] gate_up, [E, D, F] down); a folder
     written in that layout loads to the same model as the Hub's one-Linear-per-expert layout."""
-    from safetensors.torch import load_file, save_file
     folder, hf = saved["qwen3_moe"]
-    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
-    state = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
-    for i in range(hf.config.num_hidden_layers):
-        pre = f"model.layers.{i}.mlp.experts."
-        take = lambda n: torch.stack([state.pop(f"{pre}{e}.{n}.weight") for e in range(hf.config.num_experts)])
-        state[pre + "gate_up_proj"] = torch.cat([take("gate_proj"), take("up_proj")], dim=1)
-        state[pre + "down_proj"] = take("down_proj")
-    save_file(state, tmp_path / "model.safetensors")
+    write_fused(folder, tmp_path, hf.config)
     a, b = moe.from_pretrained(folder), moe.from_pretrained(tmp_path)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
