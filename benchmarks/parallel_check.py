@@ -31,6 +31,7 @@ import torch.distributed as dist
 import kernels
 import moe
 from lab.compositions import Composition
+from lab.distributed import layout_named
 from moe.engine import Engine, Request
 
 BACKENDS = ("torch", "batch_invariant")
@@ -149,10 +150,7 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     gpu = torch.cuda.is_available()        # without one: CPU processes over gloo (a smoke test)
-    if gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if world > 1:
-        dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo")
+    layouts = {experts: layout_named(experts) if world > 1 else None for experts in ("ep", "tp")}
     dev = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     cfg = moe.ModelConfig.from_name(args.preset)
     cells = [("prefill", 1, 2048), ("prefill", 16, 256), ("decode", 1, 1024), ("decode", 16, 1024),
@@ -163,8 +161,7 @@ def main() -> None:
     result = dict(preset=args.preset, world=world, device=torch.cuda.get_device_name() if gpu else "cpu",
                   torch=torch.__version__, layouts={})
     for experts in ("ep", "tp"):
-        layout = moe.Layout(attention="tp", experts=experts) if world > 1 else None
-        model = moe.MoETransformer(cfg, device=dev, layout=layout)
+        model = moe.MoETransformer(cfg, device=dev, layout=layouts[experts])
         entry = {}
         for b in BACKENDS:
             with kernels.use_backend(b):

@@ -20,6 +20,16 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_reduce_chunks(chunks: int, **widths: int) -> None:
+    """reduce_chunks must be a power of two dividing every K it cuts (the row-parallel matmuls sum K in
+    that many equal chunks: moe/parallel.py); `widths` names those Ks."""
+    _check(isinstance(chunks, int) and chunks >= 1 and chunks & (chunks - 1) == 0,
+           f"reduce_chunks must be a power of two >= 1, got {chunks!r}")
+    for name, K in widths.items():
+        _check(K % chunks == 0, f"{name}={K} must be divisible by reduce_chunks={chunks} (the row-parallel "
+                                "matmuls sum K in that many equal chunks)")
+
+
 @dataclass(frozen=True)  # read at forward time: fixed once a module is built from it
 class MoEConfig:
     n_experts: int
@@ -88,12 +98,8 @@ class ModelConfig:
         _check(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         _check(self.qk_norm is None or self.qk_norm in QK_NORMS,
                f"qk_norm must be None or one of {QK_NORMS}, got {self.qk_norm!r}")
-        C = self.reduce_chunks
-        _check(isinstance(C, int) and C >= 1 and C & (C - 1) == 0,
-               f"reduce_chunks must be a power of two >= 1, got {C!r}")
-        for name, K in (("n_heads * head_dim", self.n_heads * self.head_dim), ("d_expert", self.moe.d_expert)):
-            _check(K % C == 0, f"{name}={K} must be divisible by reduce_chunks={C} (the row-parallel "
-                               "matmuls sum K in that many equal chunks)")
+        check_reduce_chunks(self.reduce_chunks, attention_width=self.n_heads * self.head_dim,
+                            d_expert=self.moe.d_expert)
 
     @property
     def head_dim(self) -> int:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from moe.config import MoEConfig
+from moe.config import MoEConfig, check_reduce_chunks
 from moe.parallel import (Layout, all_reduce, gather_rows, mark_shard, row_parallel_grouped_matmul,
                           row_parallel_matmul, size_of)
 from moe.routers import router_from_config
@@ -32,8 +32,7 @@ class MoELayer(nn.Module):
         self.cfg, self.d_model, self.reduce_chunks, self.layout = cfg, d_model, reduce_chunks, layout
         W = size_of(layout)
         E, Fd, Fs = cfg.n_experts, cfg.d_expert, cfg.n_shared_experts * cfg.d_expert
-        if reduce_chunks < 1 or reduce_chunks & (reduce_chunks - 1) or Fd % reduce_chunks:
-            raise ValueError(f"reduce_chunks must be a power of two dividing d_expert={Fd}, got {reduce_chunks}")
+        check_reduce_chunks(reduce_chunks, d_expert=Fd)
         if layout is not None and layout.experts == "ep" and E % W:
             raise ValueError(f"n_experts={E} must be divisible by the layout's {W} ranks for experts='ep'")
         self.expert_parallel = layout is not None and layout.experts == "ep"
@@ -98,8 +97,9 @@ class MoELayer(nn.Module):
             # stock: each rank combines the outputs it holds, then one all-reduce (as serving engines do)
             out = kernels.grouped_matmul(act, self.w_down, offsets)
             return all_reduce(self._combine(out, rows, routing, x), self.layout)
-        out = row_parallel_grouped_matmul(act, self.w_down, offsets, self.reduce_chunks, self.layout,
-                                          split=self.expert_tensor_parallel)     # [A_r, D]
+        # an EP rank holds its experts' whole F: the chunk tree without a cross-rank part
+        out = row_parallel_grouped_matmul(act, self.w_down, offsets, self.reduce_chunks,
+                                          self.layout if self.expert_tensor_parallel else None)  # [A_r, D]
         if self.expert_parallel:
             # every rank gets every expert's rows with the bits their rank computed: the ranks' runs,
             # in rank order, are the sorted order again

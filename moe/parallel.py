@@ -88,9 +88,7 @@ class Layout:
             (cfg.n_kv_heads % W == 0, f"n_kv_heads={cfg.n_kv_heads} must be divisible by the {W} ranks"),
             (cfg.qk_norm != "full", "qk_norm='full' normalises all heads together and cannot be split "
                                     "by heads; use a layout-free model"),
-            (self.experts != "ep" or cfg.moe.n_experts % W == 0,
-             f"n_experts={cfg.moe.n_experts} must be divisible by the {W} ranks for experts='ep'"),
-        ]
+        ]   # (the experts' split is checked by MoELayer, which can be built alone)
         for ok, why in needs:
             if not ok:
                 raise ValueError(f"layout {self} cannot split this model: {why}")
@@ -166,15 +164,13 @@ def row_parallel_matmul(x: torch.Tensor, w: torch.Tensor, chunks: int, layout: O
 
 
 def row_parallel_grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int,
-                                layout: Optional[Layout], split: bool = True) -> torch.Tensor:
-    """`row_parallel_matmul` for the experts' grouped GEMM (w [E, K/W, N]). With split=False the rank
-    holds the whole K (expert parallelism): the same chunk tree, no cross-rank sum."""
-    W = size_of(layout) if split else 1
+                                layout: Optional[Layout]) -> torch.Tensor:
+    """`row_parallel_matmul` for the experts' grouped GEMM (w [E, K/W, N])."""
+    W = size_of(layout)
     if kernels.get_backend().ordered_collectives:
         partials = kernels.grouped_matmul_partials(x, w, offsets, chunks // W)   # [C/W, A, N] fp32
-        return ordered_sum(partials, layout if split else None, x.dtype)
-    y = kernels.grouped_matmul(x, w, offsets)
-    return all_reduce(y, layout) if split else y
+        return ordered_sum(partials, layout, x.dtype)
+    return all_reduce(kernels.grouped_matmul(x, w, offsets), layout)
 
 
 def ordered_sum(partials: torch.Tensor, layout: Optional[Layout], dtype: torch.dtype) -> torch.Tensor:

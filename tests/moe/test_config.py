@@ -34,10 +34,21 @@ def test_unknown_router_lists_the_allowed_names():
     (dict(n_kv_heads=3), "n_kv_heads"),
     (dict(dtype="int8"), "dtype"),
     (dict(vocab_size=1), "vocab_size"),
+    (dict(reduce_chunks=3), "reduce_chunks must be a power of two"),
+    (dict(reduce_chunks=0), "reduce_chunks must be a power of two"),
+    (dict(reduce_chunks=128), "attention_width=64 must be divisible by reduce_chunks"),
 ])
 def test_bad_model_config(kw, field):
     with pytest.raises(ValueError, match=field):
         moe.ModelConfig.from_name("tiny", **kw)
+
+
+def test_moe_layer_alone_checks_reduce_chunks():
+    cfg = moe.MoEConfig(n_experts=4, top_k=2, d_expert=24)
+    with pytest.raises(ValueError, match="d_expert=24 must be divisible by reduce_chunks=16"):
+        moe.MoELayer(cfg, 32, reduce_chunks=16)
+    with pytest.raises(ValueError, match="power of two"):
+        moe.MoELayer(cfg, 32, reduce_chunks=6)
 
 
 def test_unknown_preset():

@@ -55,7 +55,16 @@ def _worker(rank: int, world: int, port: int, seed: int, experts: str, out_dir: 
         torch.manual_seed(seed)                       # the same draws on every rank: the same batch
         cfg = _config(seed)
         single = moe.MoETransformer(cfg)
-        sharded = moe.MoETransformer(cfg, layout=Layout(attention="tp", experts=experts))
+        layout = Layout(attention="tp", experts=experts)
+        sharded = moe.MoETransformer(cfg, layout=layout)
+        # layouts that cannot split the model are refused, naming the field
+        with pytest.raises(ValueError, match="n_kv_heads=1 must be divisible"):
+            moe.MoETransformer(replace(cfg, n_kv_heads=1), layout=layout)
+        with pytest.raises(ValueError, match="qk_norm='full'"):
+            moe.MoETransformer(replace(cfg, qk_norm="full"), layout=layout)
+        if experts == "ep":
+            with pytest.raises(ValueError, match=f"n_experts=3 must be divisible by the layout's {world}"):
+                moe.MoETransformer(replace(cfg, moe=replace(cfg.moe, n_experts=3)), layout=layout)
         V = cfg.vocab_size
         prompts = random_prompts(5, V, 1, 12)
         tokens, cu = moe.cu_seqlens_of(prompts)
