@@ -1,11 +1,13 @@
 """Reference MoE layer and small MoE transformer with pluggable routers, for studying batch invariance.
 
 Public API: MoEConfig, ModelConfig, MoELayer, MoETransformer, generate, build_router, Routing,
-from_pretrained (local Hugging Face MoE checkpoints), Layout (tensor/expert parallelism over ranks).
+from_pretrained (local Hugging Face MoE checkpoints), Layout (tensor/expert parallelism over ranks),
+DecodeGraphs (decode steps replayed as CUDA graphs).
 """
 from moe.cache import KVCache
 from moe.config import COMBINES, PRESETS, ModelConfig, MoEConfig
 from moe.generate import generate
+from moe.graphs import DecodeGraphs
 from moe.layer import MoELayer
 from moe.model import MoETransformer, cu_seqlens_of
 from moe.parallel import Layout
@@ -15,7 +17,7 @@ from moe.routing import ChunkState, Routing
 
 __all__ = ["MoEConfig", "ModelConfig", "MoELayer", "MoETransformer", "generate", "build_router", "Routing",
            "ChunkState", "KVCache", "cu_seqlens_of", "ROUTERS", "COMBINES", "PRESETS",
-           "from_pretrained", "pretrained_config", "Layout"]
+           "from_pretrained", "pretrained_config", "Layout", "DecodeGraphs"]
 
 
 def __getattr__(name: str):

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from moe.graphs import DecodeGraphs, capture_blocker
 from moe.model import MoETransformer, cu_seqlens_of
 from moe.routing import Routing
 from moe.generate import check_count, check_prompt, check_sampling, sample_next
@@ -114,9 +115,16 @@ def poisson(rng: random.Random, mean: float) -> int:
 
 
 class Engine:
-    def __init__(self, model: MoETransformer, n_slots: int, max_len: int):
+    def __init__(self, model: MoETransformer, n_slots: int, max_len: int, graphs: Optional[bool] = None):
+        """graphs: run steps where every request decodes as CUDA graphs padded to a bucket size
+        (moe/graphs.py; on a CPU the same padded static-buffer step runs eagerly). Default: on for a
+        model on a CUDA device whose step can be captured (a dropless, stateless router)."""
         self.model = model
-        self.cache = model.new_cache(n_slots, max_len)
+        if graphs is None:
+            graphs = model.device.type == "cuda" and capture_blocker(model) is None
+        # with graphs, one slot more than requests: the padding's (DecodeGraphs' pad_slot, the last)
+        self.cache = model.new_cache(n_slots + 1 if graphs else n_slots, max_len)
+        self.graphs = DecodeGraphs(model, self.cache) if graphs else None
         self.free_slots = list(range(n_slots))
         self.steps = 0
         self.batch_sizes: list[int] = []  # requests in each step that ran (a record of the load)
@@ -127,6 +135,10 @@ class Engine:
         vocab = self.model.cfg.vocab_size
         for i, r in enumerate(requests):   # before any step: a bad request must not stop the others midway
             check_prompt(f"requests[{i}].prompt", r.prompt, vocab)
+            # the last generated token is never fed back, so the cache holds prompt + max_new - 1 tokens
+            if len(r.prompt) + r.max_new_tokens - 1 > self.cache.max_len:
+                raise ValueError(f"requests[{i}] needs {len(r.prompt) + r.max_new_tokens - 1} cache positions "
+                                 f"(prompt + max_new_tokens - 1), more than max_len={self.cache.max_len}")
         pending = sorted((r for r in requests if not r.done), key=lambda r: r.arrival)  # 0 new tokens: done
         active: list[Request] = []
         tracked = [r for r in requests if r.track]
@@ -155,7 +167,10 @@ class Engine:
         # built on the host: the model checks them there (no device sync) and moves them
         tokens, cu = cu_seqlens_of(inputs)
         slots = torch.tensor([r.slot for r in batch])
-        logits, routings = self.model(tokens, cu, self.cache, slots)
+        if self.graphs is not None and all(r.fed >= len(r.prompt) for r in batch):   # every request decodes
+            logits, routings = self.graphs.step(tokens, slots), self.graphs.routings
+        else:
+            logits, routings = self.model(tokens, cu, self.cache, slots)
         cu = cu.tolist()
         for b, r in enumerate(batch):
             rows = slice(cu[b], cu[b + 1])

@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from moe.graphs import DecodeGraphs, capture_blocker
 from moe.model import MoETransformer, cu_seqlens_of
 from moe.parallel import broadcast_seed
 
@@ -64,8 +65,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 def generate(model: MoETransformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: Optional[int] = None, eos_id: Optional[int] = None) -> list[list[int]]:
-    """Generate up to max_new_tokens for each prompt (a list of token ids); returns the new tokens."""
+             top_p: float = 1.0, seed: Optional[int] = None, eos_id: Optional[int] = None,
+             graphs: Optional[bool] = None) -> list[list[int]]:
+    """Generate up to max_new_tokens for each prompt (a list of token ids); returns the new tokens.
+    graphs: decode steps as CUDA graphs (moe/graphs.py), default on where the step can be captured."""
     vocab = model.cfg.vocab_size
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of token-id lists, got {prompts!r}")
@@ -85,7 +88,11 @@ def generate(model: MoETransformer, prompts: list[list[int]], max_new_tokens: in
     out: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens == 0:
         return out
-    cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens)
+    if graphs is None:
+        graphs = model.device.type == "cuda" and capture_blocker(model) is None
+    # with graphs, one slot more than prompts: the padding's (the last)
+    cache = model.new_cache(len(prompts) + bool(graphs), max(len(p) for p in prompts) + max_new_tokens)
+    decode = DecodeGraphs(model, cache) if graphs else None
     tokens, cu = cu_seqlens_of(prompts, model.device)
     logits, _ = model(tokens, cu, cache)
     last = logits[cu[1:] - 1]                                                  # [B, V]
@@ -101,6 +108,9 @@ def generate(model: MoETransformer, prompts: list[list[int]], max_new_tokens: in
         active = still
         if not active:
             break
+        if decode is not None:
+            last = decode.step(torch.tensor([out[i][-1] for i in active]), torch.tensor(active))
+            continue
         tokens = torch.tensor([out[i][-1] for i in active], device=model.device)
         cu = torch.arange(len(active) + 1, device=model.device)
         last, _ = model(tokens, cu, cache, slots=torch.tensor(active, device=model.device))

@@ -120,7 +120,7 @@ class MoETransformer(nn.Module):
         # device sync): host tensors (the engine's) cost none for the batch; the slot checks read the
         # cache, one transfer.
         max_q = self._check_batch(tokens, cu_seqlens)
-        T, B = tokens.shape[0], cu_seqlens.shape[0] - 1
+        B = cu_seqlens.shape[0] - 1
         tokens, cu_seqlens = tokens.to(self.device), cu_seqlens.to(self.device)
         q_lens = cu_seqlens[1:] - cu_seqlens[:-1]
         if cache is None:
@@ -129,7 +129,13 @@ class MoETransformer(nn.Module):
         else:
             slots = torch.arange(B, device=self.device) if slots is None else slots.to(self.device)
             self._check_slots(slots, B, q_lens, cache)
-        step = Step.build(cu_seqlens, slots, cache.lengths[slots], n_tokens=T)
+        return self.run_step(tokens, cu_seqlens, cache, slots)
+
+    def run_step(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, cache: KVCache,
+                 slots: torch.Tensor) -> tuple[torch.Tensor, list[Routing]]:
+        """`forward` without its input checks: every tensor already on the model's device and valid. No
+        host sync for a dropless, stateless router, so a CUDA graph can capture it (moe/graphs.py)."""
+        step = Step.build(cu_seqlens, slots, cache.lengths[slots], n_tokens=tokens.shape[0])
         x = self.embed[tokens]                                                      # [T, D]
         routings = []
         for block in self.blocks:

@@ -475,13 +475,17 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_
 # are allocated once and grown when a launch needs more. One stream at a time: two launches running
 # concurrently on different streams would share them.
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+# Buffers outgrown by a larger launch stay allocated: a CUDA graph captured before the growth keeps
+# pointing at its buffer (and still finds it zeroed, as every launch leaves it).
+_OUTGROWN: list[torch.Tensor] = []
 
 
 def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least n zeroed arrival counters on `device` (a new, larger buffer when the last was too small:
-    a CUDA graph captured before such a growth would keep pointing at the old one)."""
+    """At least n zeroed arrival counters on `device`."""
     counts = _COUNTERS.get(device)
     if counts is None or counts.numel() < n:
+        if counts is not None:
+            _OUTGROWN.append(counts)
         counts = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
         _COUNTERS[device] = counts
     return counts
