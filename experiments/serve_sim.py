@@ -16,7 +16,11 @@ Prompt lengths are limited only by the model's max_seq_len (checked before anyth
 the max_slots KV-cache slots holds the longest request (wide: 32 KB per position, 2.8 GB for 64 slots
 of 1313 positions).
 
-Per configuration it saves cells/<router>-<backend>.json (skipped when re-run in the same directory),
+On a GPU the engine's decode steps run as CUDA graphs padded to bucket sizes where the step can be
+captured (`serve.graphs`: auto). Padding puts the real requests in a larger batch, a variance source
+of its own for stock kernels: `serve.graphs=[off,on]` runs each configuration both ways.
+
+Per configuration it saves cells/<router>-<backend>-<graphs>.json (skipped when re-run in the same directory),
 then results.json, distinct_completions.csv and distinct_completions.png.
 
 Sharded over several GPUs (one process each; `serve.layout`: experts ep or tp, attention tp):
@@ -44,6 +48,11 @@ from moe.engine import Engine, Request, poisson  # noqa: E402
 from lab.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
 from lab.plot import save_figure  # noqa: E402
 from moe import MoETransformer, pretrained_config  # noqa: E402
+
+
+# serve.graphs: decode steps as CUDA graphs padded to bucket sizes (moe/graphs.py). auto: where the step can
+# be captured on a CUDA device; on: also on a CPU (the padded step, run eagerly); off: eager, unpadded.
+GRAPHS = {"auto": None, "on": True, "off": False}
 
 
 def arrival_rates(serve: DictConfig, span: int) -> list[float]:
@@ -115,7 +124,8 @@ def plot_distinct(cells: list[dict], max_new_tokens: int, path: Path) -> Path:
         # in points from the last mark, so the label clears the (large) marks at any number of variants
         ax.annotate(f"{c['distinct']} distinct / {c['runs']}", (len(c["variants"]) - 1, row), xytext=(14, 0),
                     textcoords="offset points", va="center", fontsize=8)
-    ax.set_yticks(range(len(cells)), [f"{c['router']} / {c['backend']}" for c in cells])
+    ax.set_yticks(range(len(cells)), [f"{c['router']} / {c['backend']}" + (" / CUDA graphs" if c["graphs_used"] else "")
+                                      for c in cells])
     ax.set_xlabel("distinct completions of the same prompt (most common first; size: how often)")
     widest = max(len(c["variants"]) for c in cells)
     ax.set_xlim(-1, widest * 1.15 + 6)
@@ -143,18 +153,23 @@ def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
 
     def measure(model: MoETransformer, point: dict) -> dict:
         _, copies, every = make_traffic(serve, model.cfg.vocab_size, cfg.seed)
-        engine = Engine(model, serve.max_slots, max_len)
+        engine = Engine(model, serve.max_slots, max_len, graphs=GRAPHS[point["graphs"]])
         start = time.perf_counter()
         engine.run(every)
         seconds = time.perf_counter() - start
-        return dict(**summarize([r.generated for r in copies]), engine=load_record(engine.batch_sizes, serve.max_slots, seconds))
+        return dict(**summarize([r.generated for r in copies]), graphs_used=engine.graphs is not None,
+                    engine=load_record(engine.batch_sizes, serve.max_slots, seconds))
 
-    grid = router_backend_grid(cfg)
+    graphs = list(serve.get("graphs", ["auto"]))
+    if not graphs or any(g not in GRAPHS for g in graphs):
+        raise ValueError(f"serve.graphs must be a non-empty list of {list(GRAPHS)}, got {graphs}")
+    grid = [dict(**p, graphs=g) for p in router_backend_grid(cfg) for g in graphs]
     cells = run_cells(cfg, out, grid, measure, desc="serving configurations", layout=layout)
     results = dict(config=OmegaConf.to_container(cfg, resolve=True), cells=cells)
     write_json(out / "results.json", results)
     write_csv(out / "distinct_completions.csv",
-              [dict(router=c["router"], backend=c["backend"], runs=c["runs"], distinct=c["distinct"],
+              [dict(router=c["router"], backend=c["backend"], graphs=c["graphs_used"], runs=c["runs"],
+                    distinct=c["distinct"], seconds=c["engine"]["seconds"],
                     earliest_divergence=min((v["first_divergence"] for v in c["variants"][1:]), default=None))
                for c in cells])
     plot_distinct(cells, serve.max_new_tokens, out / "distinct_completions.png")

@@ -66,3 +66,16 @@ def test_requests_longer_than_max_seq_len_are_refused(tmp_path):
     cfg = config("router.names=[topk]", "kernels=torch", "serve.probe_len=250", "serve.max_new_tokens=24")
     with pytest.raises(ValueError, match="max_seq_len=256"):
         run_serve_sim(cfg, tmp_path)
+
+
+def test_graphs_axis_runs_each_configuration_padded_and_unpadded(tmp_path):
+    """serve.graphs=[off,on]: on a CPU "on" runs the padded static-buffer decode step eagerly; with the
+    batch_invariant backend padding cannot change a completion, so both cells agree copy for copy."""
+    cfg = config("router.names=[topk]", "kernels=batch_invariant", "serve.n_probe_runs=3", "serve.probe_len=6",
+                 "serve.max_new_tokens=4", "serve.load=1.0", "serve.max_slots=5", "serve.traffic_max_len=8",
+                 "serve.traffic_max_new=4", "serve.graphs=[off,on]")
+    off, on = run_serve_sim(cfg, tmp_path)["cells"]
+    assert (off["graphs_used"], on["graphs_used"]) == (False, True)
+    assert off["variants"] == on["variants"] and on["distinct"] == 1
+    with pytest.raises(ValueError, match="serve.graphs"):
+        run_serve_sim(config("serve.graphs=[sometimes]"), tmp_path)
