@@ -11,7 +11,8 @@ Each run (W processes, one GPU each; W = 1 runs the layout-free model) writes DI
 - batch invariance under the layout: the probe alone and inside batches of other sizes, places and
   co-requests (prefill, mixed, chunked), bitwise, batch_invariant backend;
 - step time, both backends in alternating rounds in the same run (median wall ms of the rounds): prefill
-  (B sequences of L tokens) and decode (B sequences at a context of C tokens).
+  (B sequences of L tokens) and decode (B sequences at a context of C tokens), eager and (on GPUs, where
+  the layout allows a capture: not experts "ep") replayed as a CUDA graph.
 Random weights (the preset's seed), random tokens (fixed seeds): every run sees the same inputs.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ import moe
 from lab.compositions import Composition
 from lab.distributed import layout_named
 from moe.engine import Engine, Request
+from moe.graphs import DecodeGraphs, capture_blocker
 
 BACKENDS = ("torch", "batch_invariant")
 SCALE = 1        # input lengths are divided by this (10 for the CPU smoke test on the tiny preset)
@@ -109,18 +111,27 @@ def timed(step, rounds: int) -> list[float]:
 
 
 def step_times(model: moe.MoETransformer, cells: list[tuple[str, int, int]], rounds: int) -> list[dict]:
-    """Median wall ms per step, per backend, the backends alternating round by round."""
-    V, dev = model.cfg.vocab_size, model.device
+    """Median wall ms per step, per backend, the backends alternating round by round. `decode_graphs`
+    cells replay the decode step as a CUDA graph (moe/graphs.py), where the layout allows a capture."""
+    V, dev, gpu = model.cfg.vocab_size, model.device, model.device.type == "cuda"
     rows = []
     for mode, B, L in cells:
         if mode == "prefill":
             tokens, cu = moe.cu_seqlens_of(prompts(B, L, L, V, seed=5), dev)
             step = lambda: model(tokens, cu)                                        # noqa: E731
-        else:
+        elif mode == "decode":
             cache = model.new_cache(B, L + 4 * rounds + 16)
             cache.lengths[:] = L            # a context of L (zero) keys per sequence: the same reads
             tokens, cu = moe.cu_seqlens_of(prompts(B, 1, 1, V, seed=6), dev)    # one token per sequence
             step = lambda: model(tokens, cu, cache)                                 # noqa: E731
+        else:                               # decode replayed as a CUDA graph (one more slot: the padding's)
+            if capture_blocker(model) is not None or not gpu:
+                continue
+            cache = model.new_cache(B + 1, L + 4 * rounds + 16)
+            cache.lengths[:B] = L
+            tokens = torch.tensor(prompts(B, 1, 1, V, seed=6)).flatten()
+            graphs, slots = DecodeGraphs(model, cache), torch.arange(B)
+            step = lambda: graphs.step(tokens, slots)                               # noqa: E731
         times = {b: [] for b in BACKENDS}
         print(f"rank {os.environ.get('RANK', '0')}: timing {mode} B={B} L={L}", flush=True)
         for b in BACKENDS:                  # warm-up (compiles)
@@ -154,7 +165,8 @@ def main() -> None:
     dev = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     cfg = moe.ModelConfig.from_name(args.preset)
     cells = [("prefill", 1, 2048), ("prefill", 16, 256), ("decode", 1, 1024), ("decode", 16, 1024),
-             ("decode", 64, 1024)]
+             ("decode", 64, 1024), ("decode_graphs", 1, 1024), ("decode_graphs", 16, 1024),
+             ("decode_graphs", 64, 1024)]
     if args.preset == "tiny":               # the smoke test's sizes
         global SCALE
         SCALE, cells = 10, [("prefill", 2, 16), ("decode", 1, 32), ("decode", 2, 32)]
