@@ -1,11 +1,13 @@
 """The MoE feed-forward layer: route, sort tokens by expert, run SwiGLU experts as grouped GEMMs,
 combine each token's expert outputs, add optional shared experts.
 
-With a layout (moe/parallel.py) a rank holds E/W whole experts ("ep") or every expert's F/W columns
-("tp"), and F/W of the shared experts; every rank routes the whole batch the same way.
+With a layout (moe/parallel.py) a rank holds E/W whole experts ("ep"), every expert's F/W columns
+("tp"), or F/P columns of E/G experts (G groups of P ranks: "ep" with expert_tp=P), and F/W of the
+shared experts; every rank routes the whole batch the same way.
 
 Legend: T = tokens, D = d_model, E = experts, F = d_expert, S = expert slots per token,
-A = kept assignments, W = ranks of the layout.
+A = kept assignments, W = ranks of the layout, G = ranks (or groups) over which experts are spread,
+P = ranks that split each expert's F.
 """
 from __future__ import annotations
 
@@ -33,24 +35,25 @@ class MoELayer(nn.Module):
         W = size_of(layout)
         E, Fd, Fs = cfg.n_experts, cfg.d_expert, cfg.n_shared_experts * cfg.d_expert
         check_reduce_chunks(reduce_chunks, d_expert=Fd)
-        if layout is not None and layout.experts == "ep" and E % W:
-            raise ValueError(f"n_experts={E} must be divisible by the layout's {W} ranks for experts='ep'")
-        self.expert_parallel = layout is not None and layout.experts == "ep"
-        self.expert_tensor_parallel = layout is not None and layout.experts == "tp"
-        E_local = E // W if self.expert_parallel else E
-        F_local = Fd // W if self.expert_tensor_parallel else Fd
+        # whole experts spread over `ep` ranks; each expert's F split over `tp` ranks (either, both or none)
+        self.ep = None if layout is None else layout.expert_ep_layout
+        self.tp = None if layout is None else layout.expert_tp_layout
+        G, P = size_of(self.ep), size_of(self.tp)
+        if E % G:
+            ranks = f"{G} ranks" if P == 1 else f"{G} expert-parallel groups ({layout})"
+            raise ValueError(f"n_experts={E} must be divisible by the layout's {ranks} for experts='ep'")
+        if reduce_chunks % P:
+            raise ValueError(f"reduce_chunks={reduce_chunks} must be a multiple of the {P} ranks that split "
+                             "each expert (one subtree of the down projection's sum per rank)")
         kw = dict(dtype=dtype)  # None: torch's default dtype, as for nn.Linear
         self.router = router_from_config(cfg)
         self.w_router = nn.Parameter(torch.empty(d_model, E, **kw))
         # gate and up projections, fused; "ep" splits the expert axis, "tp" each expert's F (gate and up alike)
-        self.w_gate_up = nn.Parameter(torch.empty(E_local, d_model, 2 * F_local, **kw))
-        self.w_down = nn.Parameter(torch.empty(E_local, F_local, d_model, **kw))
-        if self.expert_parallel:
-            mark_shard(self, "w_gate_up", layout, dim=0)
-            mark_shard(self, "w_down", layout, dim=0)
-        elif self.expert_tensor_parallel:
-            mark_shard(self, "w_gate_up", layout, dim=2, parts=2)
-            mark_shard(self, "w_down", layout, dim=1)
+        self.w_gate_up = nn.Parameter(torch.empty(E // G, d_model, 2 * Fd // P, **kw))
+        self.w_down = nn.Parameter(torch.empty(E // G, Fd // P, d_model, **kw))
+        for name, F_dim, parts in (("w_gate_up", 2, 2), ("w_down", 1, 1)):
+            mark_shard(self, name, self.ep, dim=0)
+            mark_shard(self, name, self.tp, dim=F_dim, parts=parts)
         if cfg.n_shared_experts:
             self.w_shared_gate_up = nn.Parameter(torch.empty(d_model, 2 * Fs // W, **kw))
             self.w_shared_down = nn.Parameter(torch.empty(Fs // W, d_model, **kw))
@@ -88,22 +91,21 @@ class MoELayer(nn.Module):
         ids = torch.arange(self.cfg.n_experts, device=order.device, dtype=flat_experts.dtype)
         offsets = torch.searchsorted(flat_experts[order], ids, right=True).to(torch.int32)  # [E]
         rows = order
-        if self.expert_parallel:  # this rank's experts own one contiguous run of the sorted order
-            rows, offsets, counts = _local_run(order, offsets, self.layout)      # [A_r], [E/W], W ints
-        h = kernels.grouped_matmul(x[rows // S], self.w_gate_up, offsets)        # [A_r, 2F/W]
+        if self.ep is not None:  # this rank's experts own one contiguous run of the sorted order
+            rows, offsets, counts = _local_run(order, offsets, self.ep)          # [A_r], [E/G], G ints
+        h = kernels.grouped_matmul(x[rows // S], self.w_gate_up, offsets)        # [A_r, 2F/P]
         gate, up = h.chunk(2, dim=1)
         act = F.silu(gate) * up
         if self.layout is not None and not kernels.get_backend().ordered_collectives:
             # stock: each rank combines the outputs it holds, then one all-reduce (as serving engines do)
             out = kernels.grouped_matmul(act, self.w_down, offsets)
             return all_reduce(self._combine(out, rows, routing, x), self.layout)
-        # an EP rank holds its experts' whole F: the chunk tree without a cross-rank part
-        out = row_parallel_grouped_matmul(act, self.w_down, offsets, self.reduce_chunks,
-                                          self.layout if self.expert_tensor_parallel else None)  # [A_r, D]
-        if self.expert_parallel:
-            # every rank gets every expert's rows with the bits their rank computed: the ranks' runs,
-            # in rank order, are the sorted order again
-            out = gather_rows(out, counts, self.layout)                           # [A, D]
+        # the chunk tree over F, its subtrees on the `tp` ranks (none: this rank holds its experts' whole F)
+        out = row_parallel_grouped_matmul(act, self.w_down, offsets, self.reduce_chunks, self.tp)  # [A_r, D]
+        if self.ep is not None:
+            # every rank gets every expert's rows with the bits their rank (or TP group) computed: the
+            # runs of the `ep` ranks, in their order, are the sorted order again
+            out = gather_rows(out, counts, self.ep)                               # [A, D]
         return self._combine(out, order, routing, x)
 
     def _combine(self, out: torch.Tensor, order: torch.Tensor, routing: Routing, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +138,8 @@ class MoELayer(nn.Module):
 def _local_run(order: torch.Tensor, offsets: torch.Tensor,
                layout: Layout) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """This rank's run of the sorted assignments, its experts' group ends relative to the run, and every
-    rank's run length (one device sync, for the runs' bounds)."""
+    rank's run length (one device sync, for the runs' bounds). `layout`: the ranks over which whole
+    experts are spread (with expert_tp, one per group: the run is its group's)."""
     W, E_local = layout.size, offsets.shape[0] // layout.size
     ends = offsets[E_local - 1::E_local].tolist()                                  # [W] runs' ends
     starts = [0] + ends[:-1]

@@ -3,6 +3,7 @@ depend on the layout.
 
     dist.init_process_group("nccl")                      # one process per GPU (gloo: CPU processes)
     layout = moe.Layout(attention="tp", experts="ep")      # over every rank of the default group
+    layout = moe.Layout(attention="tp", experts="ep", expert_tp=2)   # or: EP over pairs, TP inside a pair
     model = moe.MoETransformer(cfg, device=dev, layout=layout)
     logits, routings = model(tokens, cu_seqlens)           # the same batch on every rank; full logits
 
@@ -10,7 +11,10 @@ Every rank gets the whole batch and returns the whole logits, so callers (`gener
 engine) do not change. What is split (W = ranks, r = this rank):
 - attention (`"tp"`, Megatron style): query and key/value heads; wq/wk/wv by columns, wo by rows;
 - experts `"ep"`: experts r*E/W .. (r+1)*E/W - 1 whole on rank r; `"tp"`: every expert's d_expert;
-- shared experts: d_expert, as dense tensor-parallel MLPs.
+  `"ep"` with `expert_tp=P` (two dimensions, "ep{G}xtp{P}"): the ranks form G = W/P expert-parallel
+  groups of P neighbours; group g = r // P holds experts g*E/G .. (g+1)*E/G - 1, and its rank at TP
+  position r % P holds those experts' d_expert/P columns;
+- shared experts: d_expert, as dense tensor-parallel MLPs (over all W ranks in every layout).
 Embedding, norms, router and LM head are replicated (their inputs are the same bits on every rank).
 
 Where the ranks' results meet, the backend decides how (`Backend.ordered_collectives`):
@@ -20,10 +24,12 @@ Where the ranks' results meet, the backend decides how (`Backend.ordered_collect
   tree runs across ranks (`ordered_sum`: an all-to-all of fp32 pieces, the additions in tree order,
   an all-gather of the rounded pieces): the same additions in the same order on 1, 2 or 4 ranks, and
   one device runs the same tree. Expert outputs (EP) travel back as copies, each rank's run of rows in
-  rank order, and the combine runs as on one device.
+  rank order, and the combine runs as on one device. With expert_tp=P the experts' down projection
+  runs that tree over the P ranks of a group (P subtrees), then the groups' runs travel as copies.
 - `torch`: what serving engines do: each rank's rounded partial product, summed by an all-reduce
   (NCCL picks ring or tree by size and rank count), and EP ranks combine their own experts' outputs,
-  then all-reduce. Its bits change with the layout: the `collective` source of variance.
+  then all-reduce (over all W ranks, expert_tp or not). Its bits change with the layout: the
+  `collective` source of variance.
 
 Not for: layouts across hosts (nothing here is specific to one host, but it is only tested on one),
 pipeline parallelism, or `qk_norm="full"` (its norm would need a sum across the head shards).
@@ -56,16 +62,35 @@ class Layout:
 
     attention: str = "tp"              # one of ATTENTION_LAYOUTS
     experts: str = "ep"                # one of EXPERT_LAYOUTS
+    expert_tp: int = 1                 # > 1 (experts "ep" only): ranks that split each expert's d_expert
     group: Optional[dist.ProcessGroup] = field(default=None, compare=False)
+    # expert_tp > 1: the sub-layouts __post_init__ builds (see `expert_ep_layout`, `expert_tp_layout`)
+    _ep: Optional["Layout"] = field(default=None, init=False, compare=False, repr=False)
+    _tp: Optional["Layout"] = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_LAYOUTS:
             raise ValueError(f"attention must be one of {ATTENTION_LAYOUTS}, got {self.attention!r}")
         if self.experts not in EXPERT_LAYOUTS:
             raise ValueError(f"experts must be one of {EXPERT_LAYOUTS}, got {self.experts!r}")
+        if not isinstance(self.expert_tp, int) or self.expert_tp < 1:
+            raise ValueError(f"expert_tp must be a positive int, got {self.expert_tp!r}")
+        if self.expert_tp > 1 and self.experts != "ep":
+            raise ValueError(f"expert_tp={self.expert_tp} needs experts='ep' (experts='tp' already splits "
+                             "every expert over all ranks)")
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("a Layout needs a torch.distributed process group: call "
                              "dist.init_process_group(...) first (torchrun sets the environment)")
+        if self.expert_tp > 1:
+            W = self.size
+            if W % self.expert_tp:
+                raise ValueError(f"expert_tp={self.expert_tp} must divide the layout's {W} ranks")
+            if W != dist.get_world_size():
+                raise ValueError("expert_tp > 1 needs a layout over every rank (group=None): every process "
+                                 "makes its sub-groups")
+            ep_group, tp_group = _expert_groups(self.group, self.expert_tp)
+            object.__setattr__(self, "_ep", Layout(self.attention, "ep", group=ep_group))
+            object.__setattr__(self, "_tp", Layout(self.attention, "tp", group=tp_group))
 
     @property
     def rank(self) -> int:
@@ -75,8 +100,26 @@ class Layout:
     def size(self) -> int:
         return dist.get_world_size(self.group)
 
+    @property
+    def expert_ep_layout(self) -> Optional["Layout"]:
+        """The ranks over which whole experts are spread, this one among them (with expert_tp > 1: one
+        rank per group, at this rank's TP position, ranked by group); None if every rank holds every expert."""
+        if self.experts != "ep":
+            return None
+        return self._ep if self.expert_tp > 1 else self
+
+    @property
+    def expert_tp_layout(self) -> Optional["Layout"]:
+        """The ranks that split each of this rank's experts by d_expert, this one among them; None if
+        this rank holds its experts whole."""
+        if self.experts == "tp":
+            return self
+        return self._tp if self.expert_tp > 1 else None
+
     def __str__(self) -> str:
-        return f"attention={self.attention}x{self.size},experts={self.experts}x{self.size}"
+        experts = (f"ep{self.size // self.expert_tp}xtp{self.expert_tp}" if self.expert_tp > 1
+                   else f"{self.experts}x{self.size}")
+        return f"attention={self.attention}x{self.size},experts={experts}"
 
     def check(self, cfg: "ModelConfig") -> None:
         """Raise ValueError naming what in `cfg` (a ModelConfig) this layout cannot split."""
@@ -94,33 +137,68 @@ class Layout:
                 raise ValueError(f"layout {self} cannot split this model: {why}")
 
 
+_EXPERT_GROUPS: dict = {}   # (base group, expert_tp) -> (EP group, TP group) of this rank
+
+
+def _expert_groups(group: Optional[dist.ProcessGroup], expert_tp: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """This rank's EP group (the ranks at its TP position, one per group) and TP group (its expert_tp
+    neighbours). dist.new_group must be called by every process, for every group, in the same order:
+    all of them are made here, once per base group (layouts are built again and again by the apps)."""
+    base = group or dist.group.WORLD
+    key = (base, expert_tp)
+    if key not in _EXPERT_GROUPS:
+        W, r = dist.get_world_size(base), dist.get_rank(base)
+        ranks = [dist.get_global_rank(base, i) for i in range(W)]
+        tp_groups = [dist.new_group(ranks[g * expert_tp:(g + 1) * expert_tp]) for g in range(W // expert_tp)]
+        ep_groups = [dist.new_group(ranks[p::expert_tp]) for p in range(expert_tp)]
+        _EXPERT_GROUPS[key] = ep_groups[r % expert_tp], tp_groups[r // expert_tp]
+    return _EXPERT_GROUPS[key]
+
+
 # ---- which part of a full tensor a rank holds ----
 
 @dataclass(frozen=True)
 class Shard:
     """This rank's part of a parameter: block `rank` of `size` along `dim`. `parts` > 1 means the
-    dimension holds that many fused tensors side by side (gate|up), each split the same way."""
+    dimension holds that many fused tensors side by side (gate|up), each split the same way. `then`:
+    a split of that block along another dim too (an expert weight in a two-dimensional layout)."""
     dim: int
     rank: int
     size: int
     parts: int = 1
+    then: Optional["Shard"] = None
+
+    def __post_init__(self) -> None:
+        if self.then is not None and self.dim in [s.dim for s in self.then.splits]:
+            raise ValueError(f"a Shard splits each dim once: dim={self.dim} is split again by `then`")
+
+    @property
+    def splits(self) -> tuple["Shard", ...]:
+        """One single-dim Shard per split dim (they commute: each cuts its own dim)."""
+        one = Shard(self.dim, self.rank, self.size, self.parts)
+        return (one,) if self.then is None else (one, *self.then.splits)
 
     def full_shape(self, local: torch.Size) -> torch.Size:
         shape = list(local)
-        shape[self.dim] *= self.size
+        for s in self.splits:
+            shape[s.dim] *= s.size
         return torch.Size(shape)
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """The local block of a full tensor (a copy, contiguous)."""
-        pieces = full.chunk(self.parts, dim=self.dim)
-        return torch.cat([p.chunk(self.size, dim=self.dim)[self.rank] for p in pieces], dim=self.dim).contiguous()
+        for s in self.splits:
+            pieces = full.chunk(s.parts, dim=s.dim)
+            full = torch.cat([p.chunk(s.size, dim=s.dim)[s.rank] for p in pieces], dim=s.dim)
+        return full.contiguous()
 
 
 def mark_shard(module: torch.nn.Module, name: str, layout: Optional[Layout], dim: int, parts: int = 1) -> None:
-    """Record that `module.<name>` was created with this rank's part of the full shape (no-op without a
-    layout). Kept on the module, by name: parameters are replaced by `.to_empty()` and the like."""
+    """Record that `module.<name>` was created with this rank's part of the full shape along `dim`
+    (no-op without a layout, or one of one rank); a parameter split along two dims is marked once per
+    dim. Kept on the module, by name: parameters are replaced by `.to_empty()` and the like."""
     if layout is not None and layout.size > 1:
-        module.__dict__.setdefault("_shards", {})[name] = Shard(dim, layout.rank, layout.size, parts)
+        shards = module.__dict__.setdefault("_shards", {})
+        shards[name] = Shard(dim, layout.rank, layout.size, parts, then=shards.get(name))
 
 
 def shards_of(model: torch.nn.Module) -> dict[str, Shard]:
@@ -183,7 +261,7 @@ def ordered_sum(partials: torch.Tensor, layout: Optional[Layout], dtype: torch.d
     result. Bytes per rank: (W-1)/W of the fp32 sum out and of the rounded sum in, 1.5x NCCL's bf16 ring."""
     s = _tree_sum(partials)
     W = size_of(layout)
-    if W == 1:
+    if W == 1 or s.numel() == 0:   # (no rows: an expert group that got no tokens, alike on its ranks)
         return s.to(dtype)
     flat = s.flatten()
     n = -(-flat.numel() // W) * W

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 from typing import Optional
@@ -180,34 +181,45 @@ def _load_block(block, ckpt: _SafetensorsFolder, i: int, cfg: ModelConfig, shard
             param[entry.index].copy_(_read(ckpt, entry))
             continue
         ckpt.used.add(entry.key)  # mapped, even where another rank holds all of it
-        for local, part in _rank_parts(entry.index, param.dim(), shard, param.shape[shard.dim]):
+        for local, part in _rank_parts(entry.index, param.shape, shard):
             param[local].copy_(_read(ckpt, entry, part))
 
 
-def _rank_parts(index: tuple, ndim: int, shard: Shard, local_len: int):
-    """For a tensor placed at `index` of a full parameter, the (local index, slices of the tensor) pairs
-    that fall in this rank's shard (none if it holds none of it)."""
-    idx = list(index) + [slice(None)] * (ndim - len(index))
-    d = shard.dim
-    tensor_dim = sum(1 for x in idx[:d] if not isinstance(x, int))       # d's axis in the tensor
+def _rank_parts(index: tuple, local_shape: torch.Size, shard: Shard):
+    """For a tensor placed at `index` of a full parameter, the (local index, slices of the tensor or None
+    for all of it) pairs that fall in this rank's shard (none if it holds none of it). A shard split
+    along several dims gives every combination of its splits' pieces."""
+    idx = list(index) + [slice(None)] * (len(local_shape) - len(index))
     tensor_ndim = sum(1 for x in idx if not isinstance(x, int))
-    piece = local_len // shard.parts                                       # this rank's length per part
-    part_len = piece * shard.size
+    splits = shard.splits
+    for pieces in itertools.product(*(_split_pieces(idx, s, local_shape[s.dim]) for s in splits)):
+        local, part = list(idx), [slice(None)] * tensor_ndim
+        for s, (local_d, tensor_slice) in zip(splits, pieces):
+            local[s.dim] = local_d
+            if tensor_slice is not None:
+                part[sum(1 for x in idx[:s.dim] if not isinstance(x, int))] = tensor_slice  # s.dim's axis
+        sliced = any(p != slice(None) for p in part)
+        yield tuple(local), part if sliced else None
+
+
+def _split_pieces(idx: list, split: Shard, local_len: int):
+    """Along one split's dim (idx[dim]: an int or a slice of the full parameter): the (local index on that
+    dim, slice of the tensor's axis or None for an int) pairs in this rank's block."""
+    d = split.dim
+    piece = local_len // split.parts                                       # this rank's length per part
+    part_len = piece * split.size
     if isinstance(idx[d], int):                                            # one row of the sharded axis
-        lo = shard.rank * piece
+        lo = split.rank * piece
         if lo <= idx[d] < lo + piece:
-            yield tuple(idx[:d] + [idx[d] - lo] + idx[d + 1:]), None
+            yield idx[d] - lo, None
         return
     a = idx[d].start or 0
-    b = idx[d].stop if idx[d].stop is not None else part_len * shard.parts
-    for q in range(shard.parts):
-        lo = q * part_len + shard.rank * piece
+    b = idx[d].stop if idx[d].stop is not None else part_len * split.parts
+    for q in range(split.parts):
+        lo = q * part_len + split.rank * piece
         s, e = max(a, lo), min(b, lo + piece)
         if s < e:
-            local = idx[:d] + [slice(q * piece + s - lo, q * piece + e - lo)] + idx[d + 1:]
-            part = [slice(None)] * tensor_ndim
-            part[tensor_dim] = slice(s - a, e - a)
-            yield tuple(local), part
+            yield slice(q * piece + s - lo, q * piece + e - lo), slice(s - a, e - a)
 
 
 @torch.no_grad()

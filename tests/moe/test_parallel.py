@@ -1,12 +1,14 @@
 """Tensor- and expert-parallel models (moe/parallel.py) over gloo: CPU processes, Triton's interpreter.
 
 With the batch_invariant backend a sharded model gives the single-process model's logits and greedy
-completions bitwise, alone and inside ragged batches (prefill, decode, mixed and chunked steps); with the
-stock backend its all-reduce changes the bits. Each check runs in every rank (spawned processes); a
-failing assert in any rank fails the test with that rank's traceback.
+completions bitwise, alone and inside ragged batches (prefill, decode, mixed and chunked steps), on the
+one-dimensional layouts and on the two-dimensional "ep2xtp2" (experts over 2 pairs of ranks, each expert
+split inside its pair); with the stock backend its all-reduce changes the bits. Each check runs in
+every rank (spawned processes); a failing assert in any rank fails the test with that rank's traceback.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -21,8 +23,9 @@ import torch.multiprocessing as mp
 import kernels
 import moe
 from lab.compositions import Composition
+from lab.distributed import layout_named
 from moe.engine import Engine, Request
-from moe.parallel import Layout, Shard
+from moe.parallel import Layout, Shard, shard_model, shards_of
 from tests.conftest import random_prompts
 
 
@@ -102,11 +105,87 @@ def test_ranks_give_the_single_process_bits(seed, tmp_path, world, experts):
     assert all(v["stock_differs"] for v in verdicts)
 
 
+def _worker_2d(rank: int, world: int, port: int, seed: int, out_dir: str) -> None:
+    """ep2xtp2 on 4 ranks: its refusals, its shards, and the single-process bits (a leaner cut of
+    `_worker`'s checks: the 2-D layout adds a sub-group sum and a sub-group gather to the same paths)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(seed)
+        cfg = _config(seed)
+        for bad, why in [(dict(expert_tp=3), "expert_tp=3 must divide the layout's 4 ranks"),
+                         (dict(expert_tp=0), "expert_tp must be a positive int"),
+                         (dict(experts="tp", expert_tp=2), "expert_tp=2 needs experts='ep'")]:
+            with pytest.raises(ValueError, match=why):
+                Layout(**{"attention": "tp", "experts": "ep", **bad})
+        layout = Layout(attention="tp", experts="ep", expert_tp=2)
+        assert str(layout) == "attention=tpx4,experts=ep2xtp2" and layout_named("ep2xtp2") == layout
+        with pytest.raises(ValueError, match="needs 3 x 2 = 6 ranks"):
+            layout_named("ep3xtp2")
+        # TP partners are neighbours; the EP sub-group ranks the pairs
+        assert (layout.expert_tp_layout.rank, layout.expert_ep_layout.rank) == (rank % 2, rank // 2)
+        with pytest.raises(ValueError, match="n_experts=6 must be divisible by the layout's 4 ranks"):
+            moe.MoETransformer(replace(cfg, moe=replace(cfg.moe, n_experts=6)), layout=Layout(experts="ep"))
+        moe.MoETransformer(replace(cfg, moe=replace(cfg.moe, n_experts=6)), layout=layout)  # 3 per pair
+        with pytest.raises(ValueError, match="n_experts=3 must be divisible by the layout's 2 expert-parallel"):
+            moe.MoETransformer(replace(cfg, moe=replace(cfg.moe, n_experts=3)), layout=layout)
+        single = moe.MoETransformer(cfg)
+        sharded = moe.MoETransformer(cfg, layout=layout)
+        moe_layer, full = sharded.blocks[0].moe, single.blocks[0].moe
+        E, F = cfg.moe.n_experts, cfg.moe.d_expert
+        assert moe_layer.w_down.shape == (E // 2, F // 2, cfg.d_model)
+        assert {s.dim for s in shards_of(sharded)["blocks.0.moe.w_gate_up"].splits} == {0, 2}
+        # the 4 ranks' blocks, put back by (pair, position), are the single-process weights
+        downs = [torch.empty_like(moe_layer.w_down) for _ in range(world)]
+        dist.all_gather(downs, moe_layer.w_down)
+        assert torch.equal(torch.cat([torch.cat(downs[2 * g:2 * g + 2], dim=1) for g in range(2)]), full.w_down)
+        gate_ups = [torch.empty_like(moe_layer.w_gate_up) for _ in range(world)]
+        dist.all_gather(gate_ups, moe_layer.w_gate_up)
+        halves = [[t.chunk(2, dim=2) for t in gate_ups[2 * g:2 * g + 2]] for g in range(2)]   # gate | up
+        assert torch.equal(torch.cat([torch.cat([h[0] for h in pair] + [h[1] for h in pair], dim=2)
+                                      for pair in halves]), full.w_gate_up)
+        assert all(torch.equal(a, b) for a, b in zip(shard_model(single, layout).parameters(), sharded.parameters()))
+        V = cfg.vocab_size
+        prompts = random_prompts(5, V, 1, 12)
+        tokens, cu = moe.cu_seqlens_of(prompts)
+        probe = random_prompts(1, V, 3, 9)[0]
+        mixed = Composition(batch_size=3, probe_index=int(torch.randint(0, 3, ())), mode="mixed",
+                            co_prompts=(co := random_prompts(2, V, 1, 10)),
+                            co_new_tokens=[int(torch.randint(2, 5, ())) for _ in co])
+        with kernels.use_backend("batch_invariant"):
+            assert torch.equal(sharded(tokens, cu)[0], single(tokens, cu)[0]), "ragged prefill"
+            # the probe's prefill in a step with the others' decode, then its decode steps
+            alone, got = _probe_in(single, probe, None), _probe_in(sharded, probe, mixed)
+            assert got.generated == alone.generated
+            assert torch.equal(got.token_logits(), alone.token_logits())
+        with kernels.use_backend("torch"):
+            stock, ref = sharded(tokens, cu)[0], single(tokens, cu)[0]
+            torch.testing.assert_close(stock, ref, rtol=1e-4, atol=1e-4)
+            stock_differs = not torch.equal(stock, ref)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(dict(stock_differs=stock_differs)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_dimensional_layout_gives_the_single_process_bits(seed, tmp_path):
+    """ep2xtp2: experts over 2 pairs of ranks, each expert's d_expert split inside its pair."""
+    mp.spawn(_worker_2d, args=(4, _free_port(), seed, str(tmp_path)), nprocs=4, join=True)
+    verdicts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert all(v["stock_differs"] for v in verdicts)
+
+
 def test_layout_needs_a_process_group():
     if dist.is_initialized():
         pytest.skip("a process group is already up")
     with pytest.raises(ValueError, match="init_process_group"):
         Layout()
+
+
+@pytest.mark.parametrize("name", ["ep2xtp", "ep0xtp2", "tp2xep2", "EP2xTP2"])
+def test_bad_layout_names_are_refused(name):
+    with pytest.raises(ValueError, match="layout must be one of"):
+        layout_named(name)
 
 
 def test_shard_takes_fused_blocks():
@@ -117,6 +196,36 @@ def test_shard_takes_fused_blocks():
     assert Shard(dim=1, rank=0, size=2, parts=2).full_shape(parts[0].shape) == full.shape
 
 
+def test_shard_along_two_dims():
+    """An expert weight in ep2xtp2: experts (dim 0) by pair, gate|up columns (dim 2) by place in the pair."""
+    full = torch.arange(2 * 1 * 8).view(2, 1, 8)    # 2 experts, gate | up of 4 columns each
+    shard = lambda g, p: Shard(dim=2, rank=p, size=2, parts=2, then=Shard(dim=0, rank=g, size=2))
+    assert shard(0, 1).take(full).tolist() == [[[2, 3, 6, 7]]]
+    assert shard(1, 0).take(full).tolist() == [[[8, 9, 12, 13]]]
+    assert shard(1, 1).full_shape(torch.Size([1, 1, 4])) == full.shape
+    assert [s.dim for s in shard(0, 0).splits] == [2, 0]
+    with pytest.raises(ValueError, match="splits each dim once"):
+        Shard(dim=0, rank=0, size=2, then=Shard(dim=0, rank=1, size=2))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_checkpoint_slices_of_a_two_dim_shard(fused):
+    """moe.from_pretrained's slice reading: per-expert gate and up tensors (or the whole fused one), read
+    in the pieces that fall in each rank's 2-D block, fill exactly `Shard.take` of the full weight."""
+    from moe.pretrained import _rank_parts
+    E, D, F = 4, 3, 6
+    full = torch.randn(E, D, 2 * F)
+    placed = [((), full)] if fused else [((e, slice(None), slice(h * F, (h + 1) * F)), full[e, :, h * F:(h + 1) * F])
+                                        for e in range(E) for h in range(2)]
+    for g, p in itertools.product(range(2), range(2)):
+        shard = Shard(dim=2, rank=p, size=2, parts=2, then=Shard(dim=0, rank=g, size=2))
+        local = torch.full((E // 2, D, F), float("nan"))
+        for index, tensor in placed:
+            for where, part in _rank_parts(index, local.shape, shard):
+                local[where] = tensor if part is None else tensor[tuple(part)]
+        assert torch.equal(local, shard.take(full)), (g, p)
+
+
 def test_ordered_sum_is_one_balanced_tree():
     from moe.parallel import ordered_sum
     p = torch.randn(4, 3, 5)
@@ -125,35 +234,50 @@ def test_ordered_sum_is_one_balanced_tree():
         ordered_sum(torch.randn(3, 2), None, torch.float32)
 
 
-def _load_worker(rank: int, world: int, port: int, folder: str, experts: str) -> None:
+def _load_worker(rank: int, world: int, port: int, folders: list[str], layout_name: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        single = moe.from_pretrained(folder)
-        sharded = moe.from_pretrained(folder, layout=Layout(attention="tp", experts=experts))
-        assert sum(p.numel() for p in sharded.parameters()) < sum(p.numel() for p in single.parameters())
+        layout = layout_named(layout_name)
         tokens, cu = moe.cu_seqlens_of([[5, 17, 3, 90, 44], [2], [60, 61, 62, 63]])
-        with kernels.use_backend("batch_invariant"):
-            assert torch.equal(sharded(tokens, cu)[0], single(tokens, cu)[0])
+        for folder in folders:
+            single = moe.from_pretrained(folder)
+            sharded = moe.from_pretrained(folder, layout=layout)
+            assert sum(p.numel() for p in sharded.parameters()) < sum(p.numel() for p in single.parameters())
+            with kernels.use_backend("batch_invariant"):
+                assert torch.equal(sharded(tokens, cu)[0], single(tokens, cu)[0]), folder
     finally:
         dist.destroy_process_group()
 
 
+def _qwen3_moe_with_four_kv_heads():
+    """tests/moe/test_pretrained.py's tiny Qwen3-MoE with 4 KV heads, so that 4 ranks can split them."""
+    import transformers
+    from tests.moe.test_pretrained import ARCHS, COMMON
+    cls, opts = ARCHS["qwen3_moe"]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cls)(**{**COMMON, "num_key_value_heads": 4}, **opts)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, experts", [("qwen2_moe", "tp"), ("qwen3_moe", "ep"), ("qwen3_moe_fused", "tp")])
-def test_from_pretrained_keeps_each_ranks_shard(tmp_path, arch, experts):
+@pytest.mark.parametrize("arch, layout", [("qwen2_moe", "tp"), ("qwen3_moe", "ep"), ("qwen3_moe_fused", "tp"),
+                                          ("qwen3_moe+fused", "ep2xtp2")])
+def test_from_pretrained_keeps_each_ranks_shard(tmp_path, arch, layout):
     """A checkpoint loaded with a layout (each rank reading its slices of the files) gives the
     layout-free model's bits: qkv biases, a gated shared expert, per-head qk norms, per-expert and
-    fused expert tensors."""
+    fused expert tensors; on ep2xtp2 (4 ranks, one launch) both expert formats, cut along two dims."""
     pytest.importorskip("transformers")
     from tests.moe.test_pretrained import hf_model, write_fused
-    model = hf_model(arch.removesuffix("_fused"))
+    world = 4 if layout == "ep2xtp2" else 2
+    model = _qwen3_moe_with_four_kv_heads() if world == 4 else hf_model(arch.removesuffix("_fused"))
     model.save_pretrained(tmp_path / "hub")
-    folder = tmp_path / "hub"
-    if arch.endswith("_fused"):
-        (folder := tmp_path / "fused").mkdir()
-        write_fused(tmp_path / "hub", folder, model.config)
-    mp.spawn(_load_worker, args=(2, _free_port(), str(folder), experts), nprocs=2, join=True)
+    folders = [tmp_path / "hub"]
+    if "fused" in arch:
+        (fused := tmp_path / "fused").mkdir()
+        write_fused(tmp_path / "hub", fused, model.config)
+        folders = folders + [fused] if arch.endswith("+fused") else [fused]
+    mp.spawn(_load_worker, args=(world, _free_port(), [str(f) for f in folders], layout), nprocs=world, join=True)
 
 
 def _app_worker(rank: int, world: int, port: int, app: str, overrides: list[str], out_dir: str) -> None:
