@@ -161,7 +161,9 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     gpu = torch.cuda.is_available()        # without one: CPU processes over gloo (a smoke test)
-    layouts = {experts: layout_named(experts) if world > 1 else None for experts in ("ep", "tp")}
+    # experts ep and tp over all ranks; on 4 ranks also two expert-parallel groups of two TP partners
+    names = ("ep", "tp") + (("ep2xtp2",) if world == 4 else ())
+    layouts = {experts: layout_named(experts) if world > 1 else None for experts in names}
     dev = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     cfg = moe.ModelConfig.from_name(args.preset)
     cells = [("prefill", 1, 2048), ("prefill", 16, 256), ("decode", 1, 1024), ("decode", 16, 1024),
@@ -172,7 +174,7 @@ def main() -> None:
         SCALE, cells = 10, [("prefill", 2, 16), ("decode", 1, 32), ("decode", 2, 32)]
     result = dict(preset=args.preset, world=world, device=torch.cuda.get_device_name() if gpu else "cpu",
                   torch=torch.__version__, layouts={})
-    for experts in ("ep", "tp"):
+    for experts in names:
         model = moe.MoETransformer(cfg, device=dev, layout=layouts[experts])
         entry = {}
         for b in BACKENDS:
@@ -186,8 +188,8 @@ def main() -> None:
         del model
         if gpu:
             torch.cuda.empty_cache()
-        if world == 1:                      # one device: both names are the same layout-free model
-            result["layouts"]["tp"] = entry
+        if world == 1:                      # one device: every name is the same layout-free model
+            result["layouts"].update({name: entry for name in ("tp", "ep2xtp2")})
             break
     if rank == 0 and args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -200,13 +202,15 @@ def main() -> None:
 def compare(folder: Path) -> None:
     runs = {r["world"]: r for r in (json.loads(p.read_text()) for p in sorted(folder.glob("parallel_W*.json")))}
     lines = []
-    for experts in ("ep", "tp"):
+    for experts in ("ep", "tp", "ep2xtp2"):
         for b in BACKENDS:
-            fps = {W: r["layouts"][experts][b] for W, r in sorted(runs.items())}
+            fps = {W: r["layouts"][experts][b] for W, r in sorted(runs.items()) if experts in r["layouts"]}
+            if len(fps) < 2:
+                continue
             same = len({json.dumps(f, sort_keys=True) for f in fps.values()}) == 1
             lines.append(f"experts={experts} {b:16s} same bits on W={sorted(fps)}: {same}")
     rows = [dict(world=W, experts=experts, **cell) for W, r in sorted(runs.items())
-             for experts, e in r["layouts"].items() if not (W == 1 and experts == "tp")
+             for experts, e in r["layouts"].items() if not (W == 1 and experts != "ep")
              for cell in e.get("step_times", [])]
     if rows:
         with open(folder / "parallel_step_times.csv", "w", newline="") as f:
@@ -221,7 +225,8 @@ def compare(folder: Path) -> None:
         if multi:
             lines.append(f"W>1: geometric mean {statistics.geometric_mean(multi):.3f}, max {max(multi):.3f}")
     lines += [f"batch invariance under W={W} experts={experts}: {all(e['batch_invariance'].values())}"
-              for W, r in sorted(runs.items()) for experts, e in r["layouts"].items()]
+              for W, r in sorted(runs.items()) for experts, e in r["layouts"].items()
+              if not (W == 1 and experts != "ep")]
     text = "\n".join(lines)
     (folder / "parallel_compare.txt").write_text(text + "\n")
     print(text)

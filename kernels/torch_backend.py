@@ -1,15 +1,21 @@
-"""The stock path: PyTorch and vendor kernels (cuBLAS, SDPA/flash, MKL/oneDNN on the CPU).
+"""The stock path: PyTorch and vendor kernels (cuBLAS, torch._grouped_mm, FlexAttention or SDPA,
+MKL/oneDNN on the CPU).
 
 This is what an ordinary serving stack runs, batch-variance included; the ablation measures it against
 the `batch_invariant` backend. Each op is written the way production code writes it (one batched call),
-not rewritten to be invariant.
+not rewritten to be invariant. On a GPU the ops read no value back to the host (attention keeps a
+syncing fallback only where FlexAttention does not apply: fp64, autograd, caches past int32 offsets), so
+a decode step on this backend can be captured in a CUDA graph (moe/graphs.py); index values are checked
+where they are host tensors. Attention is kernels/stock_attention.py: its docstring says which kernel
+runs and why.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from kernels.checks import check_attention_indices, check_group_offsets
+from kernels.checks import check_group_offsets
+from kernels.stock_attention import stock_attention
 
 
 class TorchBackend:
@@ -22,11 +28,13 @@ class TorchBackend:
     def grouped_matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         if not offsets.is_cuda:  # the values only on the host: on a GPU reading them is a sync per call
             check_group_offsets(offsets, w.shape[0], x.shape[0])
-        # torch._grouped_mm wants 16-byte aligned strides; fall back to a loop of mm where it can't run
-        # (e.g. bf16 on the CPU, or odd sizes).
+        # torch._grouped_mm wants 16-byte aligned strides (and, by torch version, some dtypes or GPUs);
+        # where it can't run, a fallback that reads offsets only where they are host tensors
         try:
             return torch._grouped_mm(x, w, offs=offsets.to(torch.int32))
         except (RuntimeError, NotImplementedError):
+            if offsets.is_cuda:
+                return grouped_mm_masked(x, w, offsets)
             out = x.new_empty(x.shape[0], w.shape[2])
             start = 0
             for e, end in enumerate(offsets.tolist()):
@@ -54,27 +62,19 @@ class TorchBackend:
     def log_softmax(self, x: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(x.float(), dim=-1)
 
-    def attention(self, q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale):
-        # One batched SDPA call over the padded batch, as a serving stack does; the mask keeps padding
-        # out of every real row. Padded query rows sit past their sequence's end, so they see all of its
-        # keys (never an empty row, so no NaN) and are discarded.
-        H = q.shape[1]
-        q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-        # the padded sizes are read back anyway (one sync), and the index checks come in the same transfer
-        max_q, max_k = check_attention_indices(cu_seqlens_q, kv_lens, slots, q.shape[0], k_cache.shape[0],
-                                               k_cache.shape[1])
-        # gather the batch into [B, max_q, H, Dh]
-        row = torch.arange(max_q, device=q.device)
-        valid_q = row[None, :] < q_lens[:, None]                              # [B, max_q]
-        src = (cu_seqlens_q[:-1, None] + row[None, :]).clamp(max=q.shape[0] - 1)
-        qb = q[src] * valid_q[..., None, None]                                 # [B, max_q, H, Dh]
-        kb = k_cache[slots, :max_k]                                            # [B, max_k, Hkv, Dh]
-        vb = v_cache[slots, :max_k]
-        q_pos = (kv_lens - q_lens)[:, None] + row[None, :]                     # [B, max_q]
-        k_pos = torch.arange(max_k, device=q.device)
-        mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < kv_lens[:, None, None])
-        out = F.scaled_dot_product_attention(
-            qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2),
-            attn_mask=mask[:, None], scale=scale, enable_gqa=H != k_cache.shape[2])
-        out = out.transpose(1, 2)                                              # [B, max_q, H, Dh]
-        return out[valid_q]
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+        return stock_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale)
+
+
+def grouped_mm_masked(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`grouped_matmul` with no data-dependent shape (so no host sync): every group's GEMM over all rows,
+    each row kept from its own group. E times the work of the grouped GEMM: only where torch._grouped_mm
+    cannot run on a GPU (odd sizes or dtypes)."""
+    T, E = x.shape[0], w.shape[0]
+    group = torch.searchsorted(offsets.long(), torch.arange(T, device=x.device), right=True)   # [T]
+    out = x.new_zeros(T, w.shape[2])
+    for e in range(E):
+        out = torch.where((group == e)[:, None], torch.mm(x, w[e]), out)
+    return out

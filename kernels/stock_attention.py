@@ -1,0 +1,326 @@
+"""Stock attention over the slot KV cache: what the `torch` backend runs (contract: `Backend.attention`,
+kernels/backend.py), the way a serving stack would run it with PyTorch's own fused kernels.
+
+Legend: B = sequences, Tq = query rows, H = query heads, Hkv = KV heads (G = H // Hkv), S = cache slots,
+L = cache length, Dh = head dim, C = query chunks, QC = query rows per chunk, W = KV blocks per list.
+
+Candidates (`KERNELS`; benchmarks/stock_attention.py times them against each other and against the
+batch-invariant Triton kernel, and checks each one's output first):
+  * "flex": FlexAttention (torch.nn.attention.flex_attention), compiled, over the cache read in place as
+    one long KV sequence [1, Hkv, S*L, Dh]. The queries are cut into chunks of QC rows of one sequence
+    each, one chunk per batch element [C, H, QC, Dh], so that a BlockMask row names only its own
+    sequence's KV blocks, built on the device from the index tensors (`flex_plan`: no host sync, no
+    create_block_mask, so a CUDA graph can capture it). A batch element per chunk, rather than one long
+    query sequence whose 128-row blocks would straddle up to 128 decode sequences and visit all of their
+    keys, lets flex use its decoding kernel (QC < 128: the G heads of a query share one tile and the
+    keys are split across programs) and its prefill kernel (QC = 128: causal blocks of one sequence).
+  * "sdpa_gather": the batch's cache rows gathered into [B, max_k] (a copy of K and V in every layer)
+    and one masked F.scaled_dot_product_attention call (cuDNN, memory-efficient or math kernel). It
+    reads max_q and max_k back to the host: a sync, so it cannot be captured.
+  * "varlen": torch.nn.attention.varlen.varlen_attn (FlashAttention-2 varlen) with the cache as pages
+    of `VARLEN_PAGE` positions and a block table: in place and sync-free. Offered only where the
+    installed torch has its `block_table` and `seqused_k` arguments, and the cache length is a multiple
+    of the page.
+Default (`kernel_for`): "flex" on a CUDA device for forward-only calls in fp16/bf16/fp32 with Dh >= 16
+(Triton's smallest dot) over a cache whose slots lie end to end in at most 2**31 elements (`flex_fits`:
+flex's kernels address keys with int32 offsets); "sdpa_gather" otherwise (the CPU, float64 references,
+autograd: flex is built here without its backward block lists). flex is the default because it alone
+meets every need of a captured decode step (in place, no sync, any cache length, GQA) with nothing
+newer than the BlockMask API; varlen's paged arguments exist only in recent torch builds and need
+L % 256 == 0. Which candidate is fastest is measured by benchmarks/stock_attention.py on the GPU; its
+results (benchmarks/results/stock_attention/) are the record to read before changing `DEFAULT`.
+
+Compiled shapes: flex's compiled kernels depend on (QC, C, S*L, dtype, H, Hkv, Dh). QC is one of
+`CHUNK_LENS`, picked from the mean rows per sequence, and C is padded to a power of two (padding chunks
+list no blocks and cost an idle program each), so a serving run compiles a few shapes per cache, not
+one per batch. C is not padded further: the decoding kernel splits each chunk's keys over about
+2 * SMs / (C * Hkv) programs, so idle chunks would take splits from a small batch's real ones.
+Not for: sliding windows, ALiBi or soft-capping; non-causal attention.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from kernels.checks import check_attention_indices
+
+KERNELS = ("flex", "sdpa_gather", "varlen")
+DEFAULT: Optional[str] = None     # None: `kernel_for` decides per call; else one of KERNELS for every call
+CHUNK_LENS = (1, 4, 16, 128)      # query rows per chunk; below 128 flex runs its decoding kernel
+KV_BLOCK = 128                    # keys per BlockMask block (flex's default tile of keys)
+RECOMPILE_LIMIT = 64              # dynamo's per-function limit is raised to this (never lowered)
+VARLEN_PAGE = 256                 # FlashAttention-2 pages must be multiples of 256 positions
+FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# flex: chunked queries, block lists built on the device
+# ---------------------------------------------------------------------------------------------------
+
+def chunk_len_for(n_rows: int, n_seqs: int) -> int:
+    """QC: the smallest of CHUNK_LENS that holds a sequence of the mean length (host ints, no sync)."""
+    mean = -(-n_rows // max(n_seqs, 1))
+    return next((c for c in CHUNK_LENS if c >= mean), CHUNK_LENS[-1])
+
+
+def n_chunks_for(n_rows: int, n_seqs: int, chunk: int) -> int:
+    """C: at least sum_b ceil(q_len_b / QC) whatever the split of n_rows among n_seqs sequences
+    (sum_b floor((q_b + QC - 1) / QC) <= floor((Tq + B (QC - 1)) / QC)), as a power of two."""
+    need = (n_rows + n_seqs * (chunk - 1)) // chunk
+    return 1 << max(need - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class FlexPlan:
+    """Where each query row goes and what each chunk may see, all device tensors."""
+    chunk: int                 # QC
+    n_chunks: int              # C
+    row_chunk: torch.Tensor    # [Tq] chunk of each query row
+    row_offset: torch.Tensor   # [Tq] its row within the chunk
+    n_real: torch.Tensor       # [C] int32 rows of the chunk that are queries (0 for a padding chunk)
+    first_key: torch.Tensor    # [C] int32 flat index (slot * L) of the chunk's slot position 0
+    last_key0: torch.Tensor    # [C] int32 flat index of the last key the chunk's first row sees
+    block_mask: BlockMask
+
+
+def chunk_mask(n_real: torch.Tensor, first_key: torch.Tensor, last_key0: torch.Tensor) -> Callable:
+    """mask_mod: row q of chunk b sees flat keys first_key[b] .. last_key0[b] + q (its slot, causal, its
+    length); padding rows see none."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx < n_real[b]) & (kv_idx >= first_key[b]) & (kv_idx <= last_key0[b] + q_idx)
+    return mask_mod
+
+
+def block_lists(n_real: torch.Tensor, first_key: torch.Tensor, last_key0: torch.Tensor, cache_len: int,
+                kv_block: int, with_full: bool) -> tuple[torch.Tensor, ...]:
+    """Per chunk, the KV blocks its real rows touch: (n_partial [C], partial [C, W], n_full [C],
+    full [C, W]), ascending, unused entries 0. A full block lies inside [first_key, last_key0], so every
+    real row sees all of it (flex skips the mask there); partial blocks get mask_mod. Without full
+    blocks, every touched block is partial: flex's decoding kernel sizes its KV splits by the whole KV
+    length when a chunk has full blocks, by its own blocks when it has none."""
+    kb, has_rows = kv_block, n_real > 0
+    t_lo, t_hi = first_key // kb, (last_key0 + n_real - 1) // kb           # touched: [t_lo, t_hi]
+    f_lo, f_hi = (first_key + kb - 1) // kb, (last_key0 + 1) // kb        # full: [f_lo, f_hi)
+    n_full = torch.where(has_rows, (f_hi - f_lo).clamp(min=0), 0) if with_full else torch.zeros_like(t_lo)
+    some_full = n_full > 0
+    head = torch.where(some_full, f_lo - t_lo, 0)      # 0 or 1 partial block before the full run
+    tail = torch.where(some_full, f_hi, t_lo)          # first partial block after it (or of all)
+    n_partial = torch.where(has_rows, head + t_hi + 1 - tail, 0).clamp(min=0)
+    j = torch.arange(-(-cache_len // kb) + 1, device=n_real.device)       # a slot spans <= ceil(L/kb)+1
+    partial = torch.where(j < head[:, None], t_lo[:, None] + j, tail[:, None] + j - head[:, None])
+    partial = torch.where(j < n_partial[:, None], partial, 0)
+    full = torch.where(j < n_full[:, None], f_lo[:, None] + j, 0)
+    return n_partial, partial, n_full, full
+
+
+def flex_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor, n_rows: int,
+              n_slots: int, cache_len: int, group: int, chunk: Optional[int] = None,
+              kv_block: int = KV_BLOCK) -> FlexPlan:
+    """Cut the batch's n_rows query rows into chunks and build their BlockMask, on the indices' device
+    with no host sync (only host ints pick the shapes). `chunk` overrides QC (tests and benchmarks)."""
+    B, dev = kv_lens.shape[0], kv_lens.device
+    QC = chunk or chunk_len_for(n_rows, B)
+    C = n_chunks_for(n_rows, B, QC)
+    # values are only checked on the host (stock_attention); clamped here so that bad indices on a GPU
+    # give wrong rows, never reads or writes out of bounds
+    cu = cu_seqlens_q.long()
+    q_lens = (cu[1:] - cu[:-1]).clamp(min=0)
+    kv, sl = kv_lens.long().clamp(0, cache_len), slots.long().clamp(0, n_slots - 1)
+    per_seq = (q_lens + QC - 1) // QC
+    ends = per_seq.cumsum(0)                        # [B] chunk ends of each sequence
+    starts = ends - per_seq
+    # -- each chunk: its sequence, first row in it, and the keys it may see --
+    c = torch.arange(C, device=dev)
+    seq = torch.searchsorted(ends, c, right=True).clamp(max=B - 1)
+    j0 = (c - starts[seq]) * QC
+    n_real = torch.where(c < ends[-1], (q_lens[seq] - j0).clamp(0, QC), 0)
+    first_key = sl[seq] * cache_len
+    last_key0 = first_key + kv[seq] - q_lens[seq] + j0
+    # -- each query row: its chunk and row in the chunk --
+    t = torch.arange(n_rows, device=dev)
+    row_seq = torch.searchsorted(cu[1:], t, right=True).clamp(max=B - 1)
+    i = t - cu[row_seq]
+    row_chunk, row_offset = (starts[row_seq] + i // QC).clamp(0, C - 1), i % QC
+    # -- block lists: full blocks only for the prefill kernel (see block_lists) --
+    n_partial, partial, n_full, full = block_lists(n_real, first_key, last_key0, cache_len, kv_block,
+                                                   with_full=QC >= 128)
+    n_real, first_key, last_key0 = (x.to(torch.int32) for x in (n_real, first_key, last_key0))
+    as_rows = lambda n, idx: (n.to(torch.int32).view(C, 1, 1), idx.to(torch.int32).view(C, 1, 1, -1))
+    kv_num, kv_idx = as_rows(n_partial, partial)
+    full_num, full_idx = as_rows(n_full, full) if QC >= 128 else (None, None)
+    # one BlockMask row per chunk; the decoding kernel's query tile (QC*G rows, a power of two >= 16)
+    # must fit in it
+    q_block = 128 if QC >= 128 else max(128, 1 << (QC * group - 1).bit_length())
+    block_mask = BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(q_block, kv_block),
+        mask_mod=chunk_mask(n_real, first_key, last_key0), seq_lengths=(QC, n_slots * cache_len),
+        compute_q_blocks=False)   # forward only: the backward's transposed lists are not built
+    return FlexPlan(QC, C, row_chunk, row_offset, n_real, first_key, last_key0, block_mask)
+
+
+_compiled_flex: Optional[Callable] = None
+
+
+def compiled_flex() -> Callable:
+    """flex_attention compiled once per process (static shapes: the decoding kernel needs a static
+    batch), with dynamo's recompile limit raised so that each chunk shape keeps its compiled kernel."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
+        _compiled_flex = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+    return _compiled_flex
+
+
+def flex_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
+                         scale: float, compiled: Optional[bool] = None, chunk: Optional[int] = None,
+                         kv_block: int = KV_BLOCK) -> torch.Tensor:
+    """The "flex" candidate. compiled: default on CUDA; eager (the CPU) materialises each chunk's scores
+    over the whole cache and ignores the block lists: for tests at small sizes."""
+    Tq, H, Dh = q.shape
+    S, L, Hkv, _ = k_cache.shape
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        raise ValueError("kernel 'flex' is forward-only here (no backward block lists); use 'sdpa_gather' "
+                         "for autograd")
+    if not (flex_fits(k_cache) and flex_fits(v_cache)):
+        raise ValueError(f"kernel 'flex' needs a cache whose slots lie end to end (a view [S*L, Hkv, Dh]) "
+                         f"of at most 2**31 elements (int32 offsets), got shape {tuple(k_cache.shape)}, "
+                         f"strides {k_cache.stride()}, {v_cache.stride()}")
+    plan = flex_plan(cu_seqlens_q, kv_lens, slots, Tq, S, L, H // Hkv, chunk, kv_block)
+    qc = q.new_zeros(plan.n_chunks, plan.chunk, H, Dh)
+    qc[plan.row_chunk, plan.row_offset] = q                                  # [C, QC, H, Dh]
+    k = k_cache.view(1, S * L, Hkv, Dh).transpose(1, 2)                      # [1, Hkv, S*L, Dh], no copy
+    v = v_cache.view(1, S * L, Hkv, Dh).transpose(1, 2)
+    run = compiled_flex() if (q.is_cuda if compiled is None else compiled) else flex_attention
+    with torch.no_grad():       # forward only: the block lists for a backward are not built
+        out = run(qc.transpose(1, 2), k, v, block_mask=plan.block_mask, scale=scale, enable_gqa=H != Hkv)
+    return out.transpose(1, 2)[plan.row_chunk, plan.row_offset]              # [Tq, H, Dh]
+
+
+# ---------------------------------------------------------------------------------------------------
+# sdpa_gather and varlen
+# ---------------------------------------------------------------------------------------------------
+
+def sdpa_gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
+                          scale: float, max_q: Optional[int] = None, max_k: Optional[int] = None) -> torch.Tensor:
+    """The "sdpa_gather" candidate: one masked SDPA call over the padded batch. Padded query rows sit past
+    their sequence's end, so they see all of its keys (never an empty row, so no NaN) and are dropped.
+    max_q, max_k: the longest query run and kv_len, read back from the device when not given."""
+    H = q.shape[1]
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    if max_q is None or max_k is None:
+        max_q, max_k = torch.stack([q_lens.max(), kv_lens.max()]).tolist()   # a device sync
+    row = torch.arange(max_q, device=q.device)
+    valid_q = row[None, :] < q_lens[:, None]                                # [B, max_q]
+    src = (cu_seqlens_q[:-1, None] + row[None, :]).clamp(max=q.shape[0] - 1)
+    qb = q[src] * valid_q[..., None, None]                                   # [B, max_q, H, Dh]
+    kb = k_cache[slots, :max_k]                                              # [B, max_k, Hkv, Dh]
+    vb = v_cache[slots, :max_k]
+    q_pos = (kv_lens - q_lens)[:, None] + row[None, :]                       # [B, max_q]
+    k_pos = torch.arange(max_k, device=q.device)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < kv_lens[:, None, None])
+    out = F.scaled_dot_product_attention(
+        qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2),
+        attn_mask=mask[:, None], scale=scale, enable_gqa=H != k_cache.shape[2])
+    return out.transpose(1, 2)[valid_q]                                     # [Tq, H, Dh]
+
+
+@functools.cache
+def _varlen_fn() -> Optional[Callable]:
+    """varlen_attn with the GQA flag bound where this torch has one, if it has paged arguments."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if not {"block_table", "seqused_k"} <= params.keys():
+        return None
+    return functools.partial(varlen_attn, enable_gqa=True) if "enable_gqa" in params else varlen_attn
+
+
+def varlen_available(k_cache: Optional[torch.Tensor] = None) -> bool:
+    """Does this torch offer paged varlen_attn (and, given a cache, is its length a multiple of pages)?"""
+    return _varlen_fn() is not None and (k_cache is None or k_cache.shape[1] % VARLEN_PAGE == 0)
+
+
+def varlen_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """The "varlen" candidate: FlashAttention-2 varlen over the cache as pages, sequence b reading the
+    pages of slot slots[b]. max_q and max_k are host bounds (Tq, L): no sync. CUDA, fp16/bf16 only."""
+    varlen_attn = _varlen_fn()
+    if varlen_attn is None or not varlen_available(k_cache):
+        raise ValueError(f"kernel 'varlen' needs torch.nn.attention.varlen with block_table and a cache "
+                         f"length that is a multiple of {VARLEN_PAGE}, got L={k_cache.shape[1]}")
+    Tq, H, _ = q.shape
+    S, L, Hkv, Dh = k_cache.shape
+    per_slot = L // VARLEN_PAGE
+    pages = lambda c: c.view(S * per_slot, VARLEN_PAGE, Hkv, Dh)             # [S*L/P, P, Hkv, Dh]
+    table = slots.long()[:, None] * per_slot + torch.arange(per_slot, device=q.device)  # [B, L/P]
+    cu_k = F.pad(kv_lens.cumsum(0), (1, 0))
+    return varlen_attn(q, pages(k_cache), pages(v_cache), cu_seqlens_q.to(torch.int32), cu_k.to(torch.int32),
+                       Tq, L, scale=scale, window_size=(-1, 0), seqused_k=kv_lens.to(torch.int32),
+                       block_table=table.to(torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------------------
+
+def flex_fits(cache: torch.Tensor) -> bool:
+    """Can flex read this cache as one long sequence [S*L, Hkv, Dh]: a view without a copy, and element
+    offsets (flex's kernels compute them in int32) below 2**31 up to the last 128-key block's end?"""
+    S, L, Hkv, Dh = cache.shape
+    end_to_end = cache.stride()[1:] == (Hkv * Dh, Dh, 1) and (S == 1 or cache.stride(0) == L * Hkv * Dh)
+    return end_to_end and -(-S * L // KV_BLOCK) * KV_BLOCK * Hkv * Dh <= 2 ** 31
+
+
+def kernel_for(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str:
+    """The candidate a call runs by default (module docstring): `DEFAULT` if set, else flex where it
+    applies, sdpa_gather elsewhere."""
+    if DEFAULT is not None:
+        return DEFAULT
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
+    if (q.is_cuda and q.dtype in FLEX_DTYPES and q.shape[-1] >= 16 and not needs_grad
+            and flex_fits(k_cache) and flex_fits(v_cache)):
+        return "flex"
+    return "sdpa_gather"
+
+
+def stock_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor, scale: float,
+                    kernel: Optional[str] = None) -> torch.Tensor:
+    """`Backend.attention` on stock kernels: `kernel` (one of KERNELS) or the default (`kernel_for`).
+    Index values are checked where that costs no extra sync: for host index tensors, and for sdpa_gather
+    (which reads values back anyway). flex and varlen on a GPU read none (a captured step cannot), and
+    flex clamps its indices so that bad values give wrong rows, not out-of-bounds reads."""
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or q.shape[2] != k_cache.shape[3]:
+        raise ValueError(f"q must be [Tq, H, Dh] and k_cache, v_cache [S, L, Hkv, Dh] of one shape, got "
+                         f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"query heads H={q.shape[1]} must be a multiple of the KV heads Hkv={k_cache.shape[2]}")
+    kernel = kernel or kernel_for(q, k_cache, v_cache)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    bounds = None
+    if cu_seqlens_q.device.type == "cpu" or kernel == "sdpa_gather":
+        # free for host tensors; sdpa_gather reads its padded sizes back anyway, checks in the same transfer
+        bounds = check_attention_indices(cu_seqlens_q, kv_lens, slots, q.shape[0], k_cache.shape[0],
+                                         k_cache.shape[1])
+    if q.shape[0] == 0 or kv_lens.shape[0] == 0:
+        return q.new_empty(q.shape)
+    if kernel == "flex":
+        return flex_paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale)
+    if kernel == "varlen":
+        return varlen_paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale)
+    return sdpa_gather_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale,
+                                 *(bounds or (None, None)))
