@@ -1,10 +1,10 @@
 """The stock attention candidates (kernels/stock_attention.py) timed against each other and against the
 batch-invariant Triton attention (kernels/ops/attention.py), on one GPU.
 
-Each cell is a batch over one shared KV cache of 256 slots x 8192 positions (H=32, Hkv=8, Dh=128, bf16;
-2**31 elements per tensor, the most that flex's int32 key offsets reach), its sequences in scattered
+Each cell is a batch over one shared KV cache of 256 slots x 7936 positions (H=32, Hkv=8, Dh=128, bf16;
+just under 2**31 elements per tensor, the most that flex's int32 key offsets reach), its sequences in scattered
 slots, as a serving engine's cache holds them: decode (B sequences of one
-query at context C: B = 1, 16, 64, 256; C = 1024, 8192) and prefill from an empty slot (1 x 4096 and
+query at context C: B = 1, 16, 64, 256; C = 1024, 7936) and prefill from an empty slot (1 x 4096 and
 16 x 512 tokens). Every candidate's output is first compared with sdpa_gather's (rel_err, max_abs; the Triton kernel's
 where sdpa_gather runs out of memory: column reference); then
 `triton.testing.do_bench` times the call as the backend makes it (ms: median, host launches included)
@@ -42,8 +42,8 @@ import triton.testing  # noqa: E402
 
 DEVICE = "cuda"
 H, HKV, DH, DTYPE = 32, 8, 128, torch.bfloat16
-N_SLOTS, CACHE_LEN = 256, 8192           # decode at 8192 fills its slots; a multiple of varlen's pages
-DECODE = [(b, c) for c in (1024, 8192) for b in (1, 16, 64, 256)]
+N_SLOTS, CACHE_LEN = 256, 7936           # under flex's 2**31 elements per tensor; a multiple of varlen's pages
+DECODE = [(b, c) for c in (1024, CACHE_LEN) for b in (1, 16, 64, 256)]
 PREFILL = [(1, 4096), (16, 512)]
 STOCK = ["flex", "sdpa_gather", "varlen", "flex_plan", "sdpa_ideal"]
 

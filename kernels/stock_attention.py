@@ -22,7 +22,7 @@ batch-invariant Triton kernel, and checks each one's output first):
     installed torch has its `block_table` and `seqused_k` arguments, and the cache length is a multiple
     of the page.
 Default (`kernel_for`): "flex" on a CUDA device for forward-only calls in fp16/bf16/fp32 with Dh >= 16
-(Triton's smallest dot) over a cache whose slots lie end to end in at most 2**31 elements (`flex_fits`:
+(Triton's smallest dot) over a cache whose slots lie end to end in fewer than 2**31 elements (`flex_fits`:
 flex's kernels address keys with int32 offsets); "sdpa_gather" otherwise (the CPU, float64 references,
 autograd: flex is built here without its backward block lists). flex is the default because it alone
 meets every need of a captured decode step (in place, no sync, any cache length, GQA) with nothing
@@ -192,7 +192,7 @@ def flex_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          "for autograd")
     if not (flex_fits(k_cache) and flex_fits(v_cache)):
         raise ValueError(f"kernel 'flex' needs a cache whose slots lie end to end (a view [S*L, Hkv, Dh]) "
-                         f"of at most 2**31 elements (int32 offsets), got shape {tuple(k_cache.shape)}, "
+                         f"of fewer than 2**31 elements (int32 offsets), got shape {tuple(k_cache.shape)}, "
                          f"strides {k_cache.stride()}, {v_cache.stride()}")
     plan = flex_plan(cu_seqlens_q, kv_lens, slots, Tq, S, L, H // Hkv, chunk, kv_block)
     qc = q.new_zeros(plan.n_chunks, plan.chunk, H, Dh)
@@ -278,10 +278,11 @@ def varlen_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def flex_fits(cache: torch.Tensor) -> bool:
     """Can flex read this cache as one long sequence [S*L, Hkv, Dh]: a view without a copy, and element
-    offsets (flex's kernels compute them in int32) below 2**31 up to the last 128-key block's end?"""
+    offsets (flex's kernels compute them in int32) below 2**31 up to the last 128-key block's end? (At
+    exactly 2**31 elements torch 2.11's compiled flex decoding kernel fails to compile: measured on an H200.)"""
     S, L, Hkv, Dh = cache.shape
     end_to_end = cache.stride()[1:] == (Hkv * Dh, Dh, 1) and (S == 1 or cache.stride(0) == L * Hkv * Dh)
-    return end_to_end and -(-S * L // KV_BLOCK) * KV_BLOCK * Hkv * Dh <= 2 ** 31
+    return end_to_end and -(-S * L // KV_BLOCK) * KV_BLOCK * Hkv * Dh < 2 ** 31
 
 
 def kernel_for(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str:

@@ -130,7 +130,9 @@ class DecodeGraphs:
         return bucket
 
     def _run(self, bucket: _Bucket) -> tuple[torch.Tensor, list[Routing]]:
-        self.cache.lengths[self.pad_slot] = 0   # the dummy sequences restart at position 0 every step
+        # the dummy sequences restart at position 0 every step (a zero_ kernel: `[i] = 0` would copy a
+        # host scalar, which a capture refuses)
+        self.cache.lengths[self.pad_slot:self.pad_slot + 1].zero_()
         return self.model.run_step(bucket.tokens, bucket.cu_seqlens, self.cache, bucket.slots)
 
     def _record(self, bucket: _Bucket) -> None:
