@@ -131,6 +131,7 @@ class MoETransformer(nn.Module):
             self._check_slots(slots, B, q_lens, cache)
         return self.run_step(tokens, cu_seqlens, cache, slots)
 
+    @torch.no_grad()
     def run_step(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, cache: KVCache,
                  slots: torch.Tensor) -> tuple[torch.Tensor, list[Routing]]:
         """`forward` without its input checks: every tensor already on the model's device and valid. No
