@@ -164,6 +164,24 @@ def flex_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Te
     return FlexPlan(QC, C, row_chunk, row_offset, n_real, first_key, last_key0, block_mask)
 
 
+# The last plan built, with the index tensors it was built from. Every layer of a step passes the same
+# index tensors (unchanged in between), so the step builds its block mask once, as a serving engine
+# builds its attention metadata once per step, not once per layer. Held by identity and version counter:
+# an index tensor written in place, or another tensor, builds a new plan.
+_last_plan: Optional[tuple[tuple, FlexPlan]] = None
+
+
+def _shared_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor, *shape) -> FlexPlan:
+    global _last_plan
+    key = (cu_seqlens_q, kv_lens, slots, *(t._version for t in (cu_seqlens_q, kv_lens, slots)), *shape)
+    if _last_plan is not None and len(_last_plan[0]) == len(key) and all(
+            a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(_last_plan[0], key)):
+        return _last_plan[1]
+    plan = flex_plan(cu_seqlens_q, kv_lens, slots, *shape)
+    _last_plan = (key, plan)
+    return plan
+
+
 _compiled_flex: Optional[Callable] = None
 
 
@@ -194,7 +212,7 @@ def flex_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         raise ValueError(f"kernel 'flex' needs a cache whose slots lie end to end (a view [S*L, Hkv, Dh]) "
                          f"of fewer than 2**31 elements (int32 offsets), got shape {tuple(k_cache.shape)}, "
                          f"strides {k_cache.stride()}, {v_cache.stride()}")
-    plan = flex_plan(cu_seqlens_q, kv_lens, slots, Tq, S, L, H // Hkv, chunk, kv_block)
+    plan = _shared_plan(cu_seqlens_q, kv_lens, slots, Tq, S, L, H // Hkv, chunk, kv_block)
     qc = q.new_zeros(plan.n_chunks, plan.chunk, H, Dh)
     qc[plan.row_chunk, plan.row_offset] = q                                  # [C, QC, H, Dh]
     k = k_cache.view(1, S * L, Hkv, Dh).transpose(1, 2)                      # [1, Hkv, S*L, Dh], no copy

@@ -264,3 +264,24 @@ def test_gpu_varlen_matches_reference(gen, name):
     scale = q.shape[-1] ** -0.5
     out = sa.stock_attention(q, k, v, *meta, scale, kernel="varlen")
     assert rel_err(out, _reference(q, k, v, seqs, scale)) < TOL[torch.bfloat16]
+
+
+def test_flex_plan_is_built_once_per_step_and_rebuilt_when_the_indices_change(gen, monkeypatch):
+    """The layers of one step share one plan (the same index tensors, unchanged); new tensors, or the same
+    tensors written in place, get a new one, and its output is right."""
+    q, k, v, (cu, kv, slots), seqs, _ = _batch(gen, list(CASES)[0])
+    built = []
+    real = sa.flex_plan
+    monkeypatch.setattr(sa, "flex_plan", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    monkeypatch.setattr(sa, "_last_plan", None)
+    first = sa.flex_paged_attention(q, k, v, cu, kv, slots, 0.3, compiled=False)
+    again = sa.flex_paged_attention(q, k, v, cu, kv, slots, 0.3, compiled=False)
+    assert len(built) == 1 and torch.equal(first, again)
+    torch.testing.assert_close(first, _reference(q, k, v, seqs, 0.3).float(), rtol=1e-4, atol=1e-4)
+    sa.flex_paged_attention(q, k, v, cu.clone(), kv, slots, 0.3, compiled=False)
+    assert len(built) == 2
+    kv_other = kv.clone()
+    sa.flex_paged_attention(q, k, v, cu, kv_other, slots, 0.3, compiled=False)
+    kv_other.sub_(0)                      # an in-place write bumps the version: rebuilt
+    sa.flex_paged_attention(q, k, v, cu, kv_other, slots, 0.3, compiled=False)
+    assert len(built) == 4
