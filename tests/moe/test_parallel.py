@@ -330,7 +330,7 @@ def test_ablation_layout_axis_names_the_collective(seed, tmp_path):
     layout; on the stock backend the probe alone in a batch of one, sharded, already differs from one
     device, and those tokens are counted as `collective`."""
     overrides = ["model=tiny", "router=topk", "kernels=all", "combines=[ordered]", f"seed={seed}",
-                 "layouts=[none,tp]", "jobs=1", "experiment.batch_sizes=[1,3]", "experiment.max_new_tokens=3"]
+                 "layouts=[none,tp]", "extra_cells=[]", "jobs=1", "experiment.batch_sizes=[1,3]", "experiment.max_new_tokens=3"]
     mp.spawn(_app_worker, args=(2, _free_port(), "ablate", overrides, str(tmp_path)), nprocs=2, join=True)
     results = json.loads((tmp_path / "results.json").read_text())
     cells = {(c["backend"], c["layout"]): c for c in results["cells"]}
