@@ -21,10 +21,11 @@ batch-invariant Triton kernel, and checks each one's output first):
     of `VARLEN_PAGE` positions and a block table: in place and sync-free. Offered only where the
     installed torch has its `block_table` and `seqused_k` arguments, and the cache length is a multiple
     of the page.
-Default (`kernel_for`): "flex" on a CUDA device for forward-only calls in fp16/bf16/fp32 with Dh >= 16
+Default (`kernel_for`): "flex" on a CUDA device for forward-only decode steps in fp16/bf16/fp32 with Dh >= 16
 (Triton's smallest dot) over a cache whose slots lie end to end in fewer than 2**31 elements (`flex_fits`:
-flex's kernels address keys with int32 offsets); "sdpa_gather" otherwise (the CPU, float64 references,
-autograd: flex is built here without its backward block lists). flex is the default because it alone
+flex's kernels address keys with int32 offsets); "sdpa_gather" otherwise (prefill and mixed steps, which
+run eagerly and where it was faster; the CPU, float64 references, autograd: flex is built here without
+its backward block lists). flex is the default because it alone
 meets every need of a captured decode step (in place, no sync, any cache length, GQA) with nothing
 newer than the BlockMask API; varlen's paged arguments exist only in recent torch builds and need
 L % 256 == 0. Which candidate is fastest is measured by benchmarks/stock_attention.py on the GPU; its
@@ -303,13 +304,18 @@ def flex_fits(cache: torch.Tensor) -> bool:
     return end_to_end and -(-S * L // KV_BLOCK) * KV_BLOCK * Hkv * Dh < 2 ** 31
 
 
-def kernel_for(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str:
+def kernel_for(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               n_seqs: Optional[int] = None) -> str:
     """The candidate a call runs by default (module docstring): `DEFAULT` if set, else flex where it
-    applies, sdpa_gather elsewhere."""
+    applies, sdpa_gather elsewhere. Given n_seqs, flex only for a decode step (one query per sequence:
+    q.shape[0] == n_seqs, known from shapes), the step a CUDA graph captures. Prefill and mixed steps run
+    eagerly, where gather + SDPA (cuDNN) was the faster call on an H200 (16 x 512 prefill: 1.0 ms against
+    flex's 2.5 ms, host time included) and compiles nothing per batch shape."""
     if DEFAULT is not None:
         return DEFAULT
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
-    if (q.is_cuda and q.dtype in FLEX_DTYPES and q.shape[-1] >= 16 and not needs_grad
+    decode = n_seqs is None or q.shape[0] == n_seqs
+    if (decode and q.is_cuda and q.dtype in FLEX_DTYPES and q.shape[-1] >= 16 and not needs_grad
             and flex_fits(k_cache) and flex_fits(v_cache)):
         return "flex"
     return "sdpa_gather"
@@ -327,7 +333,7 @@ def stock_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                          f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     if q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"query heads H={q.shape[1]} must be a multiple of the KV heads Hkv={k_cache.shape[2]}")
-    kernel = kernel or kernel_for(q, k_cache, v_cache)
+    kernel = kernel or kernel_for(q, k_cache, v_cache, kv_lens.shape[0])
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     bounds = None

@@ -223,8 +223,11 @@ def _gpu_batch(gen, name, H=32, Hkv=8, Dh=128, dtype=torch.bfloat16, L=None):
 def test_gpu_flex_compiled_matches_reference(gen, name, dtype):
     q, k, v, meta, seqs = _gpu_batch(gen, name, dtype=dtype)
     assert sa.kernel_for(q, k, v) == "flex"
+    # by default: flex for a decode step (one query per sequence), gather + SDPA for the others
+    B = meta[1].shape[0]
+    assert sa.kernel_for(q, k, v, n_seqs=B) == ("flex" if q.shape[0] == B else "sdpa_gather")
     scale = q.shape[-1] ** -0.5
-    out = TorchBackend().attention(q, k, v, *meta, scale)
+    out = sa.stock_attention(q, k, v, *meta, scale, kernel="flex")
     assert rel_err(out, _reference(q, k, v, seqs, scale)) < TOL[dtype]
 
 
