@@ -129,13 +129,17 @@ class MoETransformer(nn.Module):
         else:
             slots = torch.arange(B, device=self.device) if slots is None else slots.to(self.device)
             self._check_slots(slots, B, q_lens, cache)
-        return self.run_step(tokens, cu_seqlens, cache, slots)
+        return self._run(tokens, cu_seqlens, cache, slots)
 
     @torch.no_grad()
     def run_step(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, cache: KVCache,
                  slots: torch.Tensor) -> tuple[torch.Tensor, list[Routing]]:
         """`forward` without its input checks: every tensor already on the model's device and valid. No
         host sync for a dropless, stateless router, so a CUDA graph can capture it (moe/graphs.py)."""
+        return self._run(tokens, cu_seqlens, cache, slots)
+
+    def _run(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, cache: KVCache,
+             slots: torch.Tensor) -> tuple[torch.Tensor, list[Routing]]:
         step = Step.build(cu_seqlens, slots, cache.lengths[slots], n_tokens=tokens.shape[0])
         x = self.embed[tokens]                                                      # [T, D]
         routings = []
