@@ -2,7 +2,7 @@
 # Every GPU claim of the project, checked in one go on a CUDA machine (we use an H100 through the
 # device tool; the figures in benchmarks/results/ came from this script). Usage:
 #   bash benchmarks/gpu_checks.sh tests|bench|experiments|repro|probe|parallel  OUT_DIR
-# Needs torch + triton there; hydra comes from wheels in .whl/ when the machine has no hydra.
+# Needs torch + triton there; hydra comes from wheels in .whl/ (`make wheels` here) when the machine has none.
 set -uo pipefail
 part=${1:?tests|bench|experiments|repro|probe|parallel}
 out=${2:?output directory}
