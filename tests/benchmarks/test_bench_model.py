@@ -1,33 +1,17 @@
-"""bench_model on the CPU (its numbers need a GPU): the command-line syntax, a report per backend from
-the profile option, a smoke run of the whole benchmark on the tiny preset, graph cells marked when
-moe.DecodeGraphs is missing, failures recorded, and the backends paired cell by cell."""
+"""bench_model on the CPU (its numbers need a GPU): the prefill-shape syntax, a smoke run of the whole
+benchmark on the tiny preset, --profile through the command line, and graph cells marked when
+moe.DecodeGraphs is missing."""
 import argparse
 import csv
 import json
 
 import pytest
-import torch
 
 import moe
-from benchmarks.bench_model import (Settings, Shape, bench_decode, build_model, geomean, main, measure, parse_case,
-                                    parse_prefill_shape, profile_case, ratios)
+from benchmarks.bench_model import bench_decode, main, parse_prefill_shape
+from benchmarks.bench_steps import Shape, build_model
+from benchmarks.bench_timing import Settings
 from benchmarks.roofline import DeviceBounds
-
-
-def test_case_syntax():
-    assert parse_case("large:decode:256") == ("large", "decode", 256)
-    for bad in ("large:decode", "large:train:4", "large:decode:x"):
-        with pytest.raises(argparse.ArgumentTypeError, match="PRESET:prefill"):
-            parse_case(bad)
-
-
-def test_profile_reports_both_backends(tmp_path):
-    text = profile_case("tiny", "decode", 2, prefill_len=4, context=8, device="cpu", out=tmp_path,
-                        iters=1, warmup=1, top=5)
-    assert (tmp_path / "profile_tiny_decode_B2.txt").read_text() == text
-    for backend in ("torch", "batch_invariant"):
-        assert f"== {backend}" in text and (tmp_path / f"profile_tiny_decode_B2_{backend}.trace.json").exists()
-    assert text.count("host wall per step") == 2 and text.count("host-sync events per step") == 2
 
 
 def test_prefill_shape_syntax():
@@ -64,6 +48,12 @@ def test_smoke_run_on_the_tiny_preset(tmp_path):
     prefill = [r for r in rows if r["mode"] == "prefill"]
     assert {(r["batch"], r["seq_len"], r["context"], r["graphs"]) for r in prefill} == {(1, 8, 0, "off")}
     assert all(r["cost"]["kv_read"] == 0 for r in prefill)
+    # every ratio divides two times of one graphs mode, each the wall time of its own row
+    wall = {(r["mode"], r["batch"], r["graphs"], r["backend"]): r["wall_ms"] for r in rows}
+    assert len(data["ratios"]) == 5
+    for q in data["ratios"]:
+        assert q["torch_ms"] == wall[(q["mode"], q["batch"], q["graphs"], "torch")]
+        assert q["invariant_ms"] == wall[(q["mode"], q["batch"], q["graphs"], "batch_invariant")]
     with open(tmp_path / "bench_model.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 10 and {"wall_ms", "gpu_ms", "frac_of_bound", "hbm_GBps", "bf16_TFLOPs", "device",
@@ -71,6 +61,14 @@ def test_smoke_run_on_the_tiny_preset(tmp_path):
     assert (tmp_path / "bench_model_summary.txt").read_text() == data["summary"]
     assert "geometric mean of batch_invariant / torch wall" in data["summary"]
     assert (tmp_path / "bench_model_roofline.png").stat().st_size > 0
+
+
+def test_profile_option_writes_a_report_per_case(tmp_path, capsys):
+    main(["--device", "cpu", "--profile", "tiny:prefill:1", "--prefill-len", "4", "--context", "4",
+          "--out", str(tmp_path)])
+    text = (tmp_path / "profile_tiny_prefill_B1.txt").read_text()
+    assert text.startswith("tiny prefill B=1 (prefill_len=4, context=4) on cpu") and text in capsys.readouterr().out
+    assert not (tmp_path / "bench_model.json").exists()   # profiling instead of the benchmark
 
 
 def test_graph_cells_without_decode_graphs_are_marked_not_faked(monkeypatch):
@@ -81,24 +79,3 @@ def test_graph_cells_without_decode_graphs_are_marked_not_faked(monkeypatch):
     assert [(r["backend"], r["status"]) for r in rows] == [("torch", "graphs unavailable"),
                                                            ("batch_invariant", "graphs unavailable")]
     assert all(r["wall_ms"] is None and r["frac_of_bound"] is None and r["bytes"] > 0 for r in rows)
-
-
-def test_a_failing_variant_is_recorded_and_the_others_run():
-    def broken():
-        raise RuntimeError("CUDA out of memory.\nsecond line")
-    status = {}
-    settings = Settings(DeviceBounds(1.0, 1.0, "given"), rounds=2)
-    timed = measure({("torch", "off"): lambda: None, ("torch", "on"): broken}, status, settings, torch.device("cpu"))
-    assert status == {("torch", "on"): "failed: RuntimeError: CUDA out of memory."}
-    assert list(timed) == [("torch", "off")] and len(timed[("torch", "off")][0]) == 2
-
-
-def test_ratios_pair_the_backends_cell_by_cell():
-    def row(backend, graphs, ms, frac):
-        return dict(preset="p", mode="decode", batch=4, seq_len=1, context=8, backend=backend, graphs=graphs,
-                    wall_ms=ms, frac_of_bound=frac)
-    rows = [row("torch", "off", 2.0, 0.5), row("batch_invariant", "off", 3.0, 0.25),
-            row("torch", "on", 1.0, 0.8), row("batch_invariant", "on", None, None)]
-    assert ratios(rows) == [dict(preset="p", mode="decode", batch=4, seq_len=1, context=8, graphs="off",
-                                 torch_ms=2.0, invariant_ms=3.0, ratio=1.5, frac_torch=0.5, frac_invariant=0.25)]
-    assert geomean([2.0, 8.0]) == pytest.approx(4.0) and geomean([]) is None
