@@ -153,7 +153,7 @@ def test_ablation_app_takes_a_pretrained_folder(saved, tmp_path):
     with initialize_config_dir(CONFIG_DIR, version_base=None):
         cfg = compose("ablate", overrides=[
             f"pretrained={folder}", "kernels=torch", "router.names=[topk,capacity]", "combines=[ordered]",
-            "jobs=1", "experiment.batch_sizes=[1,3]", "experiment.max_new_tokens=2"])
+            "extra_cells=[]", "jobs=1", "experiment.batch_sizes=[1,3]", "experiment.max_new_tokens=2"])
     cells = run_ablation(cfg, tmp_path)["cells"]
     assert [c["router"] for c in cells] == ["topk", "capacity"]
     assert all(c["tokens"] > 0 for c in cells)
