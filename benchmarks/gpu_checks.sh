@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU claim of the project, checked in one go on a CUDA machine (we use an H100 through the
 # device tool; the figures in benchmarks/results/ came from this script). Usage:
-#   bash benchmarks/gpu_checks.sh tests|bench|experiments|repro|probe|parallel  OUT_DIR
+#   bash benchmarks/gpu_checks.sh tests|bench|experiments|science|repro|probe|parallel  OUT_DIR
 # Needs torch + triton there; hydra comes from wheels in .whl/ (`make wheels` here) when the machine has none.
 set -uo pipefail
-part=${1:?tests|bench|experiments|repro|probe|parallel}
+part=${1:?tests|bench|experiments|science|repro|probe|parallel}
 out=${2:?output directory}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -27,6 +27,17 @@ case $part in
     python3 -m experiments.ablate device=cuda model=large router.names=[topk,capacity] 'dtypes=[bfloat16]' \
       'combines=[ordered]' experiment.n_probes=2 'experiment.batch_sizes=[1,8,64]' \
       hydra.run.dir="$out/ablate_large" 2>&1 | grep -v "cell/s" | tee "$out/ablate_large.log" ;;
+  science)
+    # The three causes at shapes where stock kernels vary: preset wide (K = 4096 and 14336), bf16, probes
+    # of 1024-1280 tokens so decode attends over >= 1024 keys, batches of 1-64; the stock-op probe and the
+    # fingerprints of this GPU beside it. Sized for about 10 minutes on one H100 (estimated, not yet run).
+    python3 -m experiments.probe_variance --device cuda --out "$out/variance_cuda" 2>&1 | tail -n 3
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fingerprints.py 2>&1 | tee "$out/fingerprints_test.log"
+    python3 -m experiments.ablate device=cuda model=wide 'dtypes=[bfloat16]' 'combines=[ordered]' \
+      'router.names=[topk,capacity,sequence_capacity]' 'extra_cells=[]' jobs=1 experiment.n_probes=8 \
+      experiment.probe_min_len=1024 experiment.probe_max_len=1280 experiment.co_max_len=1280 \
+      experiment.max_new_tokens=16 'experiment.batch_sizes=[1,2,4,8,16,32,64]' \
+      hydra.run.dir="$out/ablate_wide" 2>&1 | grep -v "cell/s" | tee "$out/ablate_wide.log" ;;
   repro|probe)
     # The published result (1000 runs of one prompt at temperature 0: many distinct completions on stock
     # kernels, 1 with batch-invariant ones) at the shapes where stock kernels vary on the H100: preset
