@@ -85,6 +85,12 @@ def _worker(rank: int, world: int, port: int, seed: int, experts: str, out_dir: 
                 assert got.generated == alone.generated, comp and comp.mode
                 assert torch.equal(got.token_logits(), alone.token_logits()), comp and comp.mode
             assert moe.generate(sharded, prompts, 3) == moe.generate(single, prompts, 3)
+            # decode steps padded to a bucket (moe/graphs.py; eager on a CPU) under the layout: same tokens
+            if experts == "tp":
+                assert moe.generate(sharded, prompts, 3, graphs=True) == moe.generate(single, prompts, 3)
+            else:   # EP counts each rank's expert rows on the host: no capture
+                with pytest.raises(ValueError, match="experts='ep'"):
+                    moe.generate(sharded, prompts, 3, graphs=True)
         with kernels.use_backend("torch"):
             stock, ref = sharded(tokens, cu)[0], single(tokens, cu)[0]
             # the same function (each partial summed once, shared experts included), rounded otherwise
