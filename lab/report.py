@@ -5,8 +5,9 @@ results (results.json; the figures of lab/plot.py), so it can be rebuilt from an
     python -m lab.report outputs/ablate/<run>
 
 It shows the run's settings, the claims with their verdicts as the run judged them (experiments/ablate.py
-stores them; nothing is recomputed here), the attribution table, the stock kernels' variance on the
-run's device, and the figures with one sentence each on how to read them.
+stores them; nothing is recomputed here), the attribution table, how often the stock kernels' drift
+flipped a routing choice (per router and dtype), the stock kernels' variance on the run's device, and
+the figures with one sentence each on how to read them.
 """
 from __future__ import annotations
 
@@ -93,6 +94,29 @@ def _cells(results: dict) -> list[list]:
     return rows
 
 
+def _drift(results: dict) -> list[list]:
+    """Per router and dtype, over the stock-kernel cells: of the tokens the kernels' drift moved
+    (arithmetic + amplified), how many flipped a routing choice (amplified), the reference margins of
+    those primary flips, and where greedy completions first departed."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for c in results["cells"]:
+        if c["backend"] == "torch" and c.get("layout", "none") == "none":
+            groups.setdefault((c["router"], c["dtype"]), []).append(c)
+    rows = []
+    for (router, dtype), cells in groups.items():
+        arith = sum(c["causes"]["arithmetic"] for c in cells)
+        amp = sum(c["causes"]["amplified"] for c in cells)
+        flips = sorted(m for c in cells for m in c.get("flipped_margins", []))
+        firsts = sorted(f for c in cells for f in c.get("first_divergence", []))
+        margins = (f"{len(flips)}: {flips[0]:.1e} .. {flips[-1]:.1e} (median {flips[len(flips) // 2]:.1e})"
+                   if flips else "0")
+        departed = (f"{len(firsts)}: at token {firsts[0]} .. {firsts[-1]} (median {firsts[len(firsts) // 2]})"
+                    if firsts else "0")
+        share = f"{amp / (arith + amp):.1%}" if arith + amp else "n/a"
+        rows.append([router, dtype, arith, amp, share, margins, departed])
+    return rows
+
+
 def _stock(results: dict) -> list[str]:
     versions = results.get("stock_kernel_versions")
     if not versions:
@@ -121,8 +145,19 @@ def render_report(results: dict, figures: list[str], title: str) -> str:
               "logits / completions: fraction that differ; then divergent tokens by cause.", ""]
     lines += _table(["router", "setting", "probes", "tokens", "divergent", "logits", "completions", *CAUSES],
                     _cells(results))
-    lines += ["", "Causes: " + "; ".join(f"**{k}**: {v}" for k, v in CAUSE_TEXT.items()) + ".", "",
-              "## Stock kernels on this device", ""] + _stock(results) + ["", "## Figures", ""]
+    lines += ["", "Causes: " + "; ".join(f"**{k}**: {v}" for k, v in CAUSE_TEXT.items()) + ".", ""]
+    drift = _drift(results)
+    if drift:
+        lines += ["## When drift flips a routing choice", "",
+                  "Stock-kernel cells, per router and dtype: the tokens the kernels' reduction order moved "
+                  "(arithmetic: the routing held; amplified: it flipped a near tie), the share amplified, "
+                  "the reference router margins (k-th minus (k+1)-th probability) of the primary flips, and "
+                  "where greedy completions first departed from the reference (index of the generated "
+                  "token).", ""]
+        lines += _table(["router", "dtype", "arithmetic", "amplified", "amplified share",
+                         "primary flips: margins", "completions departed"], drift)
+        lines += [""]
+    lines += ["## Stock kernels on this device", ""] + _stock(results) + ["", "## Figures", ""]
     for name in figures:
         lines += [f"![{name.removesuffix('.png').replace('_', ' ')}]({name})", "", CAPTIONS.get(name, ""), ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -57,3 +57,15 @@ def test_report_rebuilds_from_the_command_line(tmp_path):
 def test_report_refuses_a_directory_without_results(tmp_path):
     with pytest.raises(ValueError, match="results.json"):
         write_report(tmp_path)
+
+
+def test_report_says_how_often_drift_flips_a_routing_choice(tmp_path):
+    """Per router and dtype over the stock cells: arithmetic and amplified tokens, the amplified share and
+    the primary flips' margins, from the cells' own numbers."""
+    saved_run(tmp_path)
+    text = write_report(tmp_path).read_text()
+    section = text.split("## When drift flips a routing choice")[1].split("## ")[0]
+    # fake cells: topk float32 stock cells (ordered, scatter_add) 12 arithmetic each; bf16 cell 60 + 4
+    assert "| topk | float32 | 24 | 0 | 0.0% | 0 |" in section
+    assert "| topk | bfloat16 | 60 | 4 | 6.2% | 2: 1.0e-03 .. 1.3e-03 (median 1.3e-03) |" in section
+    assert "| capacity | float32 | 24 | 0 | 0.0% |" in section
