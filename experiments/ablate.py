@@ -48,7 +48,7 @@ from moe.routers import registry
 
 
 def run_cell(model: MoETransformer, probes, compositions, max_new_tokens: int,
-             sharded: MoETransformer | None = None) -> dict:
+             sharded: MoETransformer | None = None, graphs: bool = False) -> dict:
     """All probes x compositions for one model on the backend in force; returns the cell's record.
     With `sharded` (the same model on a parallel layout) the compositions run on it, the references
     stay on one device, and each composition also runs on one device to tell the `collective` cause."""
@@ -59,7 +59,7 @@ def run_cell(model: MoETransformer, probes, compositions, max_new_tokens: int,
     refs = []
     for p in probes:
         ref = Request(p, max_new_tokens, track=True)
-        Engine(model, 1, max_len).run([ref])
+        Engine(model, 1, max_len, graphs=graphs).run([ref])
         refs.append(ref)
     tokens = differ = route_differ = completions = completions_differ = 0
     causes = dict.fromkeys(CAUSES, 0)
@@ -67,11 +67,11 @@ def run_cell(model: MoETransformer, probes, compositions, max_new_tokens: int,
     by_size: dict[int, list[int]] = {}
     for (pi, ref), comp in itertools.product(enumerate(refs), compositions):
         probe_req, batch = comp.requests(probes[pi], max_new_tokens)
-        Engine(sharded or model, len(batch), max_len).run(batch, until_tracked_done=True)
+        Engine(sharded or model, len(batch), max_len, graphs=graphs).run(batch, until_tracked_done=True)
         same_batch = None
         if sharded is not None:
             same_batch, batch = comp.requests(probes[pi], max_new_tokens)
-            Engine(model, len(batch), max_len).run(batch, until_tracked_done=True)
+            Engine(model, len(batch), max_len, graphs=graphs).run(batch, until_tracked_done=True)
         d = attribute_divergence(ref, probe_req, same_batch)
         tokens += d.n_compared
         differ += int(d.logits_differ.sum())
@@ -240,7 +240,8 @@ def run_ablation(cfg: DictConfig, out: Path) -> dict:
         layout = layout_named(point.get("layout"))
         sharded = None if layout is None else shard_model(model, layout)
         n = point.get("n_probes", exp.n_probes)
-        return dict(probes=n, **run_cell(model, probes[:n], comps, exp.max_new_tokens, sharded))
+        return dict(probes=n, **run_cell(model, probes[:n], comps, exp.max_new_tokens, sharded,
+                                         bool(cfg.get("graphs", False))))
 
     stock = stock_kernel_versions_of_run(cfg, list(dict.fromkeys(p["dtype"] for p in grid)))
     # cells with many probes are handed out first (within run_cells' order, which puts the slow

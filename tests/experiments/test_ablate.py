@@ -92,3 +92,20 @@ def test_amplified_claim_holds_only_on_the_runs_amplified_tokens():
 def test_extra_cells_refuse_bad_entries(entry, match):
     with pytest.raises(ValueError, match=match):
         extra_cell_points(tiny_config(0, f"extra_cells=[{entry}]"))
+
+
+def test_a_cell_with_padded_decode_steps_keeps_invariant_routing_at_zero(seed):
+    """graphs=true: every composition's decode steps run padded to a bucket (eagerly on a CPU); with the
+    batch_invariant kernels and topk, the probe still diverges nowhere."""
+    import kernels
+    from experiments.ablate import run_cell
+    from lab.compositions import make_compositions, make_probes
+    from tests.conftest import tiny_config as tiny_model_config
+    import moe
+    model = moe.MoETransformer(tiny_model_config("topk"))
+    V = model.cfg.vocab_size
+    probes = make_probes(1, V, 3, 8, seed)
+    comps = make_compositions([3, 5], 1, V, 8, 3, seed)
+    with kernels.use_backend("batch_invariant"):
+        cell = run_cell(model, probes, comps, 3, graphs=True)
+    assert cell["tokens"] > 0 and cell["frac_logits_differ"] == 0 and sum(cell["causes"].values()) == 0
