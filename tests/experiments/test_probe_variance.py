@@ -1,48 +1,12 @@
-"""The stock-op variance probe: its version counting against hand-made rows, and a run on the CPU at tiny
-sizes (the files it writes, the table made from its JSON, and what the CPU guarantees)."""
+"""The stock-op variance app: a run on the CPU at tiny sizes (the files it writes, the table made from its
+JSON, and what the CPU guarantees). The probes' own counting is tested in tests/lab/test_op_variance.py."""
 import csv
-import dataclasses
 import json
 
 import pytest
 import torch
 
 from experiments import probe_variance as pv
-
-
-def test_versions_are_bit_patterns_in_order_of_appearance():
-    """0.0 and -0.0 are two versions; the sizes listed are those whose result is not batch 1's."""
-    def row(m: int) -> torch.Tensor:
-        return torch.tensor([0.0 if m < 4 else -0.0 if m < 8 else 1.0])
-
-    sizes = [1, 2, 3, 4, 5, 7, 8, 9]
-    assert pv.over_batch(row, sizes) == (3, [4, 5, 7, 8, 9])
-    assert pv.over_batch(lambda m: torch.ones(3, dtype=torch.bfloat16), sizes) == (1, [])
-
-
-def test_repeats_count_the_worst_size():
-    calls = {1: 0, 5: 0}
-
-    def row(m: int) -> torch.Tensor:   # batch 5 alternates between two results, batch 1 never changes
-        calls[m] += 1
-        return torch.tensor([float(calls[m] % 2 if m == 5 else 0)])
-
-    assert pv.over_runs(row, [1, 5], runs=4) == 2
-    assert pv.over_runs(row, [1], runs=4) == 1
-
-
-@pytest.mark.parametrize("max_batch", [1, 5, 32, 33, 100, 256])
-def test_batch_sizes(max_batch):
-    sizes = pv.batch_sizes(max_batch)
-    assert sizes == sorted(set(sizes)) and sizes[-1] == max_batch
-    assert sizes[:min(32, max_batch)] == list(range(1, min(32, max_batch) + 1))
-
-
-@pytest.mark.parametrize("field, value", [("max_batch", 0), ("runs", -1), ("mm_k", ()), ("mm_n", (0,)),
-                                          ("grouped", ((4, 0),)), ("context", 3)])
-def test_bad_sizes_name_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
-        dataclasses.replace(pv.DEFAULTS["cpu"], **{field: value})
 
 
 def test_cuda_needs_a_gpu():
