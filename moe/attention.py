@@ -71,7 +71,11 @@ class Attention(nn.Module):
             k = kernels.rms_norm(k.reshape(-1, cfg.head_dim), self.k_norm, cfg.norm_eps).view_as(k)
         cos, sin = step.cached(("rope", cfg.head_dim, cfg.rope_theta),
                                lambda: rope_tables(step.positions, cfg.head_dim, cfg.rope_theta))
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        # q and k rotated in one pass (the same elementwise ops, so the same bits as one call each, in
+        # half the launches: a captured decode step is bound by its kernel count)
+        H = self.n_heads
+        qk = rope(torch.cat([q, k], dim=1), cos, sin)                          # [T, H + Hkv, Dh]
+        q, k = qk[:, :H], qk[:, H:]
         cache.write(self.layer, step.slots, step.positions, step.seq_idx, k, v)
         out = kernels.attention(q, cache.k[self.layer], cache.v[self.layer], step.cu_seqlens,
                                 step.kv_lens, step.slots, cfg.head_dim ** -0.5)   # [T, H, Dh]
