@@ -76,7 +76,8 @@ class Attention(nn.Module):
         H = self.n_heads
         qk = rope(torch.cat([q, k], dim=1), cos, sin)                          # [T, H + Hkv, Dh]
         q, k = qk[:, :H], qk[:, H:]
-        cache.write(self.layer, step.slots, step.positions, step.seq_idx, k, v)
+        # each token's cache slot: the same for every layer, so gathered once per step
+        cache.write(self.layer, step.cached("token_slots", lambda: step.slots[step.seq_idx]), step.positions, k, v)
         out = kernels.attention(q, cache.k[self.layer], cache.v[self.layer], step.cu_seqlens,
                                 step.kv_lens, step.slots, cfg.head_dim ** -0.5)   # [T, H, Dh]
         # row-parallel: K (the heads) summed as a fixed tree of chunks, across ranks too (moe/parallel.py)
