@@ -72,7 +72,8 @@ class DecodeGraphs:
                  pad_slot: Optional[int] = None, capture: Optional[bool] = None):
         """capture: record CUDA graphs (default: when the model is on a CUDA device); False runs the
         static-buffer step eagerly. pad_slot: the slot the padding uses (default the cache's last)."""
-        if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+        increasing = list(buckets) == sorted(set(buckets))
+        if not buckets or not increasing or any(not isinstance(b, int) or b < 1 for b in buckets):
             raise ValueError(f"buckets must be increasing positive ints, got {buckets!r}")
         blocker = capture_blocker(model)
         if blocker is not None:
@@ -93,7 +94,8 @@ class DecodeGraphs:
         """One decode token for each of b sequences: tokens [b] go to cache slots [b]. The slots must be
         distinct and not pad_slot (checked when they are host tensors, as the engine's are) and have room
         for one more token (not checked: reading the lengths would cost a host sync; the engine admits
-        only requests that fit, `generate` sizes its cache to fit). Returns the logits [b, V] fp32 (a copy: the static output is overwritten by the next step)."""
+        only requests that fit, `generate` sizes its cache to fit). Returns the logits [b, V] fp32 (a copy:
+        the static output is overwritten by the next step)."""
         b = tokens.shape[0]
         if tokens.dim() != 1 or slots.shape != (b,) or b == 0:
             raise ValueError(f"tokens and slots must be 1-D of one equal, non-zero length, got "
