@@ -50,6 +50,15 @@ class Backend(Protocol):
     def log_softmax(self, x: torch.Tensor) -> torch.Tensor:
         """Log-softmax over the last dim, computed and returned in fp32."""
 
+    def ordered_combine(self, out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+                        dtype: torch.dtype) -> torch.Tensor:
+        """The MoE combine with a fixed order: y [T, D] in `dtype`, y[t] = sum of w[t, j] * out[row of
+        cell t*S+j] over slots j = 0..S-1, added in slot order. out [A, D]: row i holds cell order[i]
+        (token-major t*S+j, each at most once); weights [T, S]. Accumulated in fp32 (fp64 if `dtype` is
+        fp64), each product rounded before its add (no fma); a cell with no row is +0.0 and is
+        still added; the sum starts from slot 0's value itself (a -0.0 stays -0.0). Bitwise equal to
+        `kernels.torch_backend.ordered_combine_torch` (NaN payloads aside), with no host sync."""
+
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
                   scale: float) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 
 from kernels import runtime  # noqa: F401  (checks the interpreter switch came before triton: kernels/__init__.py)
 from kernels.ops.attention import attention as _attention
+from kernels.ops.combine import ordered_combine as _ordered_combine
 from kernels.ops.grouped_gemm import grouped_matmul as _grouped_matmul
 from kernels.ops.grouped_gemm import grouped_matmul_partials as _grouped_matmul_partials
 from kernels.ops.matmul import matmul as _matmul
@@ -25,6 +26,9 @@ from kernels.ops.matmul import matmul_partials as _matmul_partials
 from kernels.ops.rmsnorm import rms_norm as _rms_norm
 from kernels.ops.softmax import log_softmax as _log_softmax
 from kernels.ops.softmax import softmax as _softmax
+from kernels.torch_backend import ordered_combine_torch
+
+_TRITON_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class BatchInvariantBackend:
@@ -52,6 +56,14 @@ class BatchInvariantBackend:
 
     def log_softmax(self, x: torch.Tensor) -> torch.Tensor:
         return _log_softmax(x)
+
+    def ordered_combine(self, out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+                        dtype: torch.dtype) -> torch.Tensor:
+        # fp64 (CPU reference runs) stays on the stock ops, which already fix the order: the kernel
+        # accumulates in fp32 only
+        if dtype not in _TRITON_FLOATS or out.dtype not in _TRITON_FLOATS or weights.dtype != torch.float32:
+            return ordered_combine_torch(out, order, weights, dtype)
+        return _ordered_combine(out, order, weights, dtype)
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,

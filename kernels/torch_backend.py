@@ -62,10 +62,29 @@ class TorchBackend:
     def log_softmax(self, x: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(x.float(), dim=-1)
 
+    def ordered_combine(self, out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+                        dtype: torch.dtype) -> torch.Tensor:
+        return ordered_combine_torch(out, order, weights, dtype)
+
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
                   scale: float) -> torch.Tensor:
         return stock_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale)
+
+
+def ordered_combine_torch(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """`Backend.ordered_combine` in stock ops: put each weighted output in its (token, slot) cell of a
+    zeroed grid, then sum the slot columns 0..S-1 in that order (about S + 5 kernels)."""
+    T, S = weights.shape
+    acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulate (fp64 stays fp64)
+    cells = torch.zeros(T * S, out.shape[1], dtype=acc, device=out.device)
+    cells[order] = out.to(acc) * weights.flatten()[order, None]
+    cells = cells.view(T, S, out.shape[1])
+    y = cells[:, 0]  # not 0 + cells[:, 0], which would turn a -0.0 into +0.0
+    for j in range(1, S):
+        y = y + cells[:, j]
+    return y.to(dtype)
 
 
 def grouped_mm_masked(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -110,22 +110,16 @@ class MoELayer(nn.Module):
 
     def _combine(self, out: torch.Tensor, order: torch.Tensor, routing: Routing, x: torch.Tensor) -> torch.Tensor:
         """y [T, D]: each token's weighted expert outputs (out: the rows of `order`) summed in fp32."""
-        T, S = routing.experts.shape
-        w = routing.weights.flatten()[order, None]
-        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 accumulate (fp64 stays fp64)
         if self.cfg.combine == "scatter_add":
             # what most MoE code does: atomic adds, order of arrival decides the rounding on GPU
+            T, S = routing.experts.shape
+            w = routing.weights.flatten()[order, None]
+            acc = torch.promote_types(x.dtype, torch.float32)  # fp32 accumulate (fp64 stays fp64)
             y = torch.zeros(T, self.d_model, dtype=acc, device=x.device)
             y.index_add_(0, order // S, out.to(acc) * w)
             return y.to(x.dtype)
-        # ordered: put each output in its (token, slot) cell, then sum slots 0..S-1 in that order in fp32
-        cells = torch.zeros(T * S, self.d_model, dtype=acc, device=x.device)
-        cells[order] = out.to(acc) * w
-        cells = cells.view(T, S, self.d_model)
-        y = cells[:, 0]
-        for j in range(1, S):
-            y = y + cells[:, j]
-        return y.to(x.dtype)
+        # ordered: each token's slots 0..S-1 summed in that order in fp32 (one kernel on batch_invariant)
+        return kernels.ordered_combine(out, order, routing.weights, x.dtype)
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = kernels.matmul(x, self.w_shared_gate_up).chunk(2, dim=1)
