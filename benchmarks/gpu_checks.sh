@@ -16,7 +16,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 case $part in
   tests)  # bitwise invariance at real sizes: every kernel, and the whole model
     python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$out/gpu_kernel_tests.log"
-    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_invariance.py 2>&1 | tee "$out/gpu_model_tests.log" ;;
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_invariance.py tests/moe/test_graphs.py \
+      tests/test_fingerprints.py 2>&1 | tee "$out/gpu_model_tests.log" ;;
   bench)  # end-to-end price of invariance
     python3 -m benchmarks.bench_model --out "$out" 2>&1 | tee "$out/bench_model.log" ;;
   experiments)  # the serving simulation (1000 runs of one prompt) and the ablation, on the GPU
