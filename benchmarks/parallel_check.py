@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import statistics
@@ -31,10 +30,11 @@ import torch.distributed as dist
 
 import kernels
 import moe
+from benchmarks.fingerprints import fingerprint
 from lab.compositions import Composition
 from lab.distributed import layout_named
 from moe.engine import Engine, Request
-from moe.graphs import DecodeGraphs, capture_blocker
+from moe.graphs import DecodeGraphs, graphs_by_default
 
 BACKENDS = ("torch", "batch_invariant")
 SCALE = 1        # input lengths are divided by this (10 for the CPU smoke test on the tiny preset)
@@ -44,8 +44,8 @@ def n(length: int) -> int:
     return max(2, length // SCALE)
 
 
-def fingerprint(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+def short_fingerprint(t: torch.Tensor) -> str:
+    return fingerprint(t)[:16]
 
 
 def prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
@@ -63,7 +63,7 @@ def fingerprints(model: moe.MoETransformer) -> dict:
     nxt = prefill[cu[1:] - 1].argmax(-1)
     decode, _ = model(nxt, torch.arange(len(batch) + 1, device=model.device), cache)
     completion = moe.generate(model, prompts(1, n(200), n(200), V, seed=2), 16)[0]
-    return dict(prefill=fingerprint(prefill), decode=fingerprint(decode), completion=completion)
+    return dict(prefill=short_fingerprint(prefill), decode=short_fingerprint(decode), completion=completion)
 
 
 def batch_invariance(model: moe.MoETransformer) -> dict:
@@ -113,7 +113,7 @@ def timed(step, rounds: int) -> list[float]:
 def step_times(model: moe.MoETransformer, cells: list[tuple[str, int, int]], rounds: int) -> list[dict]:
     """Median wall ms per step, per backend, the backends alternating round by round. `decode_graphs`
     cells replay the decode step as a CUDA graph (moe/graphs.py), where the layout allows a capture."""
-    V, dev, gpu = model.cfg.vocab_size, model.device, model.device.type == "cuda"
+    V, dev = model.cfg.vocab_size, model.device
     rows = []
     for mode, B, L in cells:
         if mode == "prefill":
@@ -125,7 +125,7 @@ def step_times(model: moe.MoETransformer, cells: list[tuple[str, int, int]], rou
             tokens, cu = moe.cu_seqlens_of(prompts(B, 1, 1, V, seed=6), dev)    # one token per sequence
             step = lambda: model(tokens, cu, cache)                                 # noqa: E731
         else:                               # decode replayed as a CUDA graph (one more slot: the padding's)
-            if capture_blocker(model) is not None or not gpu:
+            if not graphs_by_default(model):
                 continue
             cache = model.new_cache(B + 1, L + 4 * rounds + 16)
             cache.lengths[:B] = L

@@ -17,16 +17,13 @@ from typing import Callable, Iterable
 import torch
 
 import kernels
+from lab.op_variance import over_batch
 from moe import ModelConfig
 
 
-def _bits(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()
-
-
 def count_versions(row_of: Callable[[int], torch.Tensor], sizes: Iterable[int]) -> int:
-    """Distinct bit patterns of `row_of(n)` over the sizes n."""
-    return len({_bits(row_of(n)) for n in sizes})
+    """Distinct bit patterns of `row_of(n)` over the sizes n (the per-op probes' count)."""
+    return over_batch(row_of, list(sizes))[0]
 
 
 def stock_kernel_versions(cfg: ModelConfig, dtype: str, device: str, batch_sizes: Iterable[int],

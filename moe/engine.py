@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from moe.graphs import DecodeGraphs, capture_blocker
+from moe.graphs import DecodeGraphs, graphs_by_default
 from moe.model import MoETransformer, cu_seqlens_of
 from moe.routing import Routing
 from moe.generate import check_count, check_prompt, check_sampling, sample_next
@@ -121,7 +121,7 @@ class Engine:
         model on a CUDA device whose step can be captured (a dropless, stateless router)."""
         self.model = model
         if graphs is None:
-            graphs = model.device.type == "cuda" and capture_blocker(model) is None
+            graphs = graphs_by_default(model)
         # with graphs, one slot more than requests: the padding's (DecodeGraphs' pad_slot, the last)
         self.cache = model.new_cache(n_slots + 1 if graphs else n_slots, max_len)
         self.graphs = DecodeGraphs(model, self.cache) if graphs else None

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from moe.graphs import DecodeGraphs, capture_blocker
+from moe.graphs import DecodeGraphs, graphs_by_default
 from moe.model import MoETransformer, cu_seqlens_of
 from moe.parallel import broadcast_seed
 
@@ -89,7 +89,7 @@ def generate(model: MoETransformer, prompts: list[list[int]], max_new_tokens: in
     if max_new_tokens == 0:
         return out
     if graphs is None:
-        graphs = model.device.type == "cuda" and capture_blocker(model) is None
+        graphs = graphs_by_default(model)
     # with graphs, one slot more than prompts: the padding's (the last)
     cache = model.new_cache(len(prompts) + bool(graphs), max(len(p) for p in prompts) + max_new_tokens)
     decode = DecodeGraphs(model, cache) if graphs else None

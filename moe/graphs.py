@@ -49,6 +49,12 @@ def capture_blocker(model: MoETransformer) -> Optional[str]:
     return None
 
 
+def graphs_by_default(model: MoETransformer) -> bool:
+    """Whether `Engine` and `generate` capture decode steps when not told: on a CUDA device, where the
+    step can be captured."""
+    return model.device.type == "cuda" and capture_blocker(model) is None
+
+
 def bucket_for(b: int, buckets: Sequence[int]) -> int:
     """The smallest bucket that holds b sequences."""
     for size in buckets:
