@@ -85,14 +85,15 @@ def trainer_logits(model: MoETransformer, requests: list[Request], microbatches:
     return out
 
 
-def compare(requests: list[Request], trainer: list[torch.Tensor]) -> dict:
-    """Per-token KL(sampler || trainer), |delta log-prob| of the sampled tokens, bitwise differences."""
+def compare(requests: list[Request], trainer: list[torch.Tensor], device: torch.device) -> dict:
+    """Per-token KL(sampler || trainer), |delta log-prob| of the sampled tokens, bitwise differences,
+    computed on the model's device (the backend's log-softmax runs where its kernels do)."""
     kls, deltas, differ, rows_differ = [], [], 0, 0
     for r, t in zip(requests, trainer):
-        s = sampler_logits(r)
+        s, t = sampler_logits(r).to(device), t.to(device)
         ls, lt = kernels.log_softmax(s), kernels.log_softmax(t)
         kls.append((ls.exp() * (ls - lt)).sum(-1))
-        chosen = torch.tensor(r.generated)[:, None]
+        chosen = torch.tensor(r.generated, device=device)[:, None]
         d = (ls.gather(1, chosen) - lt.gather(1, chosen)).squeeze(1)
         deltas.append(d.abs())
         differ += int((d != 0).sum())
@@ -132,7 +133,8 @@ def run_rl_consistency(cfg: DictConfig, out: Path) -> dict:
         trainer = (sampler if cfg.rl.trainer_layout == cfg.rl.sampler_layout else
                    model if trainer_layout is None else shard_model(model, trainer_layout))
         requests = sample(sampler, cfg.rl, cfg.seed)
-        return compare(requests, trainer_logits(trainer, requests, cfg.rl.trainer_microbatches, cfg.seed))
+        return compare(requests, trainer_logits(trainer, requests, cfg.rl.trainer_microbatches, cfg.seed),
+                       model.device)
 
     grid = router_backend_grid(cfg)
     cells = run_cells(cfg, out, grid, measure, desc="router x backend")

@@ -168,13 +168,16 @@ def flex_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Te
 # The last plan built, with the index tensors it was built from. Every layer of a step passes the same
 # index tensors (unchanged in between), so the step builds its block mask once, as a serving engine
 # builds its attention metadata once per step, not once per layer. Held by identity and version counter:
-# an index tensor written in place, or another tensor, builds a new plan.
+# an index tensor written in place, or another tensor, builds a new plan. Also keyed by whether a CUDA
+# graph is being captured: a plan built eagerly before a capture must not be reused inside it, or the
+# graph would hold no plan-building ops and replay the eager plan whatever its index tensors hold then.
 _last_plan: Optional[tuple[tuple, FlexPlan]] = None
 
 
 def _shared_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor, *shape) -> FlexPlan:
     global _last_plan
-    key = (cu_seqlens_q, kv_lens, slots, *(t._version for t in (cu_seqlens_q, kv_lens, slots)), *shape)
+    capturing = kv_lens.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = (cu_seqlens_q, kv_lens, slots, *(t._version for t in (cu_seqlens_q, kv_lens, slots)), capturing, *shape)
     if _last_plan is not None and len(_last_plan[0]) == len(key) and all(
             a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(_last_plan[0], key)):
         return _last_plan[1]

@@ -118,9 +118,9 @@ def test_model_logits_unchanged_by_the_kernel(seed, monkeypatch, dtype):
     """The batch_invariant model with the one-kernel combine against the same model with the torch form,
     with a dropping router so that some slots have no row."""
     cfg = dataclasses.replace(tiny_config("capacity", capacity_factor=0.6), dtype=dtype)
-    model = moe.MoETransformer(cfg)
+    model = moe.MoETransformer(cfg, device=DEVICE)
     assert model.cfg.moe.combine == "ordered"
-    tokens, cu = cu_seqlens_of(random_prompts(3, cfg.vocab_size, 4, 12))
+    tokens, cu = (t.to(DEVICE) for t in cu_seqlens_of(random_prompts(3, cfg.vocab_size, 4, 12)))
     calls = []
     fused = BatchInvariantBackend.ordered_combine
 
