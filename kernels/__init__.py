@@ -69,10 +69,14 @@ def ordered_combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tenso
     return get_backend().ordered_combine(out, order, weights, dtype)
 
 
+def tree_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return get_backend().tree_sum(partials, dtype)
+
+
 def attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale: float) -> torch.Tensor:
     return get_backend().attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale)
 
 
 __all__ = ["Backend", "BACKENDS", "available_backends", "get_backend", "register_backend", "use_backend",
            "matmul", "grouped_matmul", "matmul_partials", "grouped_matmul_partials", "rms_norm", "softmax",
-           "log_softmax", "attention", "ordered_combine"]
+           "log_softmax", "attention", "ordered_combine", "tree_sum"]

@@ -59,6 +59,11 @@ class Backend(Protocol):
         still added; the sum starts from slot 0's value itself (a -0.0 stays -0.0). Bitwise equal to
         `kernels.torch_backend.ordered_combine_torch` (NaN payloads aside), with no host sync."""
 
+    def tree_sum(self, partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """partials [n, ...] (n a power of two) -> [...] in `dtype`: ((p0 + p1) + (p2 + p3)) + ... added
+        level by level in the partials' dtype, rounded once. Bitwise equal to
+        `kernels.ops.tree_sum.tree_sum_torch`, for any n and shape (the row-parallel sums rely on it)."""
+
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
                   scale: float) -> torch.Tensor:

@@ -26,6 +26,7 @@ from kernels.ops.matmul import matmul_partials as _matmul_partials
 from kernels.ops.rmsnorm import rms_norm as _rms_norm
 from kernels.ops.softmax import log_softmax as _log_softmax
 from kernels.ops.softmax import softmax as _softmax
+from kernels.ops.tree_sum import tree_sum as _tree_sum, tree_sum_torch
 from kernels.torch_backend import ordered_combine_torch
 
 _TRITON_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -64,6 +65,11 @@ class BatchInvariantBackend:
         if dtype not in _TRITON_FLOATS or out.dtype not in _TRITON_FLOATS or weights.dtype != torch.float32:
             return ordered_combine_torch(out, order, weights, dtype)
         return _ordered_combine(out, order, weights, dtype)
+
+    def tree_sum(self, partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if partials.dtype != torch.float32 or dtype not in _TRITON_FLOATS or partials.shape[0] > 64:
+            return tree_sum_torch(partials, dtype)     # fp64 CPU reference runs: the stock form's order
+        return _tree_sum(partials, dtype)
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,

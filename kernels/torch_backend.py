@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.checks import check_group_offsets
+from kernels.ops.tree_sum import tree_sum_torch
 from kernels.stock_attention import stock_attention
 
 
@@ -65,6 +66,9 @@ class TorchBackend:
     def ordered_combine(self, out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
                         dtype: torch.dtype) -> torch.Tensor:
         return ordered_combine_torch(out, order, weights, dtype)
+
+    def tree_sum(self, partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return tree_sum_torch(partials, dtype)
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,

@@ -251,34 +251,36 @@ def row_parallel_grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch
     return all_reduce(kernels.grouped_matmul(x, w, offsets), layout)
 
 
+# Below this many bytes of fp32 subtree sum per rank, the cross-rank part of `ordered_sum` is one
+# all-gather of the whole subtree sums (W x the bytes, one collective); above it, an all-to-all then an
+# all-gather (about 1.5x a ring all-reduce's bytes, two collectives). Decode steps take the first form,
+# where launches and latency dominate; prefill the second, where bandwidth does. Both add the same
+# numbers in the same tree, so the bits do not depend on which one runs.
+GATHER_BELOW_BYTES = 1 << 20
+
+
 def ordered_sum(partials: torch.Tensor, layout: Optional[Layout], dtype: torch.dtype) -> torch.Tensor:
     """partials [C/W, ...] (fp32, this rank's leaves) -> the sum of all C leaves of all ranks, rounded to
     `dtype` once: one balanced binary tree whose subtrees are the ranks' leaves, the same bits for every W.
 
-    Across ranks it is an all-reduce built from two copies (no arithmetic inside a collective): an
+    Across ranks it is an all-reduce built from copies (no arithmetic inside a collective). Small sums:
+    every rank all-gathers the W subtree sums and adds them in the tree's order. Large ones: an
     all-to-all hands rank j the j-th 1/W of every rank's subtree sum, rank j adds those W pieces in the
     tree's order and rounds them, and an all-gather of the rounded pieces gives every rank the whole
-    result. Bytes per rank: (W-1)/W of the fp32 sum out and of the rounded sum in, 1.5x NCCL's bf16 ring."""
-    s = _tree_sum(partials)
+    result. Each tree runs as one kernel with its rounding (`kernels.tree_sum`)."""
     W = size_of(layout)
-    if W == 1 or s.numel() == 0:   # (no rows: an expert group that got no tokens, alike on its ranks)
-        return s.to(dtype)
+    if W == 1 or partials[0].numel() == 0:   # (no rows: an expert group that got no tokens, alike on its ranks)
+        return kernels.tree_sum(partials, dtype)
+    s = kernels.tree_sum(partials, torch.float32)                                      # this rank's subtree
+    if s.numel() * s.element_size() < GATHER_BELOW_BYTES:
+        return kernels.tree_sum(all_gather(s, layout), dtype)
     flat = s.flatten()
     n = -(-flat.numel() // W) * W
     pieces = torch.nn.functional.pad(flat, (0, n - flat.numel())).view(W, n // W)      # [W, n/W]
     received = torch.empty_like(pieces)                  # received[i]: rank i's piece of this rank's part
     dist.all_to_all_single(received, pieces, group=layout.group)
-    mine = _tree_sum(received).to(dtype)                                               # [n/W]
+    mine = kernels.tree_sum(received, dtype)                                           # [n/W]
     return all_gather(mine, layout).flatten()[:flat.numel()].view(s.shape)
-
-
-def _tree_sum(p: torch.Tensor) -> torch.Tensor:
-    """p [n, ...] with n a power of two -> ((p0 + p1) + (p2 + p3)) + ...: pairwise, level by level."""
-    if p.shape[0] & (p.shape[0] - 1):
-        raise ValueError(f"a tree sum needs a power-of-two number of leaves, got {p.shape[0]}")
-    while p.shape[0] > 1:
-        p = p[0::2] + p[1::2]
-    return p[0]
 
 
 def all_gather(x: torch.Tensor, layout: Layout) -> torch.Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from kernels import runtime
+from kernels.ops.rounding import round_by_bits, rounded_to
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -41,20 +42,9 @@ def _slot_product(out_ptr, inv_ptr, w_ptr, tokens, cols, j, tile_ok, token_ok, s
 
 
 @triton.jit
-def _bf16_rounded_by_bits(x):
-    """fp32 -> bf16 rounded to nearest even, as torch rounds, in integer ops: the interpreter's own
-    conversion rounds ties away from zero. A NaN stays a NaN (its payload bits are not matched: torch's
-    CPU kernels themselves differ there)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = tl.where(x != x, 0x7FC0, rounded)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
 def _ordered_combine_kernel(out_ptr, inv_ptr, w_ptr, y_ptr, T, D, stride_out, stride_wt, stride_yt,
                             S: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-                            BF16_BY_BITS: tl.constexpr):
+                            BY_BITS: tl.constexpr):
     tokens = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     token_ok = tokens < T
@@ -63,10 +53,7 @@ def _ordered_combine_kernel(out_ptr, inv_ptr, w_ptr, y_ptr, T, D, stride_out, st
     for j in tl.static_range(1, S):
         acc = acc + _slot_product(out_ptr, inv_ptr, w_ptr, tokens, cols, j, tile_ok, token_ok,
                                   stride_out, stride_wt, S)
-    if BF16_BY_BITS:
-        y = _bf16_rounded_by_bits(acc)
-    else:  # on the GPU a conversion rounds to nearest even as torch's CUDA kernels do (cvt.rn)
-        y = acc.to(y_ptr.dtype.element_ty)
+    y = rounded_to(acc, y_ptr.dtype.element_ty, BY_BITS)
     tl.store(y_ptr + tokens.to(tl.int64)[:, None] * stride_yt + cols[None, :], y, mask=tile_ok)
 
 
@@ -116,7 +103,7 @@ def ordered_combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tenso
     grid = (runtime.cdiv(T, rows), runtime.cdiv(D, block_d))
     _ordered_combine_kernel[grid](out, inv, weights, y, T, D, out.stride(0), weights.stride(0), y.stride(0),
                                   S=S, ROWS=rows, BLOCK_D=block_d,
-                                  BF16_BY_BITS=runtime.interpreting() and dtype == torch.bfloat16,
+                                  BY_BITS=round_by_bits(dtype),
                                   num_warps=warps,
                                   # no fma: each product is rounded to fp32 before its add, as the stock form
                                   enable_fp_fusion=False)

@@ -56,6 +56,11 @@ def test_equals_torch_form_bitwise(gen, dtype, S, keep):
     order = random_assignments(gen, T, S, keep)
     out = random_outputs(gen, order.shape[0], D, dtype)
     w = random_weights(gen, T, S)
+    if keep == 1.0 and S == 2:
+        # signed zeros for sure: token 0 sums (-0.0) + (-0.0) = -0.0, token 1 (+0.0) + (-0.0) = +0.0
+        for cell, weight in [(0, 1.0), (1, 1.0), (2, -1.0), (3, 1.0)]:
+            out[(order == cell).nonzero().squeeze(1)] = -0.0
+            w[cell // S, cell % S] = weight
     ref = ordered_combine_torch(out, order, w, dtype)
     assert_same_bits(ordered_combine(out, order, w, dtype), ref)
     if keep == 1.0 and S == 2:

@@ -25,6 +25,7 @@ import moe
 from lab.compositions import Composition
 from lab.distributed import layout_named
 from moe.engine import Engine, Request
+from moe import parallel
 from moe.parallel import Layout, Shard, shard_model, shards_of
 from tests.conftest import random_prompts
 
@@ -100,6 +101,36 @@ def _worker(rank: int, world: int, port: int, seed: int, experts: str, out_dir: 
             json.dumps(dict(stock_differs=stock_differs)))
     finally:
         dist.destroy_process_group()
+
+
+def _ordered_sum_worker(rank: int, world: int, port: int, seed: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        layout = Layout(attention="tp", experts="tp")
+        gen = torch.Generator().manual_seed(seed)               # the same leaves on every rank
+        for shape, threshold in itertools.product([(1, 24), (5, 24), (33, 7)], [0, 1 << 30]):
+            # mixed magnitudes, so that another order of the additions gives other bits
+            leaves = torch.randn(8, *shape, generator=gen) * torch.exp2(torch.randint(-10, 10, (8, *shape),
+                                                                                       generator=gen).float())
+            mine = leaves.view(world, 8 // world, *shape)[rank]    # this rank's subtree of the one tree
+            parallel.GATHER_BELOW_BYTES = threshold             # 0: all-to-all + all-gather; 2**30: all-gather
+            for dtype in (torch.float32, torch.bfloat16):
+                with kernels.use_backend("batch_invariant"):
+                    got, ref = parallel.ordered_sum(mine, layout, dtype), kernels.tree_sum(leaves, dtype)
+                assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                                   ref.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), \
+                    (shape, threshold, dtype)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ordered_sum_is_one_tree_on_any_ranks(seed, world):
+    """Both cross-rank forms of the ordered sum (one all-gather for small sums; all-to-all, then
+    all-gather for large ones) give the bits of one process summing all leaves in the same tree, for
+    sizes that do and do not split evenly over the ranks."""
+    mp.spawn(_ordered_sum_worker, args=(world, _free_port(), seed), nprocs=world, join=True)
 
 
 @pytest.mark.slow
