@@ -69,6 +69,10 @@ def ordered_combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tenso
     return get_backend().ordered_combine(out, order, weights, dtype)
 
 
+def expert_sort(flat_experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return get_backend().expert_sort(flat_experts, n_experts)
+
+
 def tree_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return get_backend().tree_sum(partials, dtype)
 
@@ -79,4 +83,5 @@ def attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale: float) -
 
 __all__ = ["Backend", "BACKENDS", "available_backends", "get_backend", "register_backend", "use_backend",
            "matmul", "grouped_matmul", "matmul_partials", "grouped_matmul_partials", "rms_norm", "softmax",
-           "log_softmax", "attention", "ordered_combine", "tree_sum"]
+           "log_softmax", "attention", "ordered_combine", "tree_sum",
+           "expert_sort"]

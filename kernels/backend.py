@@ -59,6 +59,11 @@ class Backend(Protocol):
         still added; the sum starts from slot 0's value itself (a -0.0 stays -0.0). Bitwise equal to
         `kernels.torch_backend.ordered_combine_torch` (NaN payloads aside), with no host sync."""
 
+    def expert_sort(self, flat_experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MoE layer's assignments [N] (expert ids) sorted by expert: (order [N] int64, the stable
+        argsort; offsets [E] int32, each expert's group end in that order). Exact (integers), so every
+        backend gives the same tensors; no host sync."""
+
     def tree_sum(self, partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """partials [n, ...] (n a power of two) -> [...] in `dtype`: ((p0 + p1) + (p2 + p3)) + ... added
         level by level in the partials' dtype, rounded once. Bitwise equal to

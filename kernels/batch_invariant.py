@@ -19,6 +19,8 @@ import torch
 from kernels import runtime  # noqa: F401  (checks the interpreter switch came before triton: kernels/__init__.py)
 from kernels.ops.attention import attention as _attention
 from kernels.ops.combine import ordered_combine as _ordered_combine
+from kernels.ops.expert_sort import MAX_ASSIGNMENTS as EXPERT_SORT_MAX
+from kernels.ops.expert_sort import expert_sort as _expert_sort, expert_sort_torch
 from kernels.ops.grouped_gemm import grouped_matmul as _grouped_matmul
 from kernels.ops.grouped_gemm import grouped_matmul_partials as _grouped_matmul_partials
 from kernels.ops.matmul import matmul as _matmul
@@ -65,6 +67,13 @@ class BatchInvariantBackend:
         if dtype not in _TRITON_FLOATS or out.dtype not in _TRITON_FLOATS or weights.dtype != torch.float32:
             return ordered_combine_torch(out, order, weights, dtype)
         return _ordered_combine(out, order, weights, dtype)
+
+    def expert_sort(self, flat_experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # one kernel where launches cost (a compiled decode step); the stock form for large N, and
+        # under the interpreter, where argsort is one fast CPU call and a program is milliseconds
+        if flat_experts.is_cuda and flat_experts.shape[0] <= EXPERT_SORT_MAX:
+            return _expert_sort(flat_experts, n_experts)
+        return expert_sort_torch(flat_experts, n_experts)
 
     def tree_sum(self, partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if partials.dtype != torch.float32 or dtype not in _TRITON_FLOATS or partials.shape[0] > 64:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.checks import check_group_offsets
+from kernels.ops.expert_sort import expert_sort_torch
 from kernels.ops.tree_sum import tree_sum_torch
 from kernels.stock_attention import stock_attention
 
@@ -66,6 +67,9 @@ class TorchBackend:
     def ordered_combine(self, out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
                         dtype: torch.dtype) -> torch.Tensor:
         return ordered_combine_torch(out, order, weights, dtype)
+
+    def expert_sort(self, flat_experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return expert_sort_torch(flat_experts, n_experts)
 
     def tree_sum(self, partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return tree_sum_torch(partials, dtype)

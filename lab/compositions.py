@@ -24,13 +24,16 @@ class Composition:
     mode: str
     co_prompts: list[list[int]]
     co_new_tokens: list[int]
-    chunk: int | None = None
+    chunk: int | None = None         # chunked: 2-4 tokens per step for every 32 tokens of the probe
 
     def requests(self, probe: list[int], max_new_tokens: int) -> tuple[Request, list[Request]]:
         """The probe's request (tracked) and every request of the batch."""
         late = self.mode != "prefill"
+        # a chunk grows with the probe, so a long prompt takes 8-16 steps, not hundreds (as servers
+        # chunk a long prefill by hundreds of tokens); a probe of up to 32 tokens takes `chunk` itself
+        chunk = None if self.chunk is None else self.chunk * -(-len(probe) // 32)
         probe_req = Request(probe, max_new_tokens, arrival=int(late), order=self.probe_index,
-                            chunk=self.chunk, track=True)
+                            chunk=chunk, track=True)
         others = [Request(p, n, arrival=0, order=i if i < self.probe_index else i + 1)
                   for i, (p, n) in enumerate(zip(self.co_prompts, self.co_new_tokens))]
         return probe_req, [probe_req] + others

@@ -84,12 +84,12 @@ class MoELayer(nn.Module):
         if self.router.drops:
             kept = routing.kept.flatten().nonzero().squeeze(1)                    # token-major ids (a sync)
             order = kept[torch.argsort(flat_experts[kept], stable=True)]          # [A], sorted by expert
-        else:  # dropless: every slot is kept, so the same order without nonzero's device sync
-            order = torch.argsort(flat_experts, stable=True)                      # [T*S]
-        # group ends: how many sorted assignments go to experts <= e, the cumsum of a bincount without
-        # bincount's device sync
-        ids = torch.arange(self.cfg.n_experts, device=order.device, dtype=flat_experts.dtype)
-        offsets = torch.searchsorted(flat_experts[order], ids, right=True).to(torch.int32)  # [E]
+            # group ends: how many sorted assignments go to experts <= e, the cumsum of a bincount
+            # without bincount's device sync
+            ids = torch.arange(self.cfg.n_experts, device=order.device, dtype=flat_experts.dtype)
+            offsets = torch.searchsorted(flat_experts[order], ids, right=True).to(torch.int32)  # [E]
+        else:  # dropless: every slot is kept; the sort and group ends without a device sync
+            order, offsets = kernels.expert_sort(flat_experts, self.cfg.n_experts)  # [T*S], [E]
         rows = order
         if self.ep is not None:  # this rank's experts own one contiguous run of the sorted order
             rows, offsets, counts = _local_run(order, offsets, self.ep)          # [A_r], [E/G], G ints
