@@ -30,14 +30,15 @@ case $part in
       hydra.run.dir="$out/ablate_large" 2>&1 | grep -v "cell/s" | tee "$out/ablate_large.log" ;;
   science)
     # The three causes at shapes where stock kernels vary: preset wide (K = 4096 and 14336), bf16, probes
-    # of 1024-1152 tokens so decode attends over >= 1024 keys, batches of 1-48; the stock-op probe and the
-    # fingerprints of this GPU beside it. The ablation took about 4 minutes on one H200 (ablate_wide.log).
+    # of 1024-1152 tokens so decode attends over >= 1024 keys, batches of 1-64, the three routers; the
+    # stock-op probe and the fingerprints of this GPU beside it. Estimated at 5-6 minutes on one H200
+    # from its step times (about 45 s a cell); not yet run at this size.
     python3 -m experiments.probe_variance --device cuda --out "$out/variance_cuda" 2>&1 | tail -n 3
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fingerprints.py 2>&1 | tee "$out/fingerprints_test.log"
     python3 -m experiments.ablate device=cuda model=wide 'dtypes=[bfloat16]' 'combines=[ordered]' \
-      'router.names=[topk,capacity]' 'extra_cells=[]' jobs=1 experiment.n_probes=4 \
+      'router.names=[topk,capacity,sequence_capacity]' 'extra_cells=[]' jobs=1 experiment.n_probes=6 \
       experiment.probe_min_len=1024 experiment.probe_max_len=1152 experiment.co_max_len=1280 \
-      experiment.max_new_tokens=12 'experiment.batch_sizes=[1,4,16,48]' \
+      experiment.max_new_tokens=12 'experiment.batch_sizes=[1,2,4,8,16,32,64]' \
       hydra.run.dir="$out/ablate_wide" 2>&1 | tr '\r' '\n' | tee "$out/ablate_wide.log" ;;
   repro|probe)
     # The published result (1000 runs of one prompt at temperature 0: many distinct completions on stock

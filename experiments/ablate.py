@@ -56,10 +56,13 @@ def run_cell(model: MoETransformer, probes, compositions, max_new_tokens: int,
     longest = max([len(p) for p in probes] + [len(p) for c in compositions for p in c.co_prompts])
     most_new = max([max_new_tokens] + [n for c in compositions for n in c.co_new_tokens])
     max_len = longest + most_new + 1
+    # one cache size for every run of the cell, as a server has: the stock attention's compiled kernels
+    # depend on the cache's shape, so an engine sized per batch would compile one per batch size
+    n_slots = max([1] + [len(c.co_prompts) + 1 for c in compositions])
     refs = []
     for p in probes:
         ref = Request(p, max_new_tokens, track=True)
-        Engine(model, 1, max_len, graphs=graphs).run([ref])
+        Engine(model, n_slots, max_len, graphs=graphs).run([ref])
         refs.append(ref)
     tokens = differ = route_differ = completions = completions_differ = 0
     causes = dict.fromkeys(CAUSES, 0)
@@ -67,11 +70,11 @@ def run_cell(model: MoETransformer, probes, compositions, max_new_tokens: int,
     by_size: dict[int, list[int]] = {}
     for (pi, ref), comp in itertools.product(enumerate(refs), compositions):
         probe_req, batch = comp.requests(probes[pi], max_new_tokens)
-        Engine(sharded or model, len(batch), max_len, graphs=graphs).run(batch, until_tracked_done=True)
+        Engine(sharded or model, n_slots, max_len, graphs=graphs).run(batch, until_tracked_done=True)
         same_batch = None
         if sharded is not None:
             same_batch, batch = comp.requests(probes[pi], max_new_tokens)
-            Engine(model, len(batch), max_len, graphs=graphs).run(batch, until_tracked_done=True)
+            Engine(model, n_slots, max_len, graphs=graphs).run(batch, until_tracked_done=True)
         d = attribute_divergence(ref, probe_req, same_batch)
         tokens += d.n_compared
         differ += int(d.logits_differ.sum())
