@@ -31,8 +31,9 @@ class Backend(Protocol):
         """x [T, K] @ w [K, N] -> [T, N] in x's dtype (fp32 accumulate)."""
 
     def grouped_matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Rows of x [T, K] sorted by group; w [E, K, N]; offsets [E] int32 cumulative row ends.
-        Row t of group e gives x[t] @ w[e]. Returns [T, N]."""
+        """Rows of x [T, K] sorted by group; w [E, K, N]; offsets [E] int32 cumulative row ends, the
+        last at most T. Row t of group e gives x[t] @ w[e]. Returns [T, N]; rows past offsets[-1]
+        belong to no group and hold unspecified values."""
 
     def matmul_partials(self, x: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tensor:
         """The K axis in `chunks` equal chunks: [chunks, T, N] fp32, chunk c = x[:, Kc-range c] @ w[Kc-range c]."""

@@ -50,7 +50,7 @@ def check_attention_indices(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, s
 
 def check_group_offsets(offsets: torch.Tensor, n_groups: int, n_rows: int) -> None:
     """Check a grouped GEMM's offsets [n_groups]: cumulative row ends, so >= 0, non-decreasing, and the
-    last one is n_rows (every row of x belongs to a group)."""
+    last one at most n_rows (rows past it belong to no group: their outputs are left unwritten)."""
     if offsets.shape != (n_groups,):
         raise ValueError(f"offsets must be [E={n_groups}], got {tuple(offsets.shape)}")
     _integer("offsets", offsets)
@@ -61,6 +61,6 @@ def check_group_offsets(offsets: torch.Tensor, n_groups: int, n_rows: int) -> No
     steps = offsets[1:] - offsets[:-1]
     first, last, step = torch.stack([offsets[0].long(), offsets[-1].long(),
                                      steps.min().long() if n_groups > 1 else offsets[0].long()]).tolist()
-    if first < 0 or step < 0 or last != n_rows:
-        raise ValueError(f"offsets must be cumulative row ends: >= 0, non-decreasing, the last equal to the "
+    if first < 0 or step < 0 or last > n_rows:
+        raise ValueError(f"offsets must be cumulative row ends: >= 0, non-decreasing, the last at most the "
                          f"rows of x ({n_rows}), got {offsets.tolist()}")

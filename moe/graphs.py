@@ -29,6 +29,7 @@ import torch
 
 import kernels
 from moe.cache import KVCache
+from moe.layer import EP_DEVICE_RUN_MAX
 from moe.model import MoETransformer
 from moe.routing import Routing
 
@@ -44,8 +45,6 @@ def capture_blocker(model: MoETransformer) -> Optional[str]:
                 "sync) and padding would change every expert's capacity")
     if router.stateful:
         return f"router {model.cfg.moe.router!r} carries a per-sequence state across steps"
-    if model.layout is not None and model.layout.experts == "ep":
-        return "experts='ep' reads each rank's run of expert rows back to the host"
     return None
 
 
@@ -83,8 +82,12 @@ class DecodeGraphs:
             raise ValueError(f"buckets must be increasing positive ints, got {buckets!r}")
         blocker = capture_blocker(model)
         if blocker is not None:
-            raise ValueError(f"decode graphs need a dropless, stateless router on one device or TP experts: "
-                             f"{blocker}")
+            raise ValueError(f"decode graphs need a dropless, stateless router: {blocker}")
+        most = max(buckets) * model.cfg.moe.top_k
+        if model.layout is not None and model.layout.experts == "ep" and most > EP_DEVICE_RUN_MAX:
+            raise ValueError(f"buckets up to {max(buckets)} sequences x top_k={model.cfg.moe.top_k} make "
+                             f"{most} assignments, past the {EP_DEVICE_RUN_MAX} that an expert-parallel "
+                             "layer places without a host sync (moe/layer.py): use smaller buckets")
         self.pad_slot = cache.n_slots - 1 if pad_slot is None else pad_slot
         if not 0 <= self.pad_slot < cache.n_slots:
             raise ValueError(f"pad_slot must be a cache slot in 0..{cache.n_slots - 1}, got {pad_slot}")

@@ -11,6 +11,7 @@ P = ranks that split each expert's F.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 import kernels
 from moe.config import MoEConfig, check_reduce_chunks
-from moe.parallel import (Layout, all_reduce, gather_rows, mark_shard, row_parallel_grouped_matmul,
+from moe.parallel import (Layout, all_gather, all_reduce, gather_rows, mark_shard, row_parallel_grouped_matmul,
                           row_parallel_matmul, size_of)
 from moe.routers import router_from_config
 from moe.routing import ChunkState, Routing
@@ -90,22 +91,27 @@ class MoELayer(nn.Module):
             offsets = torch.searchsorted(flat_experts[order], ids, right=True).to(torch.int32)  # [E]
         else:  # dropless: every slot is kept; the sort and group ends without a device sync
             order, offsets = kernels.expert_sort(flat_experts, self.cfg.n_experts)  # [T*S], [E]
-        rows = order
+        rows, run = order, None
         if self.ep is not None:  # this rank's experts own one contiguous run of the sorted order
-            rows, offsets, counts = _local_run(order, offsets, self.ep)          # [A_r], [E/G], G ints
-        h = kernels.grouped_matmul(x[rows // S], self.w_gate_up, offsets)        # [A_r, 2F/P]
+            if order.shape[0] <= EP_DEVICE_RUN_MAX:
+                rows, offsets, run = _local_run_on_device(order, offsets, self.ep)  # [A], [E/G], run
+            else:
+                rows, offsets, run = _local_run(order, offsets, self.ep)         # [A_r], [E/G], G ints
+        h = kernels.grouped_matmul(x[rows // S], self.w_gate_up, offsets)        # [A_r or A, 2F/P]
         gate, up = h.chunk(2, dim=1)
         act = F.silu(gate) * up
         if self.layout is not None and not kernels.get_backend().ordered_collectives:
             # stock: each rank combines the outputs it holds, then one all-reduce (as serving engines do)
             out = kernels.grouped_matmul(act, self.w_down, offsets)
+            if isinstance(run, DeviceRun):   # rows past this rank's run were never computed: +0.0 cells
+                out = out.masked_fill(~run.mine(out.shape[0])[:, None], 0.0)
             return all_reduce(self._combine(out, rows, routing, x), self.layout)
         # the chunk tree over F, its subtrees on the `tp` ranks (none: this rank holds its experts' whole F)
         out = row_parallel_grouped_matmul(act, self.w_down, offsets, self.reduce_chunks, self.tp)  # [A_r, D]
         if self.ep is not None:
             # every rank gets every expert's rows with the bits their rank (or TP group) computed: the
             # runs of the `ep` ranks, in their order, are the sorted order again
-            out = gather_rows(out, counts, self.ep)                               # [A, D]
+            out = run.gather(out, self.ep) if isinstance(run, DeviceRun) else gather_rows(out, run, self.ep)
         return self._combine(out, order, routing, x)
 
     def _combine(self, out: torch.Tensor, order: torch.Tensor, routing: Routing, x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +133,49 @@ class MoELayer(nn.Module):
         if self.cfg.shared_expert_gate:
             y = y * torch.sigmoid(kernels.matmul(x, self.w_shared_gate))
         return y
+
+
+# Up to this many (token, slot) assignments an expert-parallel layer finds its rank's run of the sorted
+# rows on the device, computes into a buffer of all A rows and all-gathers the buffers: no host sync, so
+# a decode step can be captured in a CUDA graph. Above it (prefill), it reads the runs' bounds on the
+# host and gathers only the rows, as the buffers would move W times the rows. The same rows are computed
+# and gathered either way, so the bits do not depend on which path runs.
+EP_DEVICE_RUN_MAX = 4096
+
+
+@dataclass
+class DeviceRun:
+    """Where each rank's run of the sorted assignments lies, as device tensors: runs [starts[g], ends[g])."""
+    starts: torch.Tensor   # [G] int64
+    ends: torch.Tensor     # [G] int64
+    rank: int
+
+    def mine(self, n: int) -> torch.Tensor:
+        """[n] bool: which of this rank's buffer rows (its run, first) hold its own experts' rows."""
+        return torch.arange(n, device=self.ends.device) < self.ends[self.rank] - self.starts[self.rank]
+
+    def gather(self, out: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """out [A, D] (this rank's run first, then rows it did not compute) -> [A, D] in sorted order,
+        each row from the rank that computed it (a copy)."""
+        A = out.shape[0]
+        gathered = all_gather(out, layout)                                            # [G, A, D]
+        i = torch.arange(A, device=out.device)
+        owner = torch.searchsorted(self.ends, i, right=True)                         # [A]
+        return gathered[owner, i - self.starts[owner]]
+
+
+def _local_run_on_device(order: torch.Tensor, offsets: torch.Tensor,
+                         layout: Layout) -> tuple[torch.Tensor, torch.Tensor, DeviceRun]:
+    """`_local_run` without a host sync: all A assignments rotated so that this rank's run comes first
+    (the rest are other ranks' rows, distinct cells that its grouped GEMMs leave alone, as they lie past
+    its last group end), its experts' group ends relative to the run, and the runs' bounds."""
+    W, E_local = layout.size, offsets.shape[0] // layout.size
+    ends = offsets[E_local - 1::E_local].long()                                    # [W] runs' ends
+    starts = F.pad(ends[:-1], (1, 0))
+    r, A = layout.rank, order.shape[0]
+    rotated = order[(starts[r] + torch.arange(A, device=order.device)) % A]
+    local_offsets = offsets[r * E_local:(r + 1) * E_local] - starts[r].to(offsets.dtype)
+    return rotated, local_offsets, DeviceRun(starts, ends, r)
 
 
 def _local_run(order: torch.Tensor, offsets: torch.Tensor,

@@ -147,8 +147,9 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                    tiles: Tiles | None = None, packed: bool | None = None) -> torch.Tensor:
     """x [T, K] (sorted by group), w [E, K, N], offsets [E] cumulative row ends -> [T, N] in x's dtype.
 
-    offsets[-1] must be T: every row belongs to a group. `tiles` and `packed` (the interpreter's
-    many-tiles-per-program kernel; default: on under the interpreter) are test hooks.
+    offsets[-1] <= T: rows past it belong to no group and their output rows are left unwritten (an
+    expert-parallel rank's buffer of all rows, of which it computes its own run). `tiles` and `packed`
+    (the interpreter's many-tiles-per-program kernel; default: on under the interpreter) are test hooks.
     """
     return _grouped(x, w, offsets, 1, False, tiles, packed)
 

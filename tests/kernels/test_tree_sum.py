@@ -21,7 +21,8 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
 def random_partials(gen: torch.Generator, n: int, *shape: int) -> torch.Tensor:
     """Partials of mixed magnitudes (so the order of the additions shows in the bits), some -0.0, and
     some leaves that cancel exactly (a sum that is +0.0 or -0.0 depending on the order)."""
-    p = torch.randn(n, *shape, generator=gen) * torch.exp2(torch.randint(-12, 12, (n, *shape), generator=gen).float())
+    scale = torch.exp2(torch.randint(-12, 12, (n, *shape), generator=gen).float())
+    p = torch.randn(n, *shape, generator=gen) * scale
     p[torch.rand(n, *shape, generator=gen) < 0.1] = -0.0
     if n >= 2:
         cancel = torch.rand(*shape, generator=gen) < 0.1

@@ -25,6 +25,7 @@ import moe
 from lab.compositions import Composition
 from lab.distributed import layout_named
 from moe.engine import Engine, Request
+from moe.layer import EP_DEVICE_RUN_MAX
 from moe import parallel
 from moe.parallel import Layout, Shard, shard_model, shards_of
 from tests.conftest import random_prompts
@@ -52,9 +53,11 @@ def _probe_in(model, probe: list[int], comp: Composition | None) -> Request:
     return req
 
 
-def _worker(rank: int, world: int, port: int, seed: int, experts: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, seed: int, experts: str, ep_runs: str, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    if ep_runs == "host":   # every step takes the prefill path: runs' bounds read on the host
+        moe.layer.EP_DEVICE_RUN_MAX = 0
     try:
         torch.manual_seed(seed)                       # the same draws on every rank: the same batch
         cfg = _config(seed)
@@ -87,11 +90,10 @@ def _worker(rank: int, world: int, port: int, seed: int, experts: str, out_dir: 
                 assert torch.equal(got.token_logits(), alone.token_logits()), comp and comp.mode
             assert moe.generate(sharded, prompts, 3) == moe.generate(single, prompts, 3)
             # decode steps padded to a bucket (moe/graphs.py; eager on a CPU) under the layout: same tokens
-            if experts == "tp":
-                assert moe.generate(sharded, prompts, 3, graphs=True) == moe.generate(single, prompts, 3)
-            else:   # EP counts each rank's expert rows on the host: no capture
-                with pytest.raises(ValueError, match="experts='ep'"):
-                    moe.generate(sharded, prompts, 3, graphs=True)
+            assert moe.generate(sharded, prompts, 3, graphs=True) == moe.generate(single, prompts, 3)
+            if experts == "ep":   # a bucket too large to place its rows without a host sync is refused
+                with pytest.raises(ValueError, match="use smaller buckets"):
+                    moe.DecodeGraphs(sharded, sharded.new_cache(2, 8), buckets=(1, EP_DEVICE_RUN_MAX))
         with kernels.use_backend("torch"):
             stock, ref = sharded(tokens, cu)[0], single(tokens, cu)[0]
             # the same function (each partial summed once, shared experts included), rounded otherwise
@@ -134,9 +136,11 @@ def test_ordered_sum_is_one_tree_on_any_ranks(seed, world):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, experts", [(2, "ep"), (2, "tp"), (4, "ep")])
-def test_ranks_give_the_single_process_bits(seed, tmp_path, world, experts):
-    mp.spawn(_worker, args=(world, _free_port(), seed, experts, str(tmp_path)), nprocs=world, join=True)
+@pytest.mark.parametrize("world, experts, ep_runs", [(2, "ep", "device"), (2, "tp", "device"), (4, "ep", "host")])
+def test_ranks_give_the_single_process_bits(seed, tmp_path, world, experts, ep_runs):
+    """ep_runs: where an expert-parallel rank finds its run of rows, on the device (decode-sized steps,
+    capturable) or on the host (above moe.layer.EP_DEVICE_RUN_MAX assignments)."""
+    mp.spawn(_worker, args=(world, _free_port(), seed, experts, ep_runs, str(tmp_path)), nprocs=world, join=True)
     verdicts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     # fp32 on this CPU: a full-K mm and the all-reduce of two half-K mms round differently
     assert all(v["stock_differs"] for v in verdicts)
