@@ -169,8 +169,8 @@ def _local_run_on_device(order: torch.Tensor, offsets: torch.Tensor,
     """`_local_run` without a host sync: all A assignments rotated so that this rank's run comes first
     (the rest are other ranks' rows, distinct cells that its grouped GEMMs leave alone, as they lie past
     its last group end), its experts' group ends relative to the run, and the runs' bounds."""
-    W, E_local = layout.size, offsets.shape[0] // layout.size
-    ends = offsets[E_local - 1::E_local].long()                                    # [W] runs' ends
+    E_local = offsets.shape[0] // layout.size
+    ends = offsets[E_local - 1::E_local].long()                                    # [G] runs' ends
     starts = F.pad(ends[:-1], (1, 0))
     r, A = layout.rank, order.shape[0]
     rotated = order[(starts[r] + torch.arange(A, device=order.device)) % A]
