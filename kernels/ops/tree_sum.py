@@ -29,8 +29,8 @@ def _tree_sum_kernel(p_ptr, y_ptr, M, stride_leaf, LEAVES: tl.constexpr, LEVELS:
     x = tl.load(p_ptr + leaves[None, :].to(tl.int64) * stride_leaf + cols[:, None],
                 mask=ok[:, None], other=0.0)                                      # [BLOCK, LEAVES]
     for level in tl.static_range(LEVELS):
-        pairs: tl.constexpr = LEAVES >> (level + 1)
-        even, odd = tl.split(tl.reshape(x, [BLOCK, pairs, 2]))   # leaves 2k and 2k+1 side by side
+        # [BLOCK, pairs, 2]: leaves 2k and 2k+1 side by side, split and added
+        even, odd = tl.split(tl.reshape(x, [BLOCK, LEAVES >> (level + 1), 2]))
         x = even + odd
     y = tl.reshape(x, [BLOCK])
     tl.store(y_ptr + cols, rounded_to(y, y_ptr.dtype.element_ty, BY_BITS), mask=ok)

@@ -1,0 +1,72 @@
+"""Compile Triton kernels for an H100 (sm_90) on a machine without a GPU: the compiler runs on the CPU,
+so code that only the interpreter has run is checked against the real compiler's rules (a constexpr
+reassigned in an unrolled loop, for one, is legal in the interpreter and not in the compiler). Run by
+tests/kernels/test_gpu_compile.py in a process of its own, with the interpreter off; exit code 2: this
+machine cannot compile for the GPU at all (no toolchain), so the test skips."""
+from __future__ import annotations
+
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import kernels  # noqa: F401  (TRITON_INTERPRET=0 in the environment: the kernels are compiled-mode)
+from kernels import runtime
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_one(fn, signature: dict, constexprs: dict, **options) -> None:
+    sig = {**signature, **{k: "constexpr" for k in constexprs}}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=TARGET,
+                   options={"num_warps": 4, **options})
+
+
+def cases():
+    """(name, kernel, signature, constexprs, options): the constexpr values each launcher uses on the GPU."""
+    from kernels.ops.combine import _ordered_combine_kernel
+    from kernels.ops.expert_sort import _expert_sort_kernel
+    from kernels.ops.tree_sum import _tree_sum_kernel
+    for n in (1, 2, 4, 8, 16):
+        for out in ("*bf16", "*fp16", "*fp32"):
+            yield (f"tree_sum n={n} {out}", _tree_sum_kernel,
+                   {"p_ptr": "*fp32", "y_ptr": out, "M": "i32", "stride_leaf": "i32"},
+                   {"LEAVES": n, "LEVELS": n.bit_length() - 1, "BLOCK": max(128, 4096 // n), "BY_BITS": False}, {})
+    yield ("expert_sort", _expert_sort_kernel,
+           {"e_ptr": "*i64", "order_ptr": "*i64", "offsets_ptr": "*i32", "N": "i32", "E": "i32"},
+           {"BLOCK_I": 64, "BLOCK_J": 128}, {})
+    for S in (1, 2, 8):
+        yield (f"ordered_combine S={S}", _ordered_combine_kernel,
+               {"out_ptr": "*bf16", "inv_ptr": "*i32", "w_ptr": "*fp32", "y_ptr": "*bf16", "T": "i32", "D": "i32",
+                "stride_out": "i32", "stride_wt": "i32", "stride_yt": "i32"},
+               {"S": S, "ROWS": 4, "BLOCK_D": 256, "BY_BITS": False}, {"enable_fp_fusion": False})
+
+
+def main() -> int:
+    if runtime.interpreting():
+        print("the interpreter is on: run with TRITON_INTERPRET=0")
+        return 1
+
+    @triton.jit
+    def _trivial(x_ptr):
+        tl_arange = triton.language.arange(0, 16)
+        triton.language.store(x_ptr + tl_arange, tl_arange)
+    try:
+        compile_one(_trivial, {"x_ptr": "*i32"}, {})
+    except Exception as e:  # no ptxas / no CUDA backend in this triton build
+        print(f"cannot compile for {TARGET} here: {e!r}")
+        return 2
+    failed = []
+    for name, fn, sig, consts, opts in cases():
+        try:
+            compile_one(fn, sig, consts, **opts)
+        except Exception as e:
+            failed.append(name)
+            print(f"FAILED {name}: {str(e)[-600:]}")
+    print(f"compiled {TARGET}: {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
