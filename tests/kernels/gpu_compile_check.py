@@ -36,6 +36,16 @@ def cases():
     yield ("expert_sort", _expert_sort_kernel,
            {"e_ptr": "*i64", "order_ptr": "*i64", "offsets_ptr": "*i32", "N": "i32", "E": "i32"},
            {"BLOCK_I": 64, "BLOCK_J": 128}, {})
+    from kernels.ops.rmsnorm import _rms_norm_kernel
+    from kernels.ops.softmax import _softmax_kernel
+    for dt in ("*bf16", "*fp32"):
+        yield (f"rms_norm {dt}", _rms_norm_kernel,
+               {"x_ptr": dt, "w_ptr": dt, "out_ptr": dt, "T": "i32", "D": "i32", "stride_xt": "i32",
+                "stride_ot": "i32", "eps": "fp32"}, {"ROWS": 1, "BLOCK_D": 4096}, {"num_warps": 8})
+        for log in (False, True):
+            yield (f"softmax log={log} {dt}", _softmax_kernel,
+                   {"x_ptr": dt, "out_ptr": "*fp32", "T": "i32", "N": "i32", "stride_xt": "i32", "stride_ot": "i32"},
+                   {"LOG": log, "ROWS": 1, "BLOCK_N": 1024}, {})
     for S in (1, 2, 8):
         yield (f"ordered_combine S={S}", _ordered_combine_kernel,
                {"out_ptr": "*bf16", "inv_ptr": "*i32", "w_ptr": "*fp32", "y_ptr": "*bf16", "T": "i32", "D": "i32",
