@@ -29,22 +29,27 @@ import torch
 
 import kernels
 from moe.cache import KVCache
-from moe.layer import EP_DEVICE_RUN_MAX
+from moe import layer as moe_layer
 from moe.model import MoETransformer
 from moe.routing import Routing
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-def capture_blocker(model: MoETransformer) -> Optional[str]:
-    """Why the model's decode step cannot be captured (None if it can): a capture needs a step without a
-    host sync and whose real rows do not depend on the padding."""
+def capture_blocker(model: MoETransformer, buckets: Sequence[int] = BUCKETS) -> Optional[str]:
+    """Why the model's decode step cannot be captured in these buckets (None if it can): a capture needs
+    a step without a host sync and whose real rows do not depend on the padding."""
     router = model.blocks[0].moe.router
     if router.drops:
         return (f"router {model.cfg.moe.router!r} can drop tokens: its kept count is read back (a host "
                 "sync) and padding would change every expert's capacity")
     if router.stateful:
         return f"router {model.cfg.moe.router!r} carries a per-sequence state across steps"
+    most = max(buckets) * model.cfg.moe.top_k
+    if model.layout is not None and model.layout.experts == "ep" and most > moe_layer.EP_DEVICE_RUN_MAX:
+        return (f"buckets up to {max(buckets)} sequences x top_k={model.cfg.moe.top_k} make {most} "
+                f"assignments, past the {moe_layer.EP_DEVICE_RUN_MAX} that an expert-parallel layer places "
+                "without a host sync (moe/layer.py): use smaller buckets")
     return None
 
 
@@ -80,14 +85,9 @@ class DecodeGraphs:
         increasing = list(buckets) == sorted(set(buckets))
         if not buckets or not increasing or any(not isinstance(b, int) or b < 1 for b in buckets):
             raise ValueError(f"buckets must be increasing positive ints, got {buckets!r}")
-        blocker = capture_blocker(model)
+        blocker = capture_blocker(model, buckets)
         if blocker is not None:
-            raise ValueError(f"decode graphs need a dropless, stateless router: {blocker}")
-        most = max(buckets) * model.cfg.moe.top_k
-        if model.layout is not None and model.layout.experts == "ep" and most > EP_DEVICE_RUN_MAX:
-            raise ValueError(f"buckets up to {max(buckets)} sequences x top_k={model.cfg.moe.top_k} make "
-                             f"{most} assignments, past the {EP_DEVICE_RUN_MAX} that an expert-parallel "
-                             "layer places without a host sync (moe/layer.py): use smaller buckets")
+            raise ValueError(f"decode graphs cannot capture this model's step: {blocker}")
         self.pad_slot = cache.n_slots - 1 if pad_slot is None else pad_slot
         if not 0 <= self.pad_slot < cache.n_slots:
             raise ValueError(f"pad_slot must be a cache slot in 0..{cache.n_slots - 1}, got {pad_slot}")

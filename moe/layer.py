@@ -139,7 +139,8 @@ class MoELayer(nn.Module):
 # rows on the device, computes into a buffer of all A rows and all-gathers the buffers: no host sync, so
 # a decode step can be captured in a CUDA graph. Above it (prefill), it reads the runs' bounds on the
 # host and gathers only the rows, as the buffers would move W times the rows. The same rows are computed
-# and gathered either way, so the bits do not depend on which path runs.
+# and gathered either way, so with batch_invariant the bits do not depend on which path runs (the stock
+# grouped GEMM may pick its tiles by the row count, which differs: one more way its bits vary).
 EP_DEVICE_RUN_MAX = 4096
 
 

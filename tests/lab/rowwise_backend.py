@@ -18,7 +18,9 @@ class RowwiseBackend(TorchBackend):
 
     def grouped_matmul(self, x, w, offsets):
         expert = torch.bucketize(torch.arange(x.shape[0]), offsets.long(), right=True)
-        return torch.cat([x[i:i + 1] @ w[expert[i]] for i in range(x.shape[0])])
+        # rows past the last group end belong to no group (the contract leaves them unspecified: zeros)
+        return torch.cat([x[i:i + 1] @ w[expert[i]] if expert[i] < w.shape[0] else x.new_zeros(1, w.shape[2])
+                          for i in range(x.shape[0])])
 
     def softmax(self, x):
         probs = torch.stack([torch.softmax(x[i].float(), -1) for i in range(x.shape[0])])
