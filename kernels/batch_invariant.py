@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import runtime  # noqa: F401  (checks the interpreter switch came before triton: kernels/__init__.py)
+from kernels import runtime  # (importing it checks the interpreter switch came before triton: kernels/__init__.py)
 from kernels.ops.attention import attention as _attention
 from kernels.ops.combine import ordered_combine as _ordered_combine
 from kernels.ops.expert_sort import MAX_ASSIGNMENTS as EXPERT_SORT_MAX
@@ -30,8 +30,6 @@ from kernels.ops.softmax import log_softmax as _log_softmax
 from kernels.ops.softmax import softmax as _softmax
 from kernels.ops.tree_sum import tree_sum as _tree_sum, tree_sum_torch
 from kernels.torch_backend import ordered_combine_torch
-
-_TRITON_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class BatchInvariantBackend:
@@ -64,7 +62,7 @@ class BatchInvariantBackend:
                         dtype: torch.dtype) -> torch.Tensor:
         # fp64 (CPU reference runs) stays on the stock ops, which already fix the order: the kernel
         # accumulates in fp32 only
-        if dtype not in _TRITON_FLOATS or out.dtype not in _TRITON_FLOATS or weights.dtype != torch.float32:
+        if dtype not in runtime.FLOATS or out.dtype not in runtime.FLOATS or weights.dtype != torch.float32:
             return ordered_combine_torch(out, order, weights, dtype)
         return _ordered_combine(out, order, weights, dtype)
 
@@ -76,7 +74,7 @@ class BatchInvariantBackend:
         return expert_sort_torch(flat_experts, n_experts)
 
     def tree_sum(self, partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if partials.dtype != torch.float32 or dtype not in _TRITON_FLOATS or partials.shape[0] > 64:
+        if partials.dtype != torch.float32 or dtype not in runtime.FLOATS or partials.shape[0] > 64:
             return tree_sum_torch(partials, dtype)     # fp64 CPU reference runs: the stock form's order
         return _tree_sum(partials, dtype)
 

@@ -105,7 +105,7 @@ def check_device(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {t.device}; compiled Triton kernels need CUDA tensors")
 
 
-_TL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)   # the dtypes the Triton kernels take and give
 
 
 def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
@@ -115,8 +115,12 @@ def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
 
 
 def check_float(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in _TL_DTYPES:
-        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    check_float_dtype(name, t.dtype)
+
+
+def check_float_dtype(name: str, dtype: torch.dtype) -> None:
+    if dtype not in FLOATS:
+        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {dtype}")
 
 
 def _as_fp32(handle) -> "np.ndarray":

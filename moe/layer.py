@@ -82,14 +82,12 @@ class MoELayer(nn.Module):
     def _experts(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         S = routing.experts.shape[1]
         flat_experts = routing.experts.flatten()                                  # [T*S]
+        # the assignments sorted by expert (stably) and each expert's group end, without a device sync
         if self.router.drops:
             kept = routing.kept.flatten().nonzero().squeeze(1)                    # token-major ids (a sync)
-            order = kept[torch.argsort(flat_experts[kept], stable=True)]          # [A], sorted by expert
-            # group ends: how many sorted assignments go to experts <= e, the cumsum of a bincount
-            # without bincount's device sync
-            ids = torch.arange(self.cfg.n_experts, device=order.device, dtype=flat_experts.dtype)
-            offsets = torch.searchsorted(flat_experts[order], ids, right=True).to(torch.int32)  # [E]
-        else:  # dropless: every slot is kept; the sort and group ends without a device sync
+            by_expert, offsets = kernels.expert_sort(flat_experts[kept], self.cfg.n_experts)
+            order = kept[by_expert]                                               # [A]
+        else:  # dropless: every slot is kept
             order, offsets = kernels.expert_sort(flat_experts, self.cfg.n_experts)  # [T*S], [E]
         rows, run = order, None
         if self.ep is not None:  # this rank's experts own one contiguous run of the sorted order

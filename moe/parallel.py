@@ -21,9 +21,9 @@ Where the ranks' results meet, the backend decides how (`Backend.ordered_collect
 - `batch_invariant`: a row-parallel matmul (attention output, expert and shared-expert down
   projections) sums its K axis as a balanced tree over `cfg.reduce_chunks` equal chunks. Rank r owns a
   subtree (chunks r*C/W .. (r+1)*C/W - 1) and sums it in fp32 in the same tree shape; the rest of the
-  tree runs across ranks (`ordered_sum`: an all-to-all of fp32 pieces, the additions in tree order,
-  an all-gather of the rounded pieces): the same additions in the same order on 1, 2 or 4 ranks, and
-  one device runs the same tree. Expert outputs (EP) travel back as copies, each rank's run of rows in
+  tree runs across ranks (`ordered_sum`: an all-gather of the ranks' fp32 subtree sums for small sums;
+  for large ones an all-to-all of fp32 pieces, the additions in tree order, an all-gather of the rounded
+  pieces): the same additions in the same order on 1, 2 or 4 ranks, and one device runs the same tree. Expert outputs (EP) travel back as copies, each rank's run of rows in
   rank order, and the combine runs as on one device. With expert_tp=P the experts' down projection
   runs that tree over the P ranks of a group (P subtrees), then the groups' runs travel as copies.
 - `torch`: what serving engines do: each rank's rounded partial product, summed by an all-reduce

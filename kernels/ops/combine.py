@@ -80,8 +80,7 @@ def ordered_combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tenso
     t*S+j; weights [T, S] fp32. Returns y [T, D] in `dtype` (fp16/bf16/fp32), slots summed in order."""
     runtime.check_float("out", out)
     runtime.check_device("out", out)
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    runtime.check_float_dtype("dtype", dtype)
     if weights.dtype != torch.float32 or weights.dim() != 2:
         raise ValueError(f"weights must be a [tokens, slots] float32 tensor, got {weights.dtype} "
                          f"of shape {tuple(weights.shape)}")

@@ -58,8 +58,7 @@ def tree_sum(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     runtime.check_device("p", p)
     if p.dtype != torch.float32:
         raise ValueError(f"p must be float32 partials, got {p.dtype}")
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    runtime.check_float_dtype("dtype", dtype)
     n = p.shape[0]
     if n > 64:
         raise ValueError(f"tree_sum takes at most 64 leaves, got {n}")
