@@ -25,6 +25,17 @@ def poison_outputs():
     runtime.poison_outputs = False
 
 
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Bitwise equality of two float tensors (NaN-free, so that an unwritten element shows), signed
+    zeros told apart."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert not torch.isnan(a).any(), "NaN in the output (an unwritten element?)"
+    assert torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
+
+
 def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=gen).to(dtype=dtype, device=DEVICE)
 

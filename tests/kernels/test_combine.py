@@ -15,18 +15,9 @@ from kernels.ops.combine import ordered_combine, slot_rows
 from kernels.torch_backend import ordered_combine_torch
 from moe import cu_seqlens_of
 from tests.conftest import random_prompts, tiny_config
-from tests.kernels.conftest import DEVICE
+from tests.kernels.conftest import DEVICE, assert_same_bits
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.dtype == b.dtype and a.shape == b.shape
-    assert not torch.isnan(a).any(), "NaN in the output (an unwritten element?)"
-    assert torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
-
-
 def random_assignments(gen: torch.Generator, T: int, S: int, keep: float) -> torch.Tensor:
     """`order`: the kept (token, slot) cells t*S+j (a `keep` share of them), in a random order."""
     kept = (torch.rand(T * S, generator=gen) < keep).nonzero().squeeze(1)

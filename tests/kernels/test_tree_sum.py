@@ -7,16 +7,7 @@ import torch
 
 import kernels
 from kernels.ops.tree_sum import tree_sum, tree_sum_torch
-from tests.kernels.conftest import DEVICE
-
-BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.dtype == b.dtype and a.shape == b.shape
-    assert not torch.isnan(a).any(), "NaN in the output (an unwritten element?)"
-    assert torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
-
+from tests.kernels.conftest import DEVICE, assert_same_bits
 
 def random_partials(gen: torch.Generator, n: int, *shape: int) -> torch.Tensor:
     """Partials of mixed magnitudes (so the order of the additions shows in the bits), some -0.0, and
