@@ -31,8 +31,8 @@ case $part in
   science)
     # The three causes at shapes where stock kernels vary: preset wide (K = 4096 and 14336), bf16, probes
     # of 1024-1152 tokens so decode attends over >= 1024 keys, batches of 1-64, the three routers; the
-    # stock-op probe and the fingerprints of this GPU beside it. Estimated at 5-6 minutes on one H200
-    # from its step times (about 45 s a cell); not yet run at this size.
+    # stock-op probe and the fingerprints of this GPU beside it. The ablation took 4 min 49 s on one
+    # H200 (benchmarks/results/ablate_wide/).
     python3 -m experiments.probe_variance --device cuda --out "$out/variance_cuda" 2>&1 | tail -n 3
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fingerprints.py 2>&1 | tee "$out/fingerprints_test.log"
     python3 -m experiments.ablate device=cuda model=wide 'dtypes=[bfloat16]' 'combines=[ordered]' \
@@ -46,8 +46,8 @@ case $part in
     # `wide` (K = 4096 and 14336), a 1280-token prompt so decode attends over >= 1280 keys, and a load
     # that swings between an empty and a full batch (1-64 requests) every 100 steps. Router topk, so
     # only arithmetic can move the answer; both backends. `probe`: 100 runs (serve_wide_probe/).
-    # `repro`: REPRO_RUNS runs (serve_wide/), default 300: measured 85 s on one H100 (97 vs 1 distinct);
-    # REPRO_RUNS=1000 is the published count: 168 s (188 vs 1; benchmarks/results/gpu_serve_wide/).
+    # `repro`: REPRO_RUNS runs (serve_wide/), default 300; REPRO_RUNS=1000 is the published count: 228 s
+    # on a fresh H200 with CUDA-graph decode (291 vs 1 distinct; benchmarks/results/gpu_serve_wide/).
     # sdpa_backends.txt says which fused SDPA kernels accept the stock backend's masked GQA call (cuDNN's
     # did, and ran: benchmarks/results/profiles/). Each cell's steps and seconds are in the summary.
     python3 - <<'PY' 2>&1 | tee "$out/sdpa_backends.txt"

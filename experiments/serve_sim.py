@@ -176,16 +176,24 @@ def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
     return results
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="serve_sim", version_base=None)
-def main(cfg: DictConfig) -> None:
-    out = run_dir()
-    results = run_serve_sim(cfg, out)
-    lines = [f"{c['router']:18} {c['backend']:16} {c['distinct']:5d} distinct of {c['runs']}"
+def summary_lines(results: dict) -> list[str]:
+    """One line per configuration (router, backend, CUDA-graph decode used or not: padded to buckets, or
+    eager), then the run's steps by batch size."""
+    lines = [f"{c['router']:18} {c['backend']:16} {'graphs' if c.get('graphs_used') else 'eager':6} "
+             f"{c['distinct']:5d} distinct of {c['runs']}"
              + (f"  ({c['engine']['steps']} steps, mean batch {c['engine']['mean_batch_size']}, "
                 f"{c['engine']['seconds']:.0f} s)" if "engine" in c else "") for c in results["cells"]]
     cell = results["cells"][0]
     if "engine" in cell:
         lines.append("steps by batch size: " + ", ".join(f"{k}: {v}" for k, v in cell["engine"]["batch_size_steps"].items()))
+    return lines
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="serve_sim", version_base=None)
+def main(cfg: DictConfig) -> None:
+    out = run_dir()
+    results = run_serve_sim(cfg, out)
+    lines = summary_lines(results)
     text = "\n".join(lines + [f"results and plot: {out.resolve()}"])
     if is_main():
         (out / "summary.txt").write_text(text + "\n")

@@ -254,9 +254,11 @@ def row_parallel_grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch
 # Below this many bytes of fp32 subtree sum per rank, the cross-rank part of `ordered_sum` is one
 # all-gather of the whole subtree sums (W x the bytes, one collective); above it, an all-to-all then an
 # all-gather (about 1.5x a ring all-reduce's bytes, two collectives). Decode steps take the first form,
-# where launches and latency dominate; prefill the second, where bandwidth does. Both add the same
-# numbers in the same tree, so the bits do not depend on which one runs.
-GATHER_BELOW_BYTES = 1 << 20
+# where launches and latency dominate; prefill the second, where bandwidth does. 4 MiB covers a decode
+# step of 256 tokens at width 4096 (and 64 tokens x 2 expert slots of tensor-parallel experts): at 1 MiB
+# the wide preset's 64-token eager decode took the two-collective form and cost 1.18x the all-reduce on
+# 2 H200s. Both forms add the same numbers in the same tree, so the bits do not depend on which one runs.
+GATHER_BELOW_BYTES = 4 << 20
 
 
 def ordered_sum(partials: torch.Tensor, layout: Optional[Layout], dtype: torch.dtype) -> torch.Tensor:
