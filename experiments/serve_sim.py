@@ -34,6 +34,7 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import matplotlib
@@ -104,13 +105,14 @@ def summarize(completions: list[list[int]]) -> dict:
     return dict(runs=len(completions), distinct=len(ranked), variants=variants)
 
 
-def load_record(batch_sizes: list[int], max_slots: int, seconds: float) -> dict:
-    """How the running batch varied: steps, their sizes in 8 bins up to max_slots, and the time taken."""
+def load_record(batch_sizes: list[int], max_slots: int, seconds: float, times: Optional[dict] = None) -> dict:
+    """How the running batch varied: steps, their sizes in 8 bins up to max_slots, and the time taken
+    (in all, and by kind of step: `moe.engine.StepTimes`)."""
     edges = [math.ceil(max_slots * i / 8) for i in range(9)]
     bins = {f"{edges[i] + 1}-{edges[i + 1]}": sum(edges[i] < b <= edges[i + 1] for b in batch_sizes)
             for i in range(8) if edges[i + 1] > edges[i]}
     return dict(steps=len(batch_sizes), seconds=round(seconds, 2), batch_size_steps=bins,
-                mean_batch_size=round(sum(batch_sizes) / max(len(batch_sizes), 1), 2))
+                mean_batch_size=round(sum(batch_sizes) / max(len(batch_sizes), 1), 2), step_times=times)
 
 
 def plot_distinct(cells: list[dict], max_new_tokens: int, path: Path) -> Path:
@@ -158,7 +160,7 @@ def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
         engine.run(every)
         seconds = time.perf_counter() - start
         return dict(**summarize([r.generated for r in copies]), graphs_used=engine.graphs is not None,
-                    engine=load_record(engine.batch_sizes, serve.max_slots, seconds))
+                    engine=load_record(engine.batch_sizes, serve.max_slots, seconds, engine.times.as_dict()))
 
     graphs = list(serve.get("graphs", ["auto"]))
     if not graphs or any(g not in GRAPHS for g in graphs):
@@ -183,6 +185,13 @@ def summary_lines(results: dict) -> list[str]:
              f"{c['distinct']:5d} distinct of {c['runs']}"
              + (f"  ({c['engine']['steps']} steps, mean batch {c['engine']['mean_batch_size']}, "
                 f"{c['engine']['seconds']:.0f} s)" if "engine" in c else "") for c in results["cells"]]
+    for c in results["cells"]:
+        t = c.get("engine", {}).get("step_times")
+        if t:
+            lines.append(f"  {c['backend']} {'graphs' if c.get('graphs_used') else 'eager'}: "
+                         f"{t['graph_steps']} graph steps {t['graph_seconds']:.1f} s (recording graphs "
+                         f"{t['capture_seconds']:.1f} s of it), {t['eager_steps']} eager steps "
+                         f"{t['eager_seconds']:.1f} s ({t['eager_tokens']} tokens)")
     cell = results["cells"][0]
     if "engine" in cell:
         lines.append("steps by batch size: " + ", ".join(f"{k}: {v}" for k, v in cell["engine"]["batch_size_steps"].items()))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -34,6 +35,23 @@ class TokenRoutes:
     kept: torch.Tensor
     preferred: torch.Tensor
     margin: torch.Tensor
+
+
+@dataclass
+class StepTimes:
+    """Where a serving run's wall time went, per kind of step: `graph` steps (every request decoding,
+    replayed as a CUDA graph), `eager` steps (prefill or mixed, or graphs off), and `capture`, the part
+    of graph steps spent recording a bucket's graph on its first use (its warm-up compiles kernels).
+    Each step ends in a host read of its tokens, so its wall time includes its GPU work."""
+    graph_steps: int = 0
+    graph_seconds: float = 0.0
+    eager_steps: int = 0
+    eager_seconds: float = 0.0
+    eager_tokens: int = 0
+    capture_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
 @dataclass
@@ -128,6 +146,7 @@ class Engine:
         self.free_slots = list(range(n_slots))
         self.steps = 0
         self.batch_sizes: list[int] = []  # requests in each step that ran (a record of the load)
+        self.times = StepTimes()
 
     def run(self, requests: list[Request], max_steps: int = 100_000, until_tracked_done: bool = False) -> list[Request]:
         """Serve the requests to completion (or, with until_tracked_done, until every tracked request has
@@ -163,12 +182,16 @@ class Engine:
         return requests
 
     def _step(self, batch: list[Request]) -> None:
+        start = time.perf_counter()
         inputs = [r.next_input() for r in batch]
         # built on the host: the model checks them there (no device sync) and moves them
         tokens, cu = cu_seqlens_of(inputs)
         slots = torch.tensor([r.slot for r in batch])
-        if self.graphs is not None and all(r.fed >= len(r.prompt) for r in batch):   # every request decodes
+        graphed = self.graphs is not None and all(r.fed >= len(r.prompt) for r in batch)  # all decode
+        if graphed:
+            recorded = self.graphs.record_seconds
             logits, routings = self.graphs.step(tokens, slots), self.graphs.routings
+            self.times.capture_seconds += self.graphs.record_seconds - recorded
         else:
             logits, routings = self.model(tokens, cu, self.cache, slots)
         cu = cu.tolist()
@@ -189,6 +212,14 @@ class Engine:
         for b in emitting:
             if batch[b].temperature != 0.0:
                 batch[b].generated.append(self._sample(batch[b], logits[cu[b + 1] - 1]))
+        seconds = time.perf_counter() - start
+        if graphed:
+            self.times.graph_steps += 1
+            self.times.graph_seconds += seconds
+        else:
+            self.times.eager_steps += 1
+            self.times.eager_seconds += seconds
+            self.times.eager_tokens += cu[-1]
 
     @staticmethod
     def _sample(r: Request, logits: torch.Tensor) -> int:

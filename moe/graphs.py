@@ -22,6 +22,7 @@ compare with the ordinary forward.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -98,6 +99,7 @@ class DecodeGraphs:
         self._buckets: dict[tuple[int, str], _Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.routings: list[Routing] = []  # the last step's, padded rows included (rows [:b] are real)
+        self.record_seconds = 0.0          # wall time spent recording graphs (warm-up and capture), in all
 
     def step(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """One decode token for each of b sequences: tokens [b] go to cache slots [b]. The slots must be
@@ -150,6 +152,7 @@ class DecodeGraphs:
         """Capture the bucket's step. The real inputs are set aside while the warm-up (which compiles
         kernels and allocates their workspaces outside the graph) and the capture run on padding alone,
         so that recording touches no real sequence's cache."""
+        start = time.perf_counter()
         real_tokens, real_slots = bucket.tokens.clone(), bucket.slots.clone()
         bucket.slots.fill_(self.pad_slot)
         side = torch.cuda.Stream()
@@ -164,3 +167,5 @@ class DecodeGraphs:
         bucket.graph = graph
         bucket.tokens.copy_(real_tokens)
         bucket.slots.copy_(real_slots)
+        torch.cuda.synchronize()
+        self.record_seconds += time.perf_counter() - start

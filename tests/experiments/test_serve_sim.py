@@ -77,5 +77,12 @@ def test_graphs_axis_runs_each_configuration_padded_and_unpadded(tmp_path):
     off, on = run_serve_sim(cfg, tmp_path)["cells"]
     assert (off["graphs_used"], on["graphs_used"]) == (False, True)
     assert off["variants"] == on["variants"] and on["distinct"] == 1
+    # step times by kind: unpadded, every step is eager; padded, the all-decode steps are graph steps
+    # (nothing is recorded on a CPU) and their tokens (one a request) leave the eager count
+    t_off, t_on = off["engine"]["step_times"], on["engine"]["step_times"]
+    assert t_off["graph_steps"] == 0 and t_off["eager_steps"] == off["engine"]["steps"]
+    assert t_on["graph_steps"] > 0 and t_on["graph_steps"] + t_on["eager_steps"] == on["engine"]["steps"]
+    assert t_on["capture_seconds"] == 0.0
+    assert t_off["eager_tokens"] - t_on["eager_tokens"] >= t_on["graph_steps"]
     with pytest.raises(ValueError, match="serve.graphs"):
         run_serve_sim(config("serve.graphs=[sometimes]"), tmp_path)
