@@ -7,7 +7,8 @@ L = cache length, Dh = head dim, C = query chunks, QC = query rows per chunk, W 
 Candidates (`KERNELS`; benchmarks/stock_attention.py times them against each other and against the
 batch-invariant Triton kernel, and checks each one's output first):
   * "flex": FlexAttention (torch.nn.attention.flex_attention), compiled, over the cache read in place as
-    one long KV sequence [1, Hkv, S*L, Dh]. The queries are cut into chunks of QC rows of one sequence
+    one long KV sequence [1, Hkv, S*L, Dh] (past flex's int32 key offsets, 2**31 elements, in windows of
+    slots that fit, one call each: `flex_windows`). The queries are cut into chunks of QC rows of one sequence
     each, one chunk per batch element [C, H, QC, Dh], so that a BlockMask row names only its own
     sequence's KV blocks, built on the device from the index tensors (`flex_plan`: no host sync, no
     create_block_mask, so a CUDA graph can capture it). A batch element per chunk, rather than one long
@@ -22,11 +23,10 @@ batch-invariant Triton kernel, and checks each one's output first):
     installed torch has its `block_table` and `seqused_k` arguments, and the cache length is a multiple
     of the page.
 Default (`kernel_for`): "flex" on a CUDA device for forward-only decode steps in fp16/bf16/fp32 with Dh >= 16
-(Triton's smallest dot) over a cache whose slots lie end to end in fewer than 2**31 elements (`flex_fits`:
-flex's kernels address keys with int32 offsets); "sdpa_gather" otherwise (prefill and mixed steps, which
-run eagerly and where it was faster; the CPU, float64 references, autograd: flex is built here without
-its backward block lists). flex is the default because it alone
-meets every need of a captured decode step (in place, no sync, any cache length, GQA) with nothing
+(Triton's smallest dot) over a cache whose slots lie end to end (`flex_fits`); "sdpa_gather"
+otherwise (prefill and mixed steps, which run eagerly and where it was faster; the CPU, float64
+references, autograd: flex is built here without its backward block lists). flex is the default
+because it alone meets every need of a captured decode step (in place, no sync, any cache length, GQA) with nothing
 newer than the BlockMask API; varlen's paged arguments exist only in recent torch builds and need
 L % 256 == 0. Which candidate is fastest is measured by benchmarks/stock_attention.py on the GPU; its
 results (benchmarks/results/stock_attention/) are the record to read before changing `DEFAULT`.
@@ -58,6 +58,9 @@ KV_BLOCK = 128                    # keys per BlockMask block (flex's default til
 RECOMPILE_LIMIT = 64              # dynamo's per-function limit is raised to this (never lowered)
 VARLEN_PAGE = 256                 # FlashAttention-2 pages must be multiples of 256 positions
 FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# flex's kernels address keys with int32 offsets: a KV tensor it reads holds fewer elements than this
+# (at exactly 2**31, torch 2.11's compiled decoding kernel fails to compile: measured on an H200)
+FLEX_MAX_ELEMENTS = 2 ** 31
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -75,6 +78,34 @@ def n_chunks_for(n_rows: int, n_seqs: int, chunk: int) -> int:
     (sum_b floor((q_b + QC - 1) / QC) <= floor((Tq + B (QC - 1)) / QC)), as a power of two."""
     need = (n_rows + n_seqs * (chunk - 1)) // chunk
     return 1 << max(need - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class FlexWindow:
+    """A run of slots flex reads as one KV sequence: slots base .. base + n_slots - 1, of which it answers
+    the sequences in slots lo .. hi - 1 (each slot is answered by exactly one window)."""
+    base: int
+    lo: int
+    hi: int
+    n_slots: int
+
+
+def flex_windows(cache_shape: torch.Size) -> list[FlexWindow]:
+    """The windows that cover a cache [S, L, Hkv, Dh]: one (the whole cache) where its keys stay under
+    flex's int32 offsets, else as many as needed, all of one length (one compiled kernel), the last
+    one overlapping its neighbour's slots rather than shorter. [] if not even one slot fits."""
+    S, L, Hkv, Dh = cache_shape
+    fits = lambda n: -(-n * L // KV_BLOCK) * KV_BLOCK * Hkv * Dh < FLEX_MAX_ELEMENTS
+    n = S
+    if not fits(n):
+        n = (FLEX_MAX_ELEMENTS - 1) // (-(-L // KV_BLOCK) * KV_BLOCK * Hkv * Dh) if fits(1) else 0
+        while n > 1 and not fits(n):   # (the bound above rounds each slot up; the true fit may be larger)
+            n -= 1
+        while n + 1 < S and fits(n + 1):
+            n += 1
+    if n == 0:
+        return []
+    return [FlexWindow(min(lo, S - n), lo, min(lo + n, S), n) for lo in range(0, S, n)]
 
 
 @dataclass(frozen=True)
@@ -122,9 +153,12 @@ def block_lists(n_real: torch.Tensor, first_key: torch.Tensor, last_key0: torch.
 
 def flex_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor, n_rows: int,
               n_slots: int, cache_len: int, group: int, chunk: Optional[int] = None,
-              kv_block: int = KV_BLOCK) -> FlexPlan:
+              kv_block: int = KV_BLOCK, window: Optional["FlexWindow"] = None) -> FlexPlan:
     """Cut the batch's n_rows query rows into chunks and build their BlockMask, on the indices' device
-    with no host sync (only host ints pick the shapes). `chunk` overrides QC (tests and benchmarks)."""
+    with no host sync (only host ints pick the shapes). `chunk` overrides QC (tests and benchmarks).
+    window: flex reads only that window's slots (`flex_windows`), and only the sequences whose slots
+    it answers get rows (the other chunks list no blocks); None: the whole cache."""
+    window = window or FlexWindow(0, 0, n_slots, n_slots)
     B, dev = kv_lens.shape[0], kv_lens.device
     QC = chunk or chunk_len_for(n_rows, B)
     C = n_chunks_for(n_rows, B, QC)
@@ -140,8 +174,9 @@ def flex_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Te
     c = torch.arange(C, device=dev)
     seq = torch.searchsorted(ends, c, right=True).clamp(max=B - 1)
     j0 = (c - starts[seq]) * QC
-    n_real = torch.where(c < ends[-1], (q_lens[seq] - j0).clamp(0, QC), 0)
-    first_key = sl[seq] * cache_len
+    mine = (c < ends[-1]) & (sl[seq] >= window.lo) & (sl[seq] < window.hi)
+    n_real = torch.where(mine, (q_lens[seq] - j0).clamp(0, QC), 0)
+    first_key = (sl[seq] - window.base).clamp(min=0) * cache_len
     last_key0 = first_key + kv[seq] - q_lens[seq] + j0
     # -- each query row: its chunk and row in the chunk --
     t = torch.arange(n_rows, device=dev)
@@ -160,7 +195,7 @@ def flex_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Te
     q_block = 128 if QC >= 128 else max(128, 1 << (QC * group - 1).bit_length())
     block_mask = BlockMask.from_kv_blocks(
         kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(q_block, kv_block),
-        mask_mod=chunk_mask(n_real, first_key, last_key0), seq_lengths=(QC, n_slots * cache_len),
+        mask_mod=chunk_mask(n_real, first_key, last_key0), seq_lengths=(QC, window.n_slots * cache_len),
         compute_q_blocks=False)   # forward only: the backward's transposed lists are not built
     return FlexPlan(QC, C, row_chunk, row_offset, n_real, first_key, last_key0, block_mask)
 
@@ -171,19 +206,22 @@ def flex_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Te
 # an index tensor written in place, or another tensor, builds a new plan. Also keyed by whether a CUDA
 # graph is being captured: a plan built eagerly before a capture must not be reused inside it, or the
 # graph would hold no plan-building ops and replay the eager plan whatever its index tensors hold then.
-_last_plan: Optional[tuple[tuple, FlexPlan]] = None
+_last_plan: Optional[tuple[tuple, tuple[FlexPlan, ...]]] = None
 
 
-def _shared_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor, *shape) -> FlexPlan:
+def _shared_plans(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor, *shape,
+                  windows: tuple[FlexWindow, ...]) -> tuple[FlexPlan, ...]:
+    """One plan per window, built once per step (see above)."""
     global _last_plan
     capturing = kv_lens.is_cuda and torch.cuda.is_current_stream_capturing()
-    key = (cu_seqlens_q, kv_lens, slots, *(t._version for t in (cu_seqlens_q, kv_lens, slots)), capturing, *shape)
+    key = (cu_seqlens_q, kv_lens, slots, *(t._version for t in (cu_seqlens_q, kv_lens, slots)), capturing,
+           *shape, windows)
     if _last_plan is not None and len(_last_plan[0]) == len(key) and all(
             a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(_last_plan[0], key)):
         return _last_plan[1]
-    plan = flex_plan(cu_seqlens_q, kv_lens, slots, *shape)
-    _last_plan = (key, plan)
-    return plan
+    plans = tuple(flex_plan(cu_seqlens_q, kv_lens, slots, *shape, window=w) for w in windows)
+    _last_plan = (key, plans)
+    return plans
 
 
 _compiled_flex: Optional[Callable] = None
@@ -214,17 +252,26 @@ def flex_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          "for autograd")
     if not (flex_fits(k_cache) and flex_fits(v_cache)):
         raise ValueError(f"kernel 'flex' needs a cache whose slots lie end to end (a view [S*L, Hkv, Dh]) "
-                         f"of fewer than 2**31 elements (int32 offsets), got shape {tuple(k_cache.shape)}, "
-                         f"strides {k_cache.stride()}, {v_cache.stride()}")
-    plan = _shared_plan(cu_seqlens_q, kv_lens, slots, Tq, S, L, H // Hkv, chunk, kv_block)
-    qc = q.new_zeros(plan.n_chunks, plan.chunk, H, Dh)
-    qc[plan.row_chunk, plan.row_offset] = q                                  # [C, QC, H, Dh]
-    k = k_cache.view(1, S * L, Hkv, Dh).transpose(1, 2)                      # [1, Hkv, S*L, Dh], no copy
-    v = v_cache.view(1, S * L, Hkv, Dh).transpose(1, 2)
+                         f"and whose one slot holds fewer than {FLEX_MAX_ELEMENTS} elements (int32 "
+                         f"offsets), got shape {tuple(k_cache.shape)}, strides {k_cache.stride()}, "
+                         f"{v_cache.stride()}")
+    windows = tuple(flex_windows(k_cache.shape))
+    plans = _shared_plans(cu_seqlens_q, kv_lens, slots, Tq, S, L, H // Hkv, chunk, kv_block, windows=windows)
+    first = plans[0]                        # every window's plan cuts the rows into the same chunks
+    qc = q.new_zeros(first.n_chunks, first.chunk, H, Dh)
+    qc[first.row_chunk, first.row_offset] = q                                # [C, QC, H, Dh]
     run = compiled_flex() if (q.is_cuda if compiled is None else compiled) else flex_attention
-    with torch.no_grad():       # forward only: the block lists for a backward are not built
-        out = run(qc.transpose(1, 2), k, v, block_mask=plan.block_mask, scale=scale, enable_gqa=H != Hkv)
-    return out.transpose(1, 2)[plan.row_chunk, plan.row_offset]              # [Tq, H, Dh]
+    out = None
+    for w, plan in zip(windows, plans):
+        n = w.n_slots * L
+        k = k_cache[w.base:w.base + w.n_slots].view(1, n, Hkv, Dh).transpose(1, 2)   # [1, Hkv, n, Dh], no copy
+        v = v_cache[w.base:w.base + w.n_slots].view(1, n, Hkv, Dh).transpose(1, 2)
+        with torch.no_grad():   # forward only: the block lists for a backward are not built
+            o = run(qc.transpose(1, 2), k, v, block_mask=plan.block_mask, scale=scale, enable_gqa=H != Hkv)
+        o = o.transpose(1, 2)[plan.row_chunk, plan.row_offset]             # [Tq, H, Dh]
+        # a row takes its own window's output (the others saw no keys for it): selected, never added
+        out = o if out is None else torch.where((plan.n_real[plan.row_chunk] > 0)[:, None, None], o, out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,12 +346,12 @@ def varlen_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 # ---------------------------------------------------------------------------------------------------
 
 def flex_fits(cache: torch.Tensor) -> bool:
-    """Can flex read this cache as one long sequence [S*L, Hkv, Dh]: a view without a copy, and element
-    offsets (flex's kernels compute them in int32) below 2**31 up to the last 128-key block's end? (At
-    exactly 2**31 elements torch 2.11's compiled flex decoding kernel fails to compile: measured on an H200.)"""
+    """Can flex read this cache: slots that lie end to end (a run of them is a view [n*L, Hkv, Dh] without
+    a copy), one slot's keys within flex's int32 offsets. A larger cache is read in windows of slots
+    (`flex_windows`), one flex call each."""
     S, L, Hkv, Dh = cache.shape
     end_to_end = cache.stride()[1:] == (Hkv * Dh, Dh, 1) and (S == 1 or cache.stride(0) == L * Hkv * Dh)
-    return end_to_end and -(-S * L // KV_BLOCK) * KV_BLOCK * Hkv * Dh < 2 ** 31
+    return end_to_end and bool(flex_windows(cache.shape))
 
 
 def kernel_for(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -62,52 +62,109 @@ def test_flex_eager_matches_reference(gen, case, chunk):
     assert rel_err(out, _reference(q, k, v, seqs, 0.3)) < TOL[torch.float32]
 
 
+def _small_windows(monkeypatch, k, slots_per_window):
+    """Make flex's offset limit so small that the cache k [S, L, Hkv, Dh] is read in windows of
+    `slots_per_window` slots; returns the windows. (Windows are sized in keys rounded up to 128-key
+    blocks; with these short slots, whole keys.)"""
+    S, L, Hkv, Dh = k.shape
+    monkeypatch.setattr(sa, "KV_BLOCK", 1)
+    monkeypatch.setattr(sa, "FLEX_MAX_ELEMENTS", slots_per_window * L * Hkv * Dh + 1)
+    windows = sa.flex_windows(k.shape)
+    assert all(w.n_slots == min(slots_per_window, S) for w in windows)
+    return windows
+
+
+@pytest.mark.parametrize("per_window", [None, 2, 4])
 @pytest.mark.parametrize("chunk", [None, 1, 4, 16, 128])
 @pytest.mark.parametrize("case", list(CASES))
-def test_block_lists_admit_exactly_the_visible_keys(gen, case, chunk):
+def test_block_lists_admit_exactly_the_visible_keys(gen, case, chunk, per_window, monkeypatch):
     """Partial blocks filtered by mask_mod plus whole full blocks == the keys each real row may see;
-    lists in range, ascending, disjoint; padding chunks list nothing."""
+    lists in range, ascending, disjoint; padding chunks list nothing. Read in windows of slots (a cache
+    past flex's int32 offsets), each window's plan admits, at keys counted from its first slot, exactly
+    what the rows of the sequences it answers may see, and nothing for the others."""
     q, k, v, meta, seqs, kv_block = _batch(gen, case)
     S, L = k.shape[:2]
-    plan = sa.flex_plan(*meta, q.shape[0], S, L, group=2, chunk=chunk, kv_block=kv_block)
+    windows = _small_windows(monkeypatch, k, per_window) if per_window else [sa.FlexWindow(0, 0, S, S)]
+    answered = torch.zeros(S, dtype=torch.long)
+    for w in windows:
+        answered[w.lo:w.hi] += 1
+        plan = sa.flex_plan(*meta, q.shape[0], S, L, group=2, chunk=chunk, kv_block=kv_block, window=w)
+        _check_block_lists(plan, seqs, w, L, kv_block, q.device)
+    assert (answered == 1).all()
+
+
+def _check_block_lists(plan, seqs, w, L, kv_block, device):
     bm, C, QC = plan.block_mask, plan.n_chunks, plan.chunk
-    n_blocks = -(-S * L // kv_block)
-    keys = torch.arange(S * L, device=q.device)
-    rows = torch.arange(QC, device=q.device)
-    mask = plan.block_mask.mask_mod(torch.arange(C, device=q.device)[:, None, None], 0, rows[None, :, None],
-                                    keys[None, None, :])                          # [C, QC, S*L]
+    n_keys = w.n_slots * L
+    n_blocks = -(-n_keys // kv_block)
+    keys = torch.arange(n_keys, device=device)
+    rows = torch.arange(QC, device=device)
+    mask = plan.block_mask.mask_mod(torch.arange(C, device=device)[:, None, None], 0, rows[None, :, None],
+                                    keys[None, None, :])                          # [C, QC, n_keys]
 
     def listed(num, idx):
         if num is None:
-            return torch.zeros(C, n_blocks, dtype=torch.bool, device=q.device)
+            return torch.zeros(C, n_blocks, dtype=torch.bool, device=device)
         num, idx = num.view(C).long(), idx.view(C, -1).long()
-        used = torch.arange(idx.shape[1], device=q.device)[None, :] < num[:, None]
+        used = torch.arange(idx.shape[1], device=device)[None, :] < num[:, None]
         assert (idx[used] >= 0).all() and (idx[used] < n_blocks).all()
         assert all((row[:n].diff() > 0).all() for row, n in zip(idx, num.tolist()))   # ascending, no repeats
-        out = torch.zeros(C, n_blocks, dtype=torch.bool, device=q.device)
-        out[torch.arange(C, device=q.device)[:, None].expand_as(idx)[used], idx[used]] = True
+        out = torch.zeros(C, n_blocks, dtype=torch.bool, device=device)
+        out[torch.arange(C, device=device)[:, None].expand_as(idx)[used], idx[used]] = True
         return out
 
     partial, full = listed(bm.kv_num_blocks, bm.kv_indices), listed(bm.full_kv_num_blocks, bm.full_kv_indices)
     assert not (partial & full).any()
     if QC < 128:
         assert bm.full_kv_num_blocks is None      # the decoding kernel's splits need partial lists only
-    in_block = lambda blocks: blocks.repeat_interleave(kv_block, 1)[:, None, :S * L]
-    admitted = (in_block(partial) & mask) | in_block(full)                        # [C, QC, S*L]
+    in_block = lambda blocks: blocks.repeat_interleave(kv_block, 1)[:, None, :n_keys]
+    admitted = (in_block(partial) & mask) | in_block(full)                        # [C, QC, n_keys]
 
     visible = torch.zeros_like(admitted)
-    real = torch.zeros(C, QC, dtype=torch.bool, device=q.device)
+    real = torch.zeros(C, QC, dtype=torch.bool, device=device)
+    taken = set()
     row = 0
     for n, kv_len, slot in seqs:
         for i in range(n):
             c, r = int(plan.row_chunk[row + i]), int(plan.row_offset[row + i])
-            real[c, r] = True
-            visible[c, r, slot * L: slot * L + kv_len - n + i + 1] = True
+            assert (c, r) not in taken, "two query rows share a chunk row"
+            taken.add((c, r))
+            if w.lo <= slot < w.hi:
+                real[c, r] = True
+                first = (slot - w.base) * L
+                visible[c, r, first: first + kv_len - n + i + 1] = True
         row += n
-    assert int(real.sum()) == q.shape[0], "two query rows share a chunk row"
     assert torch.equal(admitted[real], visible[real])
     assert torch.equal(plan.n_real.long(), real.sum(1))
     assert not (partial | full)[plan.n_real == 0].any()
+
+
+@pytest.mark.parametrize("per_window", [1, 2, 4])
+@pytest.mark.parametrize("case", list(CASES))
+def test_flex_in_windows_of_slots_matches_reference(gen, case, per_window, monkeypatch):
+    """A cache past flex's int32 offsets is read in windows of slots, one flex call each; every row
+    takes its own window's output."""
+    q, k, v, meta, seqs, kv_block = _batch(gen, case)
+    windows = _small_windows(monkeypatch, k, per_window)
+    assert len(windows) == -(-k.shape[0] // per_window) and sa.flex_fits(k)
+    out = sa.flex_paged_attention(q, k, v, *meta, 0.3, compiled=False, kv_block=kv_block)
+    assert rel_err(out, _reference(q, k, v, seqs, 0.3)) < TOL[torch.float32]
+
+
+def test_flex_windows_cover_every_slot_once_in_windows_that_fit(monkeypatch):
+    for S, L, limit in [(1, 5, 10 ** 9), (7, 37, 3000), (10, 128, 2 ** 15 + 1), (9, 300, 4 * 384 * 2 * 8),
+                        (257, 8193, 2 ** 31), (256, 8192, 2 ** 31), (255, 8192, 2 ** 31)]:
+        monkeypatch.setattr(sa, "FLEX_MAX_ELEMENTS", limit)
+        Hkv, Dh = (8, 128) if L >= 8192 else (2, 8)
+        fits = lambda n: -(-n * L // sa.KV_BLOCK) * sa.KV_BLOCK * Hkv * Dh < limit
+        windows = sa.flex_windows(torch.Size((S, L, Hkv, Dh)))
+        n = windows[0].n_slots
+        assert fits(n) and (n == S or not fits(n + 1)), "windows as long as fit"
+        assert all(w.n_slots == n and 0 <= w.base <= w.lo < w.hi <= w.base + n <= S for w in windows)
+        assert [s for w in windows for s in range(w.lo, w.hi)] == list(range(S))
+    assert sa.flex_windows(torch.Size((255, 8192, 8, 128))) == [sa.FlexWindow(0, 0, 255, 255)]
+    assert len(sa.flex_windows(torch.Size((257, 8193, 8, 128)))) == 2
+    assert sa.flex_windows(torch.Size((2, 2 ** 21, 8, 128))) == []     # one slot of 2**31 elements
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -174,13 +231,14 @@ def test_default_kernel_and_bad_arguments():
         sa.stock_attention(q.requires_grad_(), k, k, *meta, 1.0, kernel="flex")
 
 
-def test_flex_fits_views_of_slots_end_to_end_within_int32_offsets():
+def test_flex_fits_views_of_slots_end_to_end_with_a_slot_within_int32_offsets():
     cache = torch.empty(4, 16, 2, 8)
     assert sa.flex_fits(cache)
     assert not sa.flex_fits(cache[:, :15])                     # slots no longer end to end
     assert not sa.flex_fits(cache.transpose(1, 2).contiguous().transpose(1, 2))
     assert sa.flex_fits(torch.empty(255, 8192, 8, 128, device="meta"))           # under 2**31 elements
-    assert not sa.flex_fits(torch.empty(256, 8192, 8, 128, device="meta"))      # 2**31: not compilable
+    assert sa.flex_fits(torch.empty(256, 8192, 8, 128, device="meta"))          # 2**31: in two windows
+    assert not sa.flex_fits(torch.empty(2, 2 ** 21, 8, 128, device="meta"))     # one slot of 2**31
 
 
 def test_autograd_reaches_queries_and_cache(gen):
@@ -254,6 +312,33 @@ def test_gpu_flex_captured_without_sync(gen):
     kv.copy_(torch.tensor([17, 1000, 3, 640, 129], device=DEVICE, dtype=torch.int32))
     slots.copy_(torch.tensor([0, 7, 5, 2, 6], device=DEVICE, dtype=torch.int32))
     q.copy_(randn(gen, *q.shape, dtype=q.dtype))
+    graph.replay()
+    assert torch.equal(out, run())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_BATCHES))
+def test_gpu_flex_in_windows_matches_reference_and_captures(gen, name, monkeypatch):
+    """A cache read in windows of 3 slots (as one past 2**31 elements is), compiled: right rows, and a
+    decode step captured without a sync replays what an eager call gives."""
+    q, k, v, meta, seqs = _gpu_batch(gen, name)
+    S, L, Hkv, Dh = k.shape
+    monkeypatch.setattr(sa, "FLEX_MAX_ELEMENTS", -(-3 * L // sa.KV_BLOCK) * sa.KV_BLOCK * Hkv * Dh + 1)
+    assert [w.n_slots for w in sa.flex_windows(k.shape)] == [3, 3, 3]
+    scale = q.shape[-1] ** -0.5
+    run = lambda: sa.stock_attention(q, k, v, *meta, scale, kernel="flex")
+    assert rel_err(run(), _reference(q, k, v, seqs, scale)) < TOL[torch.bfloat16]
+    if name != "decode":
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    meta[2].copy_(torch.tensor([6, 0, 3, 4, 7], device=DEVICE, dtype=torch.int32))   # other windows
     graph.replay()
     assert torch.equal(out, run())
 
