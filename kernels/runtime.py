@@ -26,6 +26,13 @@ Under the interpreter each program instance runs as Python + numpy (a few ms per
 CPU), so the launchers pick large blocks there to keep the number of program instances small. Under the
 interpreter block shapes never depend on the number of rows; on the GPU some tiles do (matmul and
 grouped GEMM `tiles_for`), where the GPU tests prove them bit-neutral.
+
+Compiled variants: Triton compiles a kernel once per class of each int argument's value (1, a multiple
+of 16, other), so an argument that changes with every step's batch would make a serving run compile a
+kernel up to three times per tile. The row and sequence counts (matmul's M, the row kernels' T,
+attention's B and n_tiles) are therefore `do_not_specialize`: they only bound rows that are not the
+contiguous axis of any load or store, where knowing their divisibility buys no vector width. Counts
+that mask the contiguous axis (tree_sum's M, expert_sort's N) stay specialized.
 """
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ def _slot_product(out_ptr, inv_ptr, w_ptr, tokens, cols, j, tile_ok, token_ok, s
     return tl.where(kept, v * w[:, None], 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _ordered_combine_kernel(out_ptr, inv_ptr, w_ptr, y_ptr, T, D, stride_out, stride_wt, stride_yt,
                             S: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
                             BY_BITS: tl.constexpr):

@@ -30,7 +30,7 @@ import triton  # noqa: E402  (after kernels.runtime, which may switch on the int
 import triton.language as tl  # noqa: E402
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _matmul_kernel(
     x_ptr, w_ptr, out_ptr, M, N, K,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_oc,

@@ -15,7 +15,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, T, D, stride_xt, stride_ot, eps,
                      ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)

@@ -14,7 +14,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _softmax_kernel(x_ptr, out_ptr, T, N, stride_xt, stride_ot,
                     LOG: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)

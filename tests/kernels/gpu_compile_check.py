@@ -46,6 +46,14 @@ def cases():
             yield (f"softmax log={log} {dt}", _softmax_kernel,
                    {"x_ptr": dt, "out_ptr": "*fp32", "T": "i32", "N": "i32", "stride_xt": "i32", "stride_ot": "i32"},
                    {"LOG": log, "ROWS": 1, "BLOCK_N": 1024}, {})
+    from kernels.ops.matmul import _matmul_kernel
+    for bm, bn, bk in ((64, 128, 64), (128, 256, 64)):     # a decode-sized and a prefill-sized tile
+        yield (f"matmul {bm}x{bn}x{bk} bf16", _matmul_kernel,
+               {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", **{a: "i32" for a in (
+                   "M", "N", "K", "stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_om", "stride_on",
+                   "stride_oc")}},
+               {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EVEN_K": True, "PRECISION": "tf32"},
+               {"num_warps": 8 if bm == 128 else 4, "num_stages": 3})
     for S in (1, 2, 8):
         yield (f"ordered_combine S={S}", _ordered_combine_kernel,
                {"out_ptr": "*bf16", "inv_ptr": "*i32", "w_ptr": "*fp32", "y_ptr": "*bf16", "T": "i32", "D": "i32",

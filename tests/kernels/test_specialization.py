@@ -1,0 +1,77 @@
+"""Compiled variants: a kernel must not be compiled again because a step has a different number of rows.
+
+Triton compiles a kernel once per class of each int argument's value (1, a multiple of 16, other; see
+kernels/runtime.py). Under the interpreter nothing is compiled, so the test computes the key Triton's JIT
+would look its binary up by, with Triton's own specialization function, for every launch of a model step
+at several token counts whose row counts fall in different classes. Block shapes do not depend on the
+row count under the interpreter, so every kernel must ask for the same variants at each count (tree_sum
+keeps its element count specialized on purpose, and picks its block by size: left out)."""
+from __future__ import annotations
+
+import collections
+import contextlib
+import inspect
+
+import pytest
+import torch
+
+import kernels
+import moe
+from kernels import runtime
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.skipif(not runtime.interpreting(), reason="counts launches under the interpreter")
+
+SPECIALIZED_ON_PURPOSE = {"_tree_sum_kernel", "_expert_sort_kernel"}
+
+
+@contextlib.contextmanager
+def recorded_variants():
+    """{kernel name: set of specialization keys} of every launch inside the block."""
+    import triton.language as tl
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.interpreter import InterpretedFunction
+
+    seen: dict[str, set] = collections.defaultdict(set)
+    run = InterpretedFunction.run
+
+    def key(fn: InterpretedFunction, args, kwargs) -> tuple:
+        sig = inspect.signature(fn.fn)
+        bound = sig.bind(*args, **{k: v for k, v in kwargs.items() if k in sig.parameters})
+        bound.apply_defaults()
+        dns = set(fn.kwargs.get("do_not_specialize") or ())
+        out = []
+        for name, p in sig.parameters.items():
+            v = bound.arguments[name]
+            if p.annotation in (tl.constexpr, "tl.constexpr"):
+                out.append((name, getattr(v, "value", v)))
+            elif v is not None:
+                out.append((name, *native_specialize_impl(BaseBackend, v, False, name not in dns, True)))
+        return tuple(out)
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        seen[self.fn.__name__].add(key(self, args, kwargs))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = recording_run
+    try:
+        yield seen
+    finally:
+        InterpretedFunction.run = run
+
+
+def test_row_counts_compile_no_new_variant():
+    cfg = tiny_config("topk")
+    model = moe.MoETransformer(cfg)
+    per_count = {}
+    with kernels.use_backend("batch_invariant"):
+        for T in (16, 17, 48, 49):     # rows (and rows x top_k) a multiple of 16 or not
+            with recorded_variants() as seen:
+                model(torch.randint(0, cfg.vocab_size, (T,)), torch.tensor([0, T]))
+            per_count[T] = {k: v for k, v in seen.items() if k not in SPECIALIZED_ON_PURPOSE}
+    first = per_count[16]
+    assert {"_matmul_kernel", "_rms_norm_kernel"} <= first.keys()
+    for T, variants in per_count.items():
+        assert variants == first, f"{T} rows compile other variants: " + ", ".join(
+            k for k in first if variants.get(k) != first[k])
