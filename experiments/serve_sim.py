@@ -188,7 +188,7 @@ def summary_lines(results: dict) -> list[str]:
     for c in results["cells"]:
         t = c.get("engine", {}).get("step_times")
         if t:
-            lines.append(f"  {c['backend']} {'graphs' if c.get('graphs_used') else 'eager'}: "
+            lines.append(f"  {c['router']} {c['backend']} {'graphs' if c.get('graphs_used') else 'eager'}: "
                          f"{t['graph_steps']} graph steps {t['graph_seconds']:.1f} s (recording graphs "
                          f"{t['capture_seconds']:.1f} s of it), {t['eager_steps']} eager steps "
                          f"{t['eager_seconds']:.1f} s ({t['eager_tokens']} tokens)")

@@ -29,10 +29,12 @@ grouped GEMM `tiles_for`), where the GPU tests prove them bit-neutral.
 
 Compiled variants: Triton compiles a kernel once per class of each int argument's value (1, a multiple
 of 16, other), so an argument that changes with every step's batch would make a serving run compile a
-kernel up to three times per tile. The row and sequence counts (matmul's M, the row kernels' T,
-attention's B and n_tiles) are therefore `do_not_specialize`: they only bound rows that are not the
-contiguous axis of any load or store, where knowing their divisibility buys no vector width. Counts
-that mask the contiguous axis (tree_sum's M, expert_sort's N) stay specialized.
+kernel up to three times per tile. The row and sequence counts (matmul's M, the row kernels' T, the GPU
+attention kernel's B) are therefore `do_not_specialize`: they bound rows that are not the contiguous axis
+of the large loads and stores, and at most a few small index loads (attention's cu_seqlens, the combine's
+slot ids and weights), where the lost vector width costs little. Counts that mask the contiguous axis of
+a large load (tree_sum's M, expert_sort's N) stay specialized. Tiles chosen by the row count (matmul,
+grouped GEMM) and attention's B_POW2 (one variant per power of two of B) still add variants, by design.
 """
 from __future__ import annotations
 

@@ -26,12 +26,14 @@ Default (`kernel_for`): "flex" on a CUDA device for forward-only decode steps in
 (Triton's smallest dot) over a cache whose slots lie end to end (`flex_fits`); "sdpa_gather"
 otherwise (prefill and mixed steps, which run eagerly and where it was faster; the CPU, float64
 references, autograd: flex is built here without its backward block lists). flex is the default
-because it alone meets every need of a captured decode step (in place, no sync, any cache length, GQA) with nothing
-newer than the BlockMask API; varlen's paged arguments exist only in recent torch builds and need
-L % 256 == 0. Which candidate is fastest is measured by benchmarks/stock_attention.py on the GPU; its
-results (benchmarks/results/stock_attention/) are the record to read before changing `DEFAULT`.
+because it alone meets every need of a captured decode step (in place, no sync, any cache length,
+GQA) with nothing newer than the BlockMask API; varlen's paged arguments exist only in recent torch
+builds and need L % 256 == 0. Which candidate is fastest is measured by benchmarks/stock_attention.py
+on the GPU; its results (benchmarks/results/stock_attention/) are the record to read before changing
+`DEFAULT`.
 
-Compiled shapes: flex's compiled kernels depend on (QC, C, S*L, dtype, H, Hkv, Dh). QC is one of
+Compiled shapes: flex's compiled kernels depend on (QC, C, keys read, dtype, H, Hkv, Dh); the keys read
+are S*L, or a window's n_slots*L (every window of a cache has the same length). QC is one of
 `CHUNK_LENS`, picked from the mean rows per sequence, and C is padded to a power of two (padding chunks
 list no blocks and cost an idle program each), so a serving run compiles a few shapes per cache, not
 one per batch. C is not padded further: the decoding kernel splits each chunk's keys over about
@@ -116,7 +118,7 @@ class FlexPlan:
     row_chunk: torch.Tensor    # [Tq] chunk of each query row
     row_offset: torch.Tensor   # [Tq] its row within the chunk
     n_real: torch.Tensor       # [C] int32 rows of the chunk that are queries (0 for a padding chunk)
-    first_key: torch.Tensor    # [C] int32 flat index (slot * L) of the chunk's slot position 0
+    first_key: torch.Tensor    # [C] int32 flat index of the chunk's slot position 0 ((slot - base) * L)
     last_key0: torch.Tensor    # [C] int32 flat index of the last key the chunk's first row sees
     block_mask: BlockMask
 
@@ -252,9 +254,9 @@ def flex_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          "for autograd")
     if not (flex_fits(k_cache) and flex_fits(v_cache)):
         raise ValueError(f"kernel 'flex' needs a cache whose slots lie end to end (a view [S*L, Hkv, Dh]) "
-                         f"and whose one slot holds fewer than {FLEX_MAX_ELEMENTS} elements (int32 "
-                         f"offsets), got shape {tuple(k_cache.shape)}, strides {k_cache.stride()}, "
-                         f"{v_cache.stride()}")
+                         f"and whose one slot, rounded up to whole {KV_BLOCK}-key blocks, holds fewer "
+                         f"than {FLEX_MAX_ELEMENTS} elements (int32 offsets), got shape "
+                         f"{tuple(k_cache.shape)}, strides {k_cache.stride()}, {v_cache.stride()}")
     windows = tuple(flex_windows(k_cache.shape))
     plans = _shared_plans(cu_seqlens_q, kv_lens, slots, Tq, S, L, H // Hkv, chunk, kv_block, windows=windows)
     first = plans[0]                        # every window's plan cuts the rows into the same chunks

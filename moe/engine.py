@@ -39,10 +39,13 @@ class TokenRoutes:
 
 @dataclass
 class StepTimes:
-    """Where a serving run's wall time went, per kind of step: `graph` steps (every request decoding,
-    replayed as a CUDA graph), `eager` steps (prefill or mixed, or graphs off), and `capture`, the part
-    of graph steps spent recording a bucket's graph on its first use (its warm-up compiles kernels).
-    Each step ends in a host read of its tokens, so its wall time includes its GPU work."""
+    """Where a serving run's wall time went, per kind of step: `graph` steps (every request decoding:
+    the padded static-buffer step, replayed as a CUDA graph on a GPU), `eager` steps (prefill or mixed,
+    or graphs off; the first ones include compiling kernels), and `capture`, the part of graph steps
+    spent recording a bucket's graph on its first use (its warm-up compiles kernels too). A step that
+    emits a token ends in a host read of it, so its wall time includes its GPU work; one that only
+    prefills leaves its GPU work to the next step, also eager. Admitting and freeing requests between
+    steps is in neither kind."""
     graph_steps: int = 0
     graph_seconds: float = 0.0
     eager_steps: int = 0

@@ -253,7 +253,7 @@ def _store_rows(out_ptr, o, l, token, head, H, ok, HEAD_D: tl.constexpr, BLOCK_D
              out.to(out_ptr.dtype.element_ty), mask=ok[:, None] & (offs_d[None, :] < HEAD_D))
 
 
-@triton.jit(do_not_specialize=["n_tiles"])
+@triton.jit
 def _attention_packed_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     cu_q_ptr, kv_lens_ptr, slots_ptr, tile_seq_ptr, tile_kvh_ptr, tile_row0_ptr,

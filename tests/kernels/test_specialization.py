@@ -5,7 +5,9 @@ kernels/runtime.py). Under the interpreter nothing is compiled, so the test comp
 would look its binary up by, with Triton's own specialization function, for every launch of a model step
 at several token counts whose row counts fall in different classes. Block shapes do not depend on the
 row count under the interpreter, so every kernel must ask for the same variants at each count (tree_sum
-keeps its element count specialized on purpose, and picks its block by size: left out)."""
+keeps its element count specialized on purpose, and picks its block by size: left out). The GPU attention
+kernel runs only by its test hook here (the interpreter's own schedule is another kernel): at two
+sequence counts of one power of two, since its B_POW2 block adds a variant per power of two by design."""
 from __future__ import annotations
 
 import collections
@@ -66,12 +68,29 @@ def test_row_counts_compile_no_new_variant():
     model = moe.MoETransformer(cfg)
     per_count = {}
     with kernels.use_backend("batch_invariant"):
-        for T in (16, 17, 48, 49):     # rows (and rows x top_k) a multiple of 16 or not
+        for T in (1, 16, 17, 48, 49):     # rows (and rows x top_k): 1, a multiple of 16, other
             with recorded_variants() as seen:
                 model(torch.randint(0, cfg.vocab_size, (T,)), torch.tensor([0, T]))
             per_count[T] = {k: v for k, v in seen.items() if k not in SPECIALIZED_ON_PURPOSE}
-    first = per_count[16]
+    first = per_count[1]
     assert {"_matmul_kernel", "_rms_norm_kernel"} <= first.keys()
     for T, variants in per_count.items():
         assert variants == first, f"{T} rows compile other variants: " + ", ".join(
             k for k in first if variants.get(k) != first[k])
+
+
+@pytest.mark.parametrize("schedule", ["fold", "split"])
+def test_sequence_counts_compile_no_new_attention_variant(gen, schedule):
+    """The GPU attention kernel (run here by its fold and split schedules) at 17 and 32 decoding
+    sequences: one power of two (its B_POW2 block), sequence counts of two classes, one variant."""
+    from kernels.ops.attention import attention
+    S, L, Hkv, G, Dh = 32, 40, 1, 2, 16
+    k, v = (torch.randn(S, L, Hkv, Dh, generator=gen) for _ in range(2))
+    seen_by_count = {}
+    for B in (17, 32):
+        q = torch.randn(B, Hkv * G, Dh, generator=gen)
+        cu, kv = torch.arange(B + 1, dtype=torch.int32), torch.randint(1, L + 1, (B,), generator=gen).int()
+        with recorded_variants() as seen:
+            attention(q, k, v, cu, kv, torch.randperm(S, generator=gen)[:B].int(), Dh ** -0.5, schedule=schedule)
+        seen_by_count[B] = seen["_attention_kernel"]
+    assert seen_by_count[17] == seen_by_count[32]
