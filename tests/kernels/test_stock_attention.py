@@ -289,6 +289,19 @@ def test_gpu_flex_compiled_matches_reference(gen, name, dtype):
     assert rel_err(out, _reference(q, k, v, seqs, scale)) < TOL[dtype]
 
 
+def _capture_without_sync(run):
+    """run() once more with host syncs made errors, then captured: (the graph, its static output)."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
+
+
 @pytest.mark.gpu
 def test_gpu_flex_captured_without_sync(gen):
     """The default path in a CUDA graph: no sync once compiled, and a replay with new index values in
@@ -301,14 +314,7 @@ def test_gpu_flex_captured_without_sync(gen):
     with torch.cuda.stream(side):
         run()                                   # compiles
     torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = _capture_without_sync(run)
     kv.copy_(torch.tensor([17, 1000, 3, 640, 129], device=DEVICE, dtype=torch.int32))
     slots.copy_(torch.tensor([0, 7, 5, 2, 6], device=DEVICE, dtype=torch.int32))
     q.copy_(randn(gen, *q.shape, dtype=q.dtype))
@@ -330,14 +336,7 @@ def test_gpu_flex_in_windows_matches_reference_and_captures(gen, name, monkeypat
     assert rel_err(run(), _reference(q, k, v, seqs, scale)) < TOL[torch.bfloat16]
     if name != "decode":
         return
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = _capture_without_sync(run)
     meta[2].copy_(torch.tensor([6, 0, 3, 4, 7], device=DEVICE, dtype=torch.int32))   # other windows
     graph.replay()
     assert torch.equal(out, run())
