@@ -2,11 +2,25 @@
 # Every GPU claim of the project, checked in one go on a CUDA machine (we use an H100 through the
 # device tool; the figures in benchmarks/results/ came from this script). Usage:
 #   bash benchmarks/gpu_checks.sh tests|bench|experiments|science|repro|probe|parallel  OUT_DIR
+#   bash benchmarks/gpu_checks.sh side_by_side OUT_DIR PART...   (one-GPU parts at once, one GPU each)
 # Needs torch + triton there; hydra comes from wheels in .whl/ (`make wheels` here) when the machine has none.
 set -uo pipefail
-part=${1:?tests|bench|experiments|science|repro|probe|parallel}
+part=${1:?tests|bench|experiments|science|repro|probe|parallel|side_by_side}
 out=${2:?output directory}
 mkdir -p "$out"
+if [ "$part" = side_by_side ]; then
+  # On a host of several GPUs, the named one-GPU parts run at the same time, part i on GPU i, each into
+  # OUT_DIR/PART (its output in OUT_DIR/PART.log). Each part's timings compare its own cells measured in
+  # the same process; the host's CPUs are shared, which a host-bound (eager) step can feel.
+  shift 2
+  i=0
+  for p in "$@"; do
+    CUDA_VISIBLE_DEVICES=$i bash "$0" "$p" "$out/$p" > "$out/$p.log" 2>&1 &
+    i=$((i + 1))
+  done
+  wait
+  exit 0
+fi
 export PYTHONUNBUFFERED=1
 if ! python3 -c "import hydra" 2>/dev/null && [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
