@@ -181,14 +181,15 @@ def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
 def summary_lines(results: dict) -> list[str]:
     """One line per configuration (router, backend, CUDA-graph decode used or not: padded to buckets, or
     eager), then the run's steps by batch size."""
-    lines = [f"{c['router']:18} {c['backend']:16} {'graphs' if c.get('graphs_used') else 'eager':6} "
+    mode = lambda c: "graphs" if c.get("graphs_used") else "eager"
+    lines = [f"{c['router']:18} {c['backend']:16} {mode(c):6} "
              f"{c['distinct']:5d} distinct of {c['runs']}"
              + (f"  ({c['engine']['steps']} steps, mean batch {c['engine']['mean_batch_size']}, "
                 f"{c['engine']['seconds']:.0f} s)" if "engine" in c else "") for c in results["cells"]]
     for c in results["cells"]:
         t = c.get("engine", {}).get("step_times")
         if t:
-            lines.append(f"  {c['router']} {c['backend']} {'graphs' if c.get('graphs_used') else 'eager'}: "
+            lines.append(f"  {c['router']} {c['backend']} {mode(c)}: "
                          f"{t['graph_steps']} graph steps {t['graph_seconds']:.1f} s (recording graphs "
                          f"{t['capture_seconds']:.1f} s of it), {t['eager_steps']} eager steps "
                          f"{t['eager_seconds']:.1f} s ({t['eager_tokens']} tokens)")

@@ -83,5 +83,4 @@ def attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale: float) -
 
 __all__ = ["Backend", "BACKENDS", "available_backends", "get_backend", "register_backend", "use_backend",
            "matmul", "grouped_matmul", "matmul_partials", "grouped_matmul_partials", "rms_norm", "softmax",
-           "log_softmax", "attention", "ordered_combine", "tree_sum",
-           "expert_sort"]
+           "log_softmax", "attention", "ordered_combine", "tree_sum", "expert_sort"]

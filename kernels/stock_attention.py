@@ -8,8 +8,8 @@ Candidates (`KERNELS`; benchmarks/stock_attention.py times them against each oth
 batch-invariant Triton kernel, and checks each one's output first):
   * "flex": FlexAttention (torch.nn.attention.flex_attention), compiled, over the cache read in place as
     one long KV sequence [1, Hkv, S*L, Dh] (past flex's int32 key offsets, 2**31 elements, in windows of
-    slots that fit, one call each: `flex_windows`). The queries are cut into chunks of QC rows of one sequence
-    each, one chunk per batch element [C, H, QC, Dh], so that a BlockMask row names only its own
+    slots that fit, one call each: `flex_windows`). The queries are cut into chunks of QC rows of one
+    sequence each, one chunk per batch element [C, H, QC, Dh], so that a BlockMask row names only its own
     sequence's KV blocks, built on the device from the index tensors (`flex_plan`: no host sync, no
     create_block_mask, so a CUDA graph can capture it). A batch element per chunk, rather than one long
     query sequence whose 128-row blocks would straddle up to 128 decode sequences and visit all of their
@@ -98,13 +98,10 @@ def flex_windows(cache_shape: torch.Size) -> list[FlexWindow]:
     one overlapping its neighbour's slots rather than shorter. [] if not even one slot fits."""
     S, L, Hkv, Dh = cache_shape
     fits = lambda n: -(-n * L // KV_BLOCK) * KV_BLOCK * Hkv * Dh < FLEX_MAX_ELEMENTS
-    n = S
-    if not fits(n):
-        n = (FLEX_MAX_ELEMENTS - 1) // (-(-L // KV_BLOCK) * KV_BLOCK * Hkv * Dh) if fits(1) else 0
-        while n > 1 and not fits(n):   # (the bound above rounds each slot up; the true fit may be larger)
-            n -= 1
-        while n + 1 < S and fits(n + 1):
-            n += 1
+    # rounding each slot up to whole blocks over-counts the keys, so this many fit; the true fit may be more
+    n = min(S, (FLEX_MAX_ELEMENTS - 1) // (-(-L // KV_BLOCK) * KV_BLOCK * Hkv * Dh))
+    while n < S and fits(n + 1):
+        n += 1
     if n == 0:
         return []
     return [FlexWindow(min(lo, S - n), lo, min(lo + n, S), n) for lo in range(0, S, n)]

@@ -192,9 +192,8 @@ class Engine:
         slots = torch.tensor([r.slot for r in batch])
         graphed = self.graphs is not None and all(r.fed >= len(r.prompt) for r in batch)  # all decode
         if graphed:
-            recorded = self.graphs.record_seconds
             logits, routings = self.graphs.step(tokens, slots), self.graphs.routings
-            self.times.capture_seconds += self.graphs.record_seconds - recorded
+            self.times.capture_seconds = self.graphs.record_seconds
         else:
             logits, routings = self.model(tokens, cu, self.cache, slots)
         cu = cu.tolist()

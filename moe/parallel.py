@@ -23,9 +23,10 @@ Where the ranks' results meet, the backend decides how (`Backend.ordered_collect
   subtree (chunks r*C/W .. (r+1)*C/W - 1) and sums it in fp32 in the same tree shape; the rest of the
   tree runs across ranks (`ordered_sum`: an all-gather of the ranks' fp32 subtree sums for small sums;
   for large ones an all-to-all of fp32 pieces, the additions in tree order, an all-gather of the rounded
-  pieces): the same additions in the same order on 1, 2 or 4 ranks, and one device runs the same tree. Expert outputs (EP) travel back as copies, each rank's run of rows in
-  rank order, and the combine runs as on one device. With expert_tp=P the experts' down projection
-  runs that tree over the P ranks of a group (P subtrees), then the groups' runs travel as copies.
+  pieces): the same additions in the same order on 1, 2 or 4 ranks, and one device runs the same tree.
+  Expert outputs (EP) travel back as copies, each rank's run of rows in rank order, and the combine
+  runs as on one device. With expert_tp=P the experts' down projection runs that tree over the P ranks
+  of a group (P subtrees), then the groups' runs travel as copies.
 - `torch`: what serving engines do: each rank's rounded partial product, summed by an all-reduce
   (NCCL picks ring or tree by size and rank count), and EP ranks combine their own experts' outputs,
   then all-reduce (over all W ranks, expert_tp or not). Its bits change with the layout: the
@@ -256,8 +257,8 @@ def row_parallel_grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch
 # all-gather (about 1.5x a ring all-reduce's bytes, two collectives). Decode steps take the first form,
 # where launches and latency dominate; prefill the second, where bandwidth does. 4 MiB covers a decode
 # step of 256 tokens at width 4096 (and 64 tokens x 2 expert slots of tensor-parallel experts): at 1 MiB
-# the wide preset's 64-token eager decode took the two-collective form and cost 1.18x the all-reduce on
-# 2 H200s. Both forms add the same numbers in the same tree, so the bits do not depend on which one runs.
+# the wide preset's 64-token eager decode took the two-collective form and cost 1.16-1.18x the
+# all-reduce on 2 and 4 H200s. Both forms add the same numbers in the same tree, so the bits do not depend on which one runs.
 GATHER_BELOW_BYTES = 4 << 20
 
 
