@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from benchmarks.bench_kernels import (GROUPED, GROUPED_ROWS, MATMUL_KN, MATMUL_M, decode_case,  # noqa: E402
+from benchmarks.bench_kernels import (MATMUL_KN, MATMUL_M, decode_case,  # noqa: E402
                                       grouped_rows)
 from kernels.ops import grouped_gemm as gg  # noqa: E402  (kernels before triton: see kernels/runtime.py)
 from kernels.ops.attention import attention  # noqa: E402
@@ -40,8 +40,6 @@ MID_M = [Tiles(64, 128, 4, 4, 64), Tiles(64, 128, 4, 6, 64), Tiles(64, 128, 4, 4
          Tiles(64, 64, 4, 4, 128)]
 LARGE_M = [Tiles(128, 256, 8, 3, 64), Tiles(128, 256, 8, 4, 64), Tiles(128, 256, 8, 2, 128),
            Tiles(128, 128, 8, 3, 128), Tiles(128, 128, 8, 4, 64), Tiles(256, 128, 8, 3, 64)]
-GROUPED_TILES = [Tiles(64, 128, 4, 4), Tiles(64, 64, 4, 4), Tiles(64, 256, 4, 3), Tiles(128, 128, 8, 3),
-                 Tiles(128, 128, 8, 4), Tiles(128, 256, 8, 3), Tiles(128, 64, 4, 4)]
 
 
 def timed(fn) -> float:
@@ -107,23 +105,77 @@ def tune_narrow(rows: list[dict], K: int = 2048, N: int = 768) -> None:
                   f"ratio {r['ratio']:.3f} same_bits {r['same_bits']}", flush=True)
 
 
+# The experts' two projections of the GPU presets (E, K, N): large's gate+up [64, 2048, 2 x 768] and down
+# [64, 768, 2048]; wide's [8, 4096, 2 x 14336] and [8, 14336, 4096]. Rows are tokens x top_k of the decode
+# batches 1-256 and the prefills 1 x 4096 and 16 x 512 of bench_model.
+GROUPED_SHAPES = {"large gate_up": (64, 2048, 1536, 8), "large down": (64, 768, 2048, 8),
+                  "wide gate_up": (8, 4096, 28672, 2), "wide down": (8, 14336, 4096, 2)}
+GROUPED_TOKENS = [1, 4, 16, 64, 256, 4096, 8192]
+# candidates for few rows per expert (decode: memory-bound, so narrow and deep tiles that keep many loads
+# in flight) and for many (prefill: compute-bound)
+GROUPED_FEW = [Tiles(bm, bn, 4, st, bk) for bm in (16, 32, 64) for bn in (64, 128) for bk in (64, 128)
+               for st in (3, 4, 5)] + [Tiles(16, 32, 4, 4, 128), Tiles(16, 32, 2, 6, 128), Tiles(16, 64, 2, 5, 128),
+                                       Tiles(32, 256, 8, 3, 64), Tiles(64, 256, 8, 3, 64)]
+GROUPED_MANY = [Tiles(64, 128, 4, 4), Tiles(64, 256, 4, 3), Tiles(128, 128, 8, 3), Tiles(128, 128, 8, 4),
+                Tiles(128, 256, 8, 3), Tiles(128, 256, 8, 4), Tiles(128, 128, 4, 4, 128), Tiles(128, 256, 8, 3, 128),
+                Tiles(256, 128, 8, 3)]
+
+
 def tune_grouped(rows: list[dict]) -> None:
-    for E, K, N in GROUPED:
+    """Every candidate on every (shape, tokens) cell, against torch._grouped_mm and the cell's bound: the
+    bytes it must move (the weights of the experts hit, x and out) at the measured HBM bandwidth, or its
+    FLOPs at the measured bf16 peak, whichever is longer."""
+    from benchmarks.roofline import measure_device_bounds
+    bounds = measure_device_bounds("cuda", timed)
+    print(bounds.how, flush=True)
+    for name, (E, K, N, top_k) in GROUPED_SHAPES.items():
         w = torch.randn(E, K, N, device="cuda", dtype=torch.bfloat16)
-        for T in GROUPED_ROWS:
+        for tokens in GROUPED_TOKENS:
+            T = tokens * top_k
             x, offs = grouped_rows(E, K, T)
+            hit = int((torch.diff(offs, prepend=offs.new_zeros(1)) > 0).sum())
+            bound_ms = 1e3 * max(2 * (hit * K * N + T * (K + N)) / bounds.hbm_bytes_per_s,
+                                 2 * T * K * N / bounds.matmul_flops_per_s)
             ref = gg.grouped_matmul(x, w, offs, tiles=Tiles(64, 128, 4, 4))
             stock = timed(lambda: torch._grouped_mm(x, w, offs=offs))
-            for t in GROUPED_TILES:
+            default = gg.tiles_for(T, E, N)
+            for t in GROUPED_FEW if T <= 64 * E else GROUPED_MANY:
                 ms, out = try_time(lambda: gg.grouped_matmul(x, w, offs, tiles=t))
-                rows.append(dict(E=E, K=K, N=N, rows=T, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, warps=t.num_warps,
-                                 stages=t.num_stages, ms=ms, stock_ms=stock,
-                                 ratio=None if ms is None else ms / stock,
+                rows.append(dict(shape=name, E=E, K=K, N=N, tokens=tokens, rows=T, rows_per_expert=T / E,
+                                 BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K or 64, warps=t.num_warps,
+                                 stages=t.num_stages, is_default=t == default, ms=ms, stock_ms=stock,
+                                 ratio=None if ms is None else ms / stock, bound_ms=bound_ms,
+                                 frac_of_bound=None if ms is None else bound_ms / ms,
                                  same_bits=None if out is None else bool(torch.equal(out, ref))))
-            best = min((r for r in rows if r["E"] == E and r["rows"] == T and r["ms"]), key=lambda r: r["ms"])
-            print(f"grouped E={E} rows={T} best BM{best['BLOCK_M']} BN{best['BLOCK_N']} w{best['warps']} "
-                  f"s{best['stages']} ratio {best['ratio']:.3f} same_bits {best['same_bits']}", flush=True)
+            cell = [r for r in rows if r["shape"] == name and r["tokens"] == tokens and r["ms"]]
+            best = min(cell, key=lambda r: r["ms"])
+            dflt = next((r for r in cell if r["is_default"]), None)
+            print(f"grouped {name:13s} tokens={tokens:5d} rows/expert={T / E:7.1f} stock {stock:.4f} ms "
+                  f"({bound_ms / stock:.0%} of bound); best BM{best['BLOCK_M']} BN{best['BLOCK_N']} "
+                  f"BK{best['BLOCK_K']} w{best['warps']} s{best['stages']} {best['ms']:.4f} ms "
+                  f"({best['frac_of_bound']:.0%}) same_bits {best['same_bits']}; default "
+                  + (f"{dflt['ms']:.4f} ms ({dflt['frac_of_bound']:.0%})" if dflt else "not a candidate"), flush=True)
         del w
+
+
+def best_grouped_per_bucket(rows: list[dict], buckets: list[tuple[float, float]]) -> dict:
+    """For each bucket of mean rows per expert, the bit-neutral candidate with the lowest geometric mean
+    of ms / stock ms over all its cells (every shape)."""
+    out = {}
+    for lo, hi in buckets:
+        sel = [r for r in rows if lo < r["rows_per_expert"] <= hi]
+        cells = {(r["shape"], r["tokens"]) for r in sel}
+        by_tile: dict[tuple, list[float]] = {}
+        for r in sel:
+            if r["ms"] and r["same_bits"]:
+                by_tile.setdefault((r["BLOCK_M"], r["BLOCK_N"], r["warps"], r["stages"], r["BLOCK_K"]),
+                                   []).append(r["ratio"])
+        full = {t: math.exp(sum(map(math.log, v)) / len(v)) for t, v in by_tile.items() if len(v) == len(cells)}
+        if full:
+            t = min(full, key=full.get)
+            out[f"rows/expert {lo}-{hi}"] = dict(tiles=t, geomean=full[t], cells=sorted(cells),
+                                                 top=sorted(full.items(), key=lambda kv: kv[1])[:6])
+    return out
 
 
 def host_us(fn, n: int = 300) -> float:
@@ -251,6 +303,9 @@ def main() -> None:
         grouped: list[dict] = []
         tune_grouped(grouped)
         write_csv(os.path.join(args.out, "tune_grouped.csv"), grouped)
+        summary["grouped_buckets"] = best_grouped_per_bucket(grouped, [(0, 1), (1, 4), (4, 16), (16, 64),
+                                                                       (64, 2**62)])
+        summary["grouped_bits_moved"] = [r for r in grouped if r["same_bits"] is False]
     if "matmul" in parts:
         mm: list[dict] = []
         tune_matmul(mm)

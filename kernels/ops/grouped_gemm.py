@@ -188,6 +188,10 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: in
     block_k = reduction_for(N, K, x.dtype).BLOCK_K   # the dense matmul's K step for this (N, K)
     t = tiles or tiles_for(T, E, N)
     bm = t.BLOCK_M
+    if t.BLOCK_K is not None and K % t.BLOCK_K == 0 and x.dtype != torch.float32 and not runtime.interpreting():
+        # a longer loop trip over the same 16-deep MMA steps, as in matmul.py (and only where K is a
+        # whole number of steps, for the same reason)
+        block_k = t.BLOCK_K
 
     # 2. allocate output (the tile map is built in the kernel: no host sync, no extra launches on the GPU)
     out = runtime.empty((chunks, T, N), x.device, torch.float32) if partials else \
