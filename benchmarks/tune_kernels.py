@@ -14,6 +14,7 @@ run's file named beside them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import json
 import math
@@ -121,6 +122,11 @@ GROUPED_MANY = [Tiles(64, 128, 4, 4), Tiles(64, 256, 4, 3), Tiles(128, 128, 8, 3
                 Tiles(256, 128, 8, 3)]
 
 
+def _explicit_k(t: Tiles) -> Tiles:
+    """t with its K step written out (None: the reduction's 64 for bf16)."""
+    return dataclasses.replace(t, BLOCK_K=t.BLOCK_K or 64)
+
+
 def tune_grouped(rows: list[dict]) -> None:
     """Every candidate on every (shape, tokens) cell, against torch._grouped_mm and the cell's bound: the
     bytes it must move (the weights of the experts hit, x and out) at the measured HBM bandwidth, or its
@@ -138,12 +144,12 @@ def tune_grouped(rows: list[dict]) -> None:
                                  2 * T * K * N / bounds.matmul_flops_per_s)
             ref = gg.grouped_matmul(x, w, offs, tiles=Tiles(64, 128, 4, 4))
             stock = timed(lambda: torch._grouped_mm(x, w, offs=offs))
-            default = gg.tiles_for(T, E, N)
+            default = _explicit_k(gg.tiles_for(T, E, N))
             for t in GROUPED_FEW if T <= 64 * E else GROUPED_MANY:
                 ms, out = try_time(lambda: gg.grouped_matmul(x, w, offs, tiles=t))
                 rows.append(dict(shape=name, E=E, K=K, N=N, tokens=tokens, rows=T, rows_per_expert=T / E,
                                  BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K or 64, warps=t.num_warps,
-                                 stages=t.num_stages, is_default=t == default, ms=ms, stock_ms=stock,
+                                 stages=t.num_stages, is_default=_explicit_k(t) == default, ms=ms, stock_ms=stock,
                                  ratio=None if ms is None else ms / stock, bound_ms=bound_ms,
                                  frac_of_bound=None if ms is None else bound_ms / ms,
                                  same_bits=None if out is None else bool(torch.equal(out, ref))))
@@ -156,6 +162,44 @@ def tune_grouped(rows: list[dict]) -> None:
                   f"({best['frac_of_bound']:.0%}) same_bits {best['same_bits']}; default "
                   + (f"{dflt['ms']:.4f} ms ({dflt['frac_of_bound']:.0%})" if dflt else "not a candidate"), flush=True)
         del w
+
+
+# Attention heads of the GPU presets (H, Hkv, Dh) and the decode cells of bench_model.
+ATTENTION_HEADS = {"large": (16, 4, 128), "wide": (32, 8, 128)}
+ATTENTION_DECODE = [(b, c) for b in (1, 4, 16, 64, 256) for c in (1024, 8192)]
+
+
+def tune_attention_schedule(rows: list[dict]) -> None:
+    """Decode (one query per sequence) under the fold and the split schedule, which give the same bits
+    (tests/kernels/test_attention.py): GPU time of a replayed CUDA graph, as a captured decode step runs
+    it, against the KV bytes' HBM bound, and which schedule the default picks. The cache holds 8192 + 512
+    positions per sequence, as a model cache of max_seq_len 8192 would, plus room for the new key."""
+    from benchmarks.roofline import measure_device_bounds
+    from kernels.ops import attention as att
+    bounds = measure_device_bounds("cuda", timed)
+    dt = torch.bfloat16
+    for name, (H, Hkv, Dh) in ATTENTION_HEADS.items():
+        for B, C in ATTENTION_DECODE:
+            L = 8192 + 512
+            q = torch.randn(B, H, Dh, device="cuda", dtype=dt)
+            k = torch.randn(B, L, Hkv, Dh, device="cuda", dtype=dt)
+            v = torch.randn_like(k)
+            cu = torch.arange(B + 1, device="cuda", dtype=torch.int32)
+            kv = torch.full((B,), C, device="cuda", dtype=torch.int32)
+            slots = torch.arange(B, device="cuda", dtype=torch.int32)
+            bound_ms = 1e3 * 2 * B * C * Hkv * Dh * 2 / bounds.hbm_bytes_per_s
+            outs = {}
+            for schedule in (None, "fold", "split"):
+                fn = lambda: att.attention(q, k, v, cu, kv, slots, Dh ** -0.5, schedule=schedule)  # noqa: E731
+                outs[schedule] = fn()
+                ms = do_bench_cudagraph(fn, rep=40, return_mode="median")
+                rows.append(dict(preset=name, B=B, context=C, schedule=schedule or "default", ms=ms,
+                                 bound_ms=bound_ms, frac_of_bound=bound_ms / ms))
+            same = torch.equal(outs["fold"], outs["split"])
+            cell = {r["schedule"]: r["ms"] for r in rows[-3:]}
+            print(f"attention {name} B={B:3d} ctx={C:5d}: fold {cell['fold']:.4f} split {cell['split']:.4f} "
+                  f"default {cell['default']:.4f} ms (bound {bound_ms:.4f}); fold == split: {same}", flush=True)
+            del q, k, v
 
 
 def best_grouped_per_bucket(rows: list[dict], buckets: list[tuple[float, float]]) -> dict:
@@ -278,7 +322,8 @@ def best_per_bucket(rows: list[dict], buckets: list[tuple[int, int]]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/tune")
-    ap.add_argument("--only", choices=["matmul", "grouped", "launch", "host", "narrow"], action="append")
+    ap.add_argument("--only", choices=["matmul", "grouped", "launch", "host", "narrow", "attention"],
+                    action="append")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_kernels needs a CUDA GPU")
@@ -306,6 +351,10 @@ def main() -> None:
         summary["grouped_buckets"] = best_grouped_per_bucket(grouped, [(0, 1), (1, 4), (4, 16), (16, 64),
                                                                        (64, 2**62)])
         summary["grouped_bits_moved"] = [r for r in grouped if r["same_bits"] is False]
+    if "attention" in parts:
+        att_rows: list[dict] = []
+        tune_attention_schedule(att_rows)
+        write_csv(os.path.join(args.out, "tune_attention_schedule.csv"), att_rows)
     if "matmul" in parts:
         mm: list[dict] = []
         tune_matmul(mm)
