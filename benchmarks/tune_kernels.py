@@ -202,6 +202,52 @@ def tune_attention_schedule(rows: list[dict]) -> None:
             del q, k, v
 
 
+# The row-parallel projections (reduce_chunks = 4 leaves on one GPU): attention output and expert down
+# projection of each GPU preset, at decode and prefill row counts.
+CHUNK_SUM_DENSE = {"large attn_out": (2048, 2048), "wide attn_out": (4096, 4096)}
+CHUNK_SUM_GROUPED = {"large down": (64, 768, 2048, 8), "wide down": (8, 14336, 4096, 2)}
+CHUNK_SUM_TOKENS = [16, 256, 8192]
+CHUNK_SUM_TILES = [Tiles(64, 128, 4, 4), Tiles(64, 128, 4, 3), Tiles(64, 64, 4, 4), Tiles(64, 128, 4, 4, 128),
+                   Tiles(128, 128, 8, 3), Tiles(128, 128, 8, 4), Tiles(128, 64, 4, 3), Tiles(64, 256, 8, 3),
+                   Tiles(16, 128, 4, 4, 128), Tiles(128, 256, 8, 3)]
+
+
+def tune_chunk_sum(rows: list[dict], chunks: int = 4) -> None:
+    """The chunk tree summed inside the GEMM (matmul_chunk_sum, grouped_matmul_chunk_sum) against the
+    partials written out and summed by tree_sum (the two-kernel form it replaces), per candidate tile."""
+    from kernels.ops.matmul import matmul_chunk_sum, matmul_partials
+    from kernels.ops.tree_sum import tree_sum
+    cases = []
+    for name, (K, N) in CHUNK_SUM_DENSE.items():
+        w = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+        for tokens in CHUNK_SUM_TOKENS:
+            x = torch.randn(tokens, K, device="cuda", dtype=torch.bfloat16)
+            cases.append((name, tokens, lambda x=x, w=w: tree_sum(matmul_partials(x, w, chunks), x.dtype),
+                          lambda t, x=x, w=w: matmul_chunk_sum(x, w, chunks, x.dtype, tiles=t)))
+    for name, (E, K, N, top_k) in CHUNK_SUM_GROUPED.items():
+        w = torch.randn(E, K, N, device="cuda", dtype=torch.bfloat16)
+        for tokens in CHUNK_SUM_TOKENS:
+            x, offs = grouped_rows(E, K, tokens * top_k)
+            cases.append((name, tokens,
+                          lambda x=x, w=w, o=offs: tree_sum(gg.grouped_matmul_partials(x, w, o, chunks), x.dtype),
+                          lambda t, x=x, w=w, o=offs: gg.grouped_matmul_chunk_sum(x, w, o, chunks, x.dtype, tiles=t)))
+    for name, tokens, two_kernels, summed in cases:
+        ref = two_kernels()
+        old_ms = timed(two_kernels)
+        for t in [None] + CHUNK_SUM_TILES:
+            ms, out = try_time(lambda: summed(t))
+            rows.append(dict(shape=name, tokens=tokens, chunks=chunks,
+                             tiles="default" if t is None else f"{t.BLOCK_M}x{t.BLOCK_N} BK{t.BLOCK_K or 64} "
+                                                             f"w{t.num_warps} s{t.num_stages}",
+                             ms=ms, partials_and_tree_ms=old_ms, ratio=None if ms is None else ms / old_ms,
+                             same_bits=None if out is None else bool(torch.equal(out, ref))))
+        cell = [r for r in rows if r["shape"] == name and r["tokens"] == tokens and r["ms"]]
+        best, dflt = min(cell, key=lambda r: r["ms"]), cell[0]
+        print(f"chunk sum {name:14s} tokens={tokens:5d}: partials + tree {old_ms:.4f} ms; default "
+              f"{dflt['ms']:.4f} ms ({dflt['ratio']:.2f}x, same bits {dflt['same_bits']}); best {best['tiles']} "
+              f"{best['ms']:.4f} ms ({best['ratio']:.2f}x, same bits {best['same_bits']})", flush=True)
+
+
 def best_grouped_per_bucket(rows: list[dict], buckets: list[tuple[float, float]]) -> dict:
     """For each bucket of mean rows per expert, the bit-neutral candidate with the lowest geometric mean
     of ms / stock ms over all its cells (every shape)."""
@@ -322,7 +368,7 @@ def best_per_bucket(rows: list[dict], buckets: list[tuple[int, int]]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/tune")
-    ap.add_argument("--only", choices=["matmul", "grouped", "launch", "host", "narrow", "attention"],
+    ap.add_argument("--only", choices=["matmul", "grouped", "launch", "host", "narrow", "attention", "chunk_sum"],
                     action="append")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -351,6 +397,11 @@ def main() -> None:
         summary["grouped_buckets"] = best_grouped_per_bucket(grouped, [(0, 1), (1, 4), (4, 16), (16, 64),
                                                                        (64, 2**62)])
         summary["grouped_bits_moved"] = [r for r in grouped if r["same_bits"] is False]
+    if "chunk_sum" in parts:
+        cs: list[dict] = []
+        tune_chunk_sum(cs)
+        write_csv(os.path.join(args.out, "tune_chunk_sum.csv"), cs)
+        summary["chunk_sum_bits_moved"] = [r for r in cs if r["same_bits"] is False]
     if "attention" in parts:
         att_rows: list[dict] = []
         tune_attention_schedule(att_rows)

@@ -52,6 +52,15 @@ def grouped_matmul_partials(x: torch.Tensor, w: torch.Tensor, offsets: torch.Ten
     return get_backend().grouped_matmul_partials(x, w, offsets, chunks)
 
 
+def matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, chunks: int, dtype: torch.dtype) -> torch.Tensor:
+    return get_backend().matmul_chunk_sum(x, w, chunks, dtype)
+
+
+def grouped_matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int,
+                             dtype: torch.dtype) -> torch.Tensor:
+    return get_backend().grouped_matmul_chunk_sum(x, w, offsets, chunks, dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return get_backend().rms_norm(x, weight, eps)
 
@@ -82,5 +91,6 @@ def attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale: float) -
 
 
 __all__ = ["Backend", "BACKENDS", "available_backends", "get_backend", "register_backend", "use_backend",
-           "matmul", "grouped_matmul", "matmul_partials", "grouped_matmul_partials", "rms_norm", "softmax",
+           "matmul", "grouped_matmul", "matmul_partials", "grouped_matmul_partials", "matmul_chunk_sum",
+           "grouped_matmul_chunk_sum", "rms_norm", "softmax",
            "log_softmax", "attention", "ordered_combine", "tree_sum", "expert_sort"]

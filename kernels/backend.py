@@ -42,6 +42,15 @@ class Backend(Protocol):
                                 chunks: int) -> torch.Tensor:
         """`grouped_matmul` with its K axis in `chunks` equal chunks: [chunks, T, N] fp32 partials."""
 
+    def matmul_chunk_sum(self, x: torch.Tensor, w: torch.Tensor, chunks: int, dtype: torch.dtype) -> torch.Tensor:
+        """`tree_sum(matmul_partials(x, w, chunks), dtype)`, bit for bit: the K chunks' fp32 products
+        added in the tree's order and rounded once -> [T, N] in `dtype` (the batch_invariant backend
+        does it in one kernel that never writes the partials)."""
+
+    def grouped_matmul_chunk_sum(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int,
+                                 dtype: torch.dtype) -> torch.Tensor:
+        """`tree_sum(grouped_matmul_partials(x, w, offsets, chunks), dtype)`, bit for bit -> [T, N]."""
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [T, D] normalised per row, times weight [D]."""
 

@@ -55,6 +55,13 @@ class TorchBackend:
         return torch.stack([self.grouped_matmul(xc.contiguous(), wc.contiguous(), offsets).float()
                             for xc, wc in zip(x.chunk(chunks, 1), w.chunk(chunks, 1))])
 
+    def matmul_chunk_sum(self, x: torch.Tensor, w: torch.Tensor, chunks: int, dtype: torch.dtype) -> torch.Tensor:
+        return tree_sum_torch(self.matmul_partials(x, w, chunks), dtype)
+
+    def grouped_matmul_chunk_sum(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int,
+                                 dtype: torch.dtype) -> torch.Tensor:
+        return tree_sum_torch(self.grouped_matmul_partials(x, w, offsets, chunks), dtype)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
 

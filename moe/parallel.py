@@ -20,8 +20,9 @@ Embedding, norms, router and LM head are replicated (their inputs are the same b
 Where the ranks' results meet, the backend decides how (`Backend.ordered_collectives`):
 - `batch_invariant`: a row-parallel matmul (attention output, expert and shared-expert down
   projections) sums its K axis as a balanced tree over `cfg.reduce_chunks` equal chunks. Rank r owns a
-  subtree (chunks r*C/W .. (r+1)*C/W - 1) and sums it in fp32 in the same tree shape; the rest of the
-  tree runs across ranks (`ordered_sum`: an all-gather of the ranks' fp32 subtree sums for small sums;
+  subtree (chunks r*C/W .. (r+1)*C/W - 1) and sums it in fp32 in the same tree shape, inside its GEMM
+  (`kernels.matmul_chunk_sum`); the rest of the tree runs across ranks (`cross_rank_sum`: an all-gather
+  of the ranks' fp32 subtree sums for small sums;
   for large ones an all-to-all of fp32 pieces, the additions in tree order, an all-gather of the rounded
   pieces): the same additions in the same order on 1, 2 or 4 ranks, and one device runs the same tree.
   Expert outputs (EP) travel back as copies, each rank's run of rows in rank order, and the combine
@@ -237,8 +238,10 @@ def row_parallel_matmul(x: torch.Tensor, w: torch.Tensor, chunks: int, layout: O
     full K's chunk count (C); this rank holds C/W of them."""
     W = size_of(layout)
     if kernels.get_backend().ordered_collectives:
-        partials = kernels.matmul_partials(x, w, chunks // W)                   # [C/W, T, N] fp32
-        return ordered_sum(partials, layout, x.dtype)
+        if W == 1:   # the whole tree in the GEMM: its chunks added in registers, rounded once
+            return kernels.matmul_chunk_sum(x, w, chunks, x.dtype)
+        subtree = kernels.matmul_chunk_sum(x, w, chunks // W, torch.float32)   # this rank's C/W leaves
+        return cross_rank_sum(subtree, layout, x.dtype)
     return all_reduce(kernels.matmul(x, w), layout)
 
 
@@ -247,12 +250,14 @@ def row_parallel_grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch
     """`row_parallel_matmul` for the experts' grouped GEMM (w [E, K/W, N])."""
     W = size_of(layout)
     if kernels.get_backend().ordered_collectives:
-        partials = kernels.grouped_matmul_partials(x, w, offsets, chunks // W)   # [C/W, A, N] fp32
-        return ordered_sum(partials, layout, x.dtype)
+        if W == 1:
+            return kernels.grouped_matmul_chunk_sum(x, w, offsets, chunks, x.dtype)
+        subtree = kernels.grouped_matmul_chunk_sum(x, w, offsets, chunks // W, torch.float32)
+        return cross_rank_sum(subtree, layout, x.dtype)
     return all_reduce(kernels.grouped_matmul(x, w, offsets), layout)
 
 
-# Below this many bytes of fp32 subtree sum per rank, the cross-rank part of `ordered_sum` is one
+# Below this many bytes of fp32 subtree sum per rank, `cross_rank_sum` is one
 # all-gather of the whole subtree sums (W x the bytes, one collective); above it, an all-to-all then an
 # all-gather (about 1.5x a ring all-reduce's bytes, two collectives). Decode steps take the first form,
 # where launches and latency dominate; prefill the second, where bandwidth does. 4 MiB covers a decode
@@ -265,25 +270,34 @@ GATHER_BELOW_BYTES = 4 << 20
 def ordered_sum(partials: torch.Tensor, layout: Optional[Layout], dtype: torch.dtype) -> torch.Tensor:
     """partials [C/W, ...] (fp32, this rank's leaves) -> the sum of all C leaves of all ranks, rounded to
     `dtype` once: one balanced binary tree whose subtrees are the ranks' leaves, the same bits for every W.
-
-    Across ranks it is an all-reduce built from copies (no arithmetic inside a collective). Small sums:
-    every rank all-gathers the W subtree sums and adds them in the tree's order. Large ones: an
-    all-to-all hands rank j the j-th 1/W of every rank's subtree sum, rank j adds those W pieces in the
-    tree's order and rounds them, and an all-gather of the rounded pieces gives every rank the whole
-    result. Each tree runs as one kernel with its rounding (`kernels.tree_sum`)."""
-    W = size_of(layout)
-    if W == 1 or partials[0].numel() == 0:   # (no rows: an expert group that got no tokens, alike on its ranks)
+    The row-parallel layers form the same sum with the subtree computed inside their GEMM
+    (`kernels.matmul_chunk_sum`) and `cross_rank_sum`."""
+    if size_of(layout) == 1:
         return kernels.tree_sum(partials, dtype)
-    s = kernels.tree_sum(partials, torch.float32)                                      # this rank's subtree
-    if s.numel() * s.element_size() < GATHER_BELOW_BYTES:
-        return kernels.tree_sum(all_gather(s, layout), dtype)
-    flat = s.flatten()
+    return cross_rank_sum(kernels.tree_sum(partials, torch.float32), layout, dtype)
+
+
+def cross_rank_sum(subtree: torch.Tensor, layout: Layout, dtype: torch.dtype) -> torch.Tensor:
+    """This rank's fp32 subtree sum -> the W ranks' subtrees added in the tree's order (rank 0's first),
+    rounded once to `dtype`; every rank gets the same bits.
+
+    An all-reduce built from copies (no arithmetic inside a collective). Small sums: every rank
+    all-gathers the W subtree sums and adds them in the tree's order. Large ones: an all-to-all hands
+    rank j the j-th 1/W of every rank's subtree sum, rank j adds those W pieces in the tree's order and
+    rounds them, and an all-gather of the rounded pieces gives every rank the whole result. Each tree
+    runs as one kernel with its rounding (`kernels.tree_sum`)."""
+    W = layout.size
+    if subtree.numel() == 0:   # (no rows: an expert group that got no tokens, alike on its ranks)
+        return subtree.to(dtype)
+    if subtree.numel() * subtree.element_size() < GATHER_BELOW_BYTES:
+        return kernels.tree_sum(all_gather(subtree, layout), dtype)
+    flat = subtree.flatten()
     n = -(-flat.numel() // W) * W
     pieces = torch.nn.functional.pad(flat, (0, n - flat.numel())).view(W, n // W)      # [W, n/W]
     received = torch.empty_like(pieces)                  # received[i]: rank i's piece of this rank's part
     dist.all_to_all_single(received, pieces, group=layout.group)
     mine = kernels.tree_sum(received, dtype)                                           # [n/W]
-    return all_gather(mine, layout).flatten()[:flat.numel()].view(s.shape)
+    return all_gather(mine, layout).flatten()[:flat.numel()].view(subtree.shape)
 
 
 def all_gather(x: torch.Tensor, layout: Layout) -> torch.Tensor:

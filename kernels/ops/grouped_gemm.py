@@ -25,10 +25,35 @@ import torch
 
 from kernels import runtime
 from kernels.checks import check_group_offsets
-from kernels.ops.matmul import Tiles, reduction_for
+from kernels.ops.matmul import CHUNK_SUM_LEAVES, Tiles, fit_for_chunk_sum, reduction_for
+from kernels.ops.rounding import round_by_bits, rounded_to
+from kernels.ops.tree_sum import tree_sum
 from kernels.ops.tile_map import group_tile
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _k_range(x_rows, w_cols, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """One K range [0, K) of the tile in BLOCK_K steps, in K order, into one fresh fp32 accumulator."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        a = tl.load(x_rows + k[None, :] * stride_xk, mask=row_ok & (k[None, :] < K), other=0.0)
+        b = tl.load(w_cols + k[:, None] * stride_wk, mask=(k[:, None] < K) & n_ok, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _k_pair(x_rows, w_cols, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Two consecutive K chunks, each from a fresh accumulator, added: one pair of a tree's leaves."""
+    first = _k_range(x_rows, w_cols, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    return first + _k_range(x_rows + K * stride_xk, w_cols + K * stride_wk, row_ok, n_ok, K, stride_xk, stride_wk,
+                            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
 @triton.jit
@@ -36,9 +61,10 @@ def _grouped_mm_kernel(
     x_ptr, w_ptr, out_ptr, row_ends_ptr, E, N, K,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_on, stride_oc,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SUMMED: tl.constexpr, BY_BITS: tl.constexpr,
 ):
-    # -- which K chunk (grid axis 2, as in matmul.py: chunk c sums K range [c*K, (c+1)*K) into out[c]) --
+    # -- which K chunk (grid axis 2, as in matmul.py: chunk c sums K range [c*K, (c+1)*K) into out[c];
+    #    SUMMED > 1: this program sums chunks 0..SUMMED-1 itself, the grid's axis 2 is then 1) --
     chunk = tl.program_id(2).to(tl.int64)
     x_ptr += chunk * K * stride_xk
     w_ptr += chunk * K * stride_wk
@@ -57,23 +83,30 @@ def _grouped_mm_kernel(
 
     offs_m = (first_row + tl.arange(0, BLOCK_M)).to(tl.int64)   # int64: T*N can pass 2**31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    row_ok = offs_m < row_end
-    w_e = w_ptr + e.to(tl.int64) * stride_we
+    row_ok = offs_m[:, None] < row_end
+    n_ok = offs_n[None, :] < N
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    w_cols = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
 
-    # -- K loop: the same BLOCK_K steps, in the same order, for every tile of every expert --
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
-                    mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
-        b = tl.load(w_e + k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                    mask=(k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    # -- K loop: the same BLOCK_K steps, in the same order, for every tile of every expert; SUMMED > 1:
+    #    chunks 0..SUMMED-1 one after another, added in tree_sum.py's tree as in matmul.py --
+    if SUMMED == 1:
+        acc = _k_range(x_rows, w_cols, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    else:
+        dx, dw = 2 * K * stride_xk, 2 * K * stride_wk    # from one pair of K chunks to the next
+        acc = _k_pair(x_rows, w_cols, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        if SUMMED >= 4:
+            acc = acc + _k_pair(x_rows + dx, w_cols + dw, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N,
+                                BLOCK_K, PRECISION)
+        if SUMMED == 8:
+            acc = acc + (_k_pair(x_rows + 2 * dx, w_cols + 2 * dw, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M,
+                                 BLOCK_N, BLOCK_K, PRECISION)
+                         + _k_pair(x_rows + 3 * dx, w_cols + 3 * dw, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M,
+                                   BLOCK_N, BLOCK_K, PRECISION))
 
     # -- write this tile's rows of this expert --
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
+             rounded_to(acc, out_ptr.dtype.element_ty, BY_BITS), mask=row_ok & n_ok)
 
 
 @triton.jit
@@ -151,21 +184,42 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
     expert-parallel rank's buffer of all rows, of which it computes its own run). `tiles` and `packed`
     (the interpreter's many-tiles-per-program kernel; default: on under the interpreter) are test hooks.
     """
-    return _grouped(x, w, offsets, 1, False, tiles, packed)
+    return _grouped(x, w, offsets, 1, "plain", tiles, packed)
 
 
 def grouped_matmul_partials(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int) -> torch.Tensor:
     """The K axis cut into `chunks` equal chunks: [chunks, T, N] fp32, chunk c = rows @ w[e, c*Kc:(c+1)*Kc]
     of the rows' K range c (Kc = K / chunks), unrounded, each summed as `grouped_matmul` sums a K of Kc:
     the partials of a row-parallel expert projection (matmul.matmul_partials; moe/parallel.py)."""
-    if chunks < 1 or x.shape[-1] % chunks:
+    _check_chunks(chunks, x)
+    return _grouped(x, w, offsets, chunks, "partials", None, None)
+
+
+def grouped_matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int,
+                             dtype: torch.dtype, tiles: Tiles | None = None,
+                             packed: bool | None = None) -> torch.Tensor:
+    """`tree_sum(grouped_matmul_partials(x, w, offsets, chunks), dtype)` bit for bit -> [T, N] in `dtype`,
+    without writing the partials (matmul.matmul_chunk_sum). chunks: 1, 2, 4 or 8. Under the interpreter
+    (packed, the default there) it is that composition itself; `tiles` and `packed` are test hooks."""
+    _check_chunks(chunks, x)
+    if chunks not in CHUNK_SUM_LEAVES:
+        raise ValueError(f"chunks must be one of {CHUNK_SUM_LEAVES}, got {chunks}")
+    runtime.check_float_dtype("dtype", dtype)
+    if packed if packed is not None else runtime.interpreting():
+        partials = _grouped(x, w, offsets, chunks, "partials", None, True)
+        return tree_sum(partials, dtype)
+    return _grouped(x, w, offsets, chunks, "summed", tiles, False, dtype)
+
+
+def _check_chunks(chunks: int, x: torch.Tensor) -> None:
+    if chunks < 1 or x.dim() != 2 or x.shape[-1] % chunks:
         raise ValueError(f"chunks must be >= 1 and divide K={x.shape[-1]}, got {chunks}")
-    return _grouped(x, w, offsets, chunks, True, None, None)
 
 
-def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int, partials: bool,
-             tiles: Tiles | None, packed: bool | None) -> torch.Tensor:
-    """Check, allocate ([T, N] in x's dtype, or [chunks, T, N] fp32) and launch over `chunks` K chunks."""
+def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int, kind: str,
+             tiles: Tiles | None, packed: bool | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Check, allocate and launch over `chunks` K chunks. kind: "plain" ([T, N] in x's dtype),
+    "partials" ([chunks, T, N] fp32) or "summed" ([T, N] in `dtype`, the chunks added in the kernel)."""
     # 1. check shapes
     runtime.check_float("x", x)
     runtime.check_device("x", x)
@@ -186,7 +240,8 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: in
         # check would cost a sync per expert GEMM
         check_group_offsets(offsets, E, T)
     block_k = reduction_for(N, K, x.dtype).BLOCK_K   # the dense matmul's K step for this (N, K)
-    t = tiles or tiles_for(T, E, N)
+    summed = kind == "summed"
+    t = tiles or (fit_for_chunk_sum(tiles_for(T, E, N), chunks) if summed else tiles_for(T, E, N))
     bm = t.BLOCK_M
     if t.BLOCK_K is not None and K % t.BLOCK_K == 0 and x.dtype != torch.float32 and not runtime.interpreting():
         # a longer loop trip over the same 16-deep MMA steps, as in matmul.py (and only where K is a
@@ -194,11 +249,13 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: in
         block_k = t.BLOCK_K
 
     # 2. allocate output (the tile map is built in the kernel: no host sync, no extra launches on the GPU)
-    out = runtime.empty((chunks, T, N), x.device, torch.float32) if partials else \
-        runtime.empty((T, N), x.device, x.dtype)
+    if kind == "partials":
+        out = runtime.empty((chunks, T, N), x.device, torch.float32)
+    else:
+        out = runtime.empty((T, N), x.device, dtype if summed else x.dtype)
     if T == 0 or N == 0:
         return out
-    strides_out = (out.stride(-2), out.stride(-1), out.stride(0) if partials else 0)
+    strides_out = (out.stride(-2), out.stride(-1), out.stride(0) if kind == "partials" else 0)
     row_ends = offsets if offsets.dtype == torch.int32 else offsets.to(torch.int32)
     if packed if packed is not None else runtime.interpreting():
         row_starts = torch.cat([row_ends.new_zeros(1), row_ends[:-1]])
@@ -212,12 +269,13 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: in
 
     # 3. launch
     block_n = t.BLOCK_N
-    grid = (m_programs, runtime.cdiv(N, block_n), chunks)
+    grid = (m_programs, runtime.cdiv(N, block_n), 1 if summed else chunks)
     _grouped_mm_kernel[grid](
         x, w, out, row_ends, E, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), *strides_out,
         BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, E_POW2=runtime.next_pow2(E),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        SUMMED=chunks if summed else 1, BY_BITS=summed and round_by_bits(out.dtype),
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return out

@@ -26,8 +26,38 @@ import functools
 import torch
 
 from kernels import runtime
+from kernels.ops.rounding import round_by_bits, rounded_to
 import triton  # noqa: E402  (after kernels.runtime, which may switch on the interpreter)
 import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _k_range(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """One K range [0, K) of the tile's rows and columns in BLOCK_K steps, in K order, into one fresh fp32
+    accumulator: the same steps whatever M is (no split-K)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        if EVEN_K:
+            a = tl.load(x_rows + k[None, :] * stride_xk, mask=m_ok, other=0.0)
+            b = tl.load(w_cols + k[:, None] * stride_wk, mask=n_ok, other=0.0)
+        else:
+            a = tl.load(x_rows + k[None, :] * stride_xk, mask=m_ok & (k[None, :] < K), other=0.0)
+            b = tl.load(w_cols + k[:, None] * stride_wk, mask=n_ok & (k[:, None] < K), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _k_pair(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Two consecutive K chunks of K each, each from a fresh accumulator, added: one pair of a tree's leaves."""
+    first = _k_range(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                     PRECISION)
+    return first + _k_range(x_rows + K * stride_xk, w_cols + K * stride_wk, m_ok, n_ok, K, stride_xk, stride_wk,
+                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -35,10 +65,11 @@ def _matmul_kernel(
     x_ptr, w_ptr, out_ptr, M, N, K,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_oc,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, PRECISION: tl.constexpr, SUMMED: tl.constexpr, BY_BITS: tl.constexpr,
 ):
     # -- which K chunk (grid axis 1): chunk c sums x's K range [c*K, (c+1)*K) into its own output
-    #    out[c]; a plain matmul is the one chunk 0 --
+    #    out[c]; a plain matmul is the one chunk 0. SUMMED > 1: this program computes chunks
+    #    0..SUMMED-1 itself and adds them in tree_sum.py's tree (grid axis 1 is then 1) --
     chunk = tl.program_id(1).to(tl.int64)
     x_ptr += chunk * K * stride_xk
     w_ptr += chunk * K * stride_wk
@@ -56,26 +87,27 @@ def _matmul_kernel(
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)   # int64: M*N can pass 2**31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     w_cols = w_ptr + offs_n[None, :] * stride_wn
     m_ok = offs_m[:, None] < M
     n_ok = offs_n[None, :] < N
-
-    # -- the whole K range in BLOCK_K steps, in K order, into one accumulator: the same steps whatever
-    #    M is (no split-K) --
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        if EVEN_K:
-            a = tl.load(x_rows + k[None, :] * stride_xk, mask=m_ok, other=0.0)
-            b = tl.load(w_cols + k[:, None] * stride_wk, mask=n_ok, other=0.0)
-        else:
-            a = tl.load(x_rows + k[None, :] * stride_xk, mask=m_ok & (k[None, :] < K), other=0.0)
-            b = tl.load(w_cols + k[:, None] * stride_wk, mask=n_ok & (k[:, None] < K), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if SUMMED == 1:
+        acc = _k_range(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                       PRECISION)
+    else:   # tree_sum.py's tree, pair by pair: ((c0 + c1) + (c2 + c3)) + ((c4 + c5) + (c6 + c7))
+        dx, dw = 2 * K * stride_xk, 2 * K * stride_wk    # from one pair of K chunks to the next
+        acc = _k_pair(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                      PRECISION)
+        if SUMMED >= 4:
+            acc = acc + _k_pair(x_rows + dx, w_cols + dw, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N,
+                                BLOCK_K, EVEN_K, PRECISION)
+        if SUMMED == 8:
+            acc = acc + (_k_pair(x_rows + 2 * dx, w_cols + 2 * dw, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M,
+                                 BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
+                         + _k_pair(x_rows + 3 * dx, w_cols + 3 * dw, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M,
+                                   BLOCK_N, BLOCK_K, EVEN_K, PRECISION))
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=m_ok & n_ok)
+             rounded_to(acc, out_ptr.dtype.element_ty, BY_BITS), mask=m_ok & n_ok)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,10 +198,49 @@ def matmul_partials(x: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tens
     One launch (the chunks are a grid axis)."""
     _check(x, w)
     M, K = x.shape
-    if chunks < 1 or K % chunks:
-        raise ValueError(f"chunks must be >= 1 and divide K={K}, got {chunks}")
+    _check_chunks(chunks, K)
     out = runtime.empty((chunks, M, w.shape[1]), x.device, torch.float32)
     return _launch(x, w, out, chunks, None, None)
+
+
+def matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, chunks: int, dtype: torch.dtype,
+                     tiles: Tiles | None = None) -> torch.Tensor:
+    """`tree_sum(matmul_partials(x, w, chunks), dtype)` bit for bit, in one kernel that never writes the
+    partials: each program computes its tile's chunks one after another, adds them in the tree's order
+    in registers and rounds once to `dtype` -> [M, N]. chunks: 1, 2, 4 or 8. `tiles`: a test hook."""
+    _check(x, w)
+    M, K = x.shape
+    _check_chunks(chunks, K)
+    if chunks not in CHUNK_SUM_LEAVES:
+        raise ValueError(f"chunks must be one of {CHUNK_SUM_LEAVES}, got {chunks}")
+    runtime.check_float_dtype("dtype", dtype)
+    out = runtime.empty((M, w.shape[1]), x.device, dtype)
+    t = tiles or fit_for_chunk_sum(tiles_for(M, w.shape[1], x.dtype == torch.float32), chunks)
+    return _launch(x, w, out, chunks, None, t, summed=True)
+
+
+# The chunk counts the summed kernels write out (their trees are unrolled in the kernel).
+CHUNK_SUM_LEAVES = (1, 2, 4, 8)
+# fp32 accumulator registers per thread that a summed tile may hold per live accumulator: a tree of 4
+# leaves keeps 3 alive at once (a pair's first leaf, its second, the sum so far), so a 128x256 tile on
+# 8 warps (128 each) would spill; 64 leaves room for the loads.
+CHUNK_SUM_ACC_REGS = 64
+
+
+def fit_for_chunk_sum(t: Tiles, chunks: int) -> Tiles:
+    """t with BLOCK_N halved until each accumulator fits CHUNK_SUM_ACC_REGS per thread (bits unchanged:
+    tiles only group rows and columns). One leaf (chunks == 1) is a plain matmul and keeps t."""
+    if chunks == 1 or runtime.interpreting():
+        return t
+    bn = t.BLOCK_N
+    while bn > 32 and t.BLOCK_M * bn // (32 * t.num_warps) > CHUNK_SUM_ACC_REGS:
+        bn //= 2
+    return dataclasses.replace(t, BLOCK_N=bn)
+
+
+def _check_chunks(chunks: int, K: int) -> None:
+    if chunks < 1 or K % chunks:
+        raise ValueError(f"chunks must be >= 1 and divide K={K}, got {chunks}")
 
 
 def _check(x: torch.Tensor, w: torch.Tensor) -> None:
@@ -183,8 +254,9 @@ def _check(x: torch.Tensor, w: torch.Tensor) -> None:
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, chunks: int, reduction: Reduction | None,
-            tiles: Tiles | None) -> torch.Tensor:
-    """Launch over `chunks` equal K chunks into out [chunks, M, N] (or [M, N] for one chunk)."""
+            tiles: Tiles | None, summed: bool = False) -> torch.Tensor:
+    """Launch over `chunks` equal K chunks into out [chunks, M, N] (or [M, N] for one chunk, or for the
+    chunks summed in the kernel)."""
     M, N = x.shape[0], w.shape[1]
     K = x.shape[1] // chunks                  # the K that one program sums
     t = tiles or tiles_for(M, N, x.dtype == torch.float32)
@@ -196,11 +268,12 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, chunks: int, re
 
     if M == 0 or N == 0:
         return out
-    _matmul_kernel[(runtime.cdiv(M, t.BLOCK_M) * runtime.cdiv(N, t.BLOCK_N), chunks)](
+    _matmul_kernel[(runtime.cdiv(M, t.BLOCK_M) * runtime.cdiv(N, t.BLOCK_N), 1 if summed else chunks)](
         x, w, out, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(-2), out.stride(-1),
-        out.stride(0) if chunks > 1 else 0,
+        out.stride(0) if chunks > 1 and not summed else 0,
         BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=block_k, GROUP_M=8, EVEN_K=K % block_k == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        SUMMED=chunks if summed else 1, BY_BITS=summed and round_by_bits(out.dtype),
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return out

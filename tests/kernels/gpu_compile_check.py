@@ -52,8 +52,25 @@ def cases():
                {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", **{a: "i32" for a in (
                    "M", "N", "K", "stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_om", "stride_on",
                    "stride_oc")}},
-               {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EVEN_K": True, "PRECISION": "tf32"},
+               {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EVEN_K": True, "PRECISION": "tf32",
+                "SUMMED": 1, "BY_BITS": False},
                {"num_warps": 8 if bm == 128 else 4, "num_stages": 3})
+    for summed in (2, 4, 8):   # the row-parallel trees, on the tiles fit_for_chunk_sum gives
+        for out in ("*bf16", "*fp32"):
+            yield (f"matmul chunk sum {summed} {out}", _matmul_kernel,
+                   {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": out, **{a: "i32" for a in (
+                       "M", "N", "K", "stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_om", "stride_on",
+                       "stride_oc")}},
+                   {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EVEN_K": True,
+                    "PRECISION": "tf32", "SUMMED": summed, "BY_BITS": False}, {"num_warps": 8, "num_stages": 3})
+    from kernels.ops.grouped_gemm import _grouped_mm_kernel
+    for summed, bm, bn, warps in ((1, 64, 128, 4), (1, 128, 256, 8), (4, 64, 128, 4), (4, 128, 128, 8)):
+        yield (f"grouped {bm}x{bn} chunk sum {summed}", _grouped_mm_kernel,
+               {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "row_ends_ptr": "*i32", **{a: "i32" for a in (
+                   "E", "N", "K", "stride_xm", "stride_xk", "stride_we", "stride_wk", "stride_wn", "stride_om",
+                   "stride_on", "stride_oc")}},
+               {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "E_POW2": 64, "PRECISION": "tf32", "SUMMED": summed,
+                "BY_BITS": False}, {"num_warps": warps, "num_stages": 3})
     for S in (1, 2, 8):
         yield (f"ordered_combine S={S}", _ordered_combine_kernel,
                {"out_ptr": "*bf16", "inv_ptr": "*i32", "w_ptr": "*fp32", "y_ptr": "*bf16", "T": "i32", "D": "i32",

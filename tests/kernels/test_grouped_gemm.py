@@ -4,9 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.ops.grouped_gemm import grouped_matmul, grouped_matmul_partials
+from kernels.ops.grouped_gemm import TILES_GPU, grouped_matmul, grouped_matmul_chunk_sum, grouped_matmul_partials
+from kernels.ops.matmul import CHUNK_SUM_LEAVES, fit_for_chunk_sum
+from kernels.ops.tree_sum import tree_sum
 from kernels.torch_backend import TorchBackend
-from tests.kernels.conftest import DEVICE, TOL, randn, rel_err
+from tests.kernels.conftest import DEVICE, TOL, assert_same_bits, randn, rel_err
+from tests.kernels.test_matmul import integers
 
 
 def _offsets(sizes: list[int]) -> torch.Tensor:
@@ -110,3 +113,47 @@ def test_partials_are_the_chunks_of_any_k_shard(gen, dtype):
     alone = grouped_matmul_partials(x[3:4], w, _offsets([0, 0, 1, 0]), C)     # a row of expert 2, alone
     assert torch.equal(alone[:, 0], full[:, 3])
     assert rel_err(full.sum(0), _reference(x, w, sizes)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("values", ["normal", "integers"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunks", CHUNK_SUM_LEAVES)
+def test_chunk_sum_is_the_tree_of_the_partials(gen, dtype, chunks, values):
+    """grouped_matmul_chunk_sum: tree_sum of grouped_matmul_partials, bit for bit, by the per-tile kernel
+    that sums the chunks itself (packed=False; on the GPU the default) and by the interpreter's default
+    (the composition); a row's bits whatever its group."""
+    E, K, N = 4, 64, 40
+    sizes = [3, 0, 11, 6]
+    draw = randn if values == "normal" else integers
+    x, w = draw(gen, sum(sizes), K, dtype=dtype), draw(gen, E, K, N, dtype=dtype)
+    partials = grouped_matmul_partials(x, w, _offsets(sizes), chunks)
+    for out_dtype in sorted({dtype, torch.float32}, key=str):
+        ref = tree_sum(partials, out_dtype)
+        got = grouped_matmul_chunk_sum(x, w, _offsets(sizes), chunks, out_dtype, packed=False)
+        assert_same_bits(got, ref)
+        assert_same_bits(grouped_matmul_chunk_sum(x, w, _offsets(sizes), chunks, out_dtype), ref)
+        alone = grouped_matmul_chunk_sum(x[3:4], w, _offsets([0, 0, 1, 0]), chunks, out_dtype, packed=False)
+        assert_same_bits(alone[0], got[3])
+    assert rel_err(got, _reference(x, w, sizes)) < TOL[dtype]
+    with pytest.raises(ValueError, match="chunks"):
+        grouped_matmul_chunk_sum(x, w, _offsets(sizes), 16, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("E,K,N", [(64, 768, 2048), (8, 14336, 4096)])
+def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, E, K, N):
+    """The experts' down projections of the GPU presets: every tree the kernel unrolls, decode- and
+    prefill-sized row counts, every row bucket's tiles (cut to fit the tree's accumulators)."""
+    w = randn(gen, E, K, N, dtype=torch.bfloat16)
+    for total in (8, 512, 16384):
+        sizes = torch.multinomial(torch.ones(E), total, replacement=True, generator=gen).bincount(minlength=E)
+        x = randn(gen, total, K, dtype=torch.bfloat16)
+        offs = _offsets(sizes.tolist())
+        for chunks in CHUNK_SUM_LEAVES:
+            sub = grouped_matmul_chunk_sum(x, w, offs, chunks, torch.float32)
+            assert_same_bits(sub, tree_sum(grouped_matmul_partials(x, w, offs, chunks), torch.float32))
+            assert_same_bits(grouped_matmul_chunk_sum(x, w, offs, chunks, torch.bfloat16),
+                             tree_sum(grouped_matmul_partials(x, w, offs, chunks), torch.bfloat16))
+            for _, tiles in TILES_GPU:
+                t = fit_for_chunk_sum(tiles, chunks)
+                assert_same_bits(grouped_matmul_chunk_sum(x, w, offs, chunks, torch.float32, tiles=t), sub)

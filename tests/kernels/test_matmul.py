@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.ops.matmul import TILES_GPU, Tiles, matmul, matmul_partials, reduction_for
-from tests.kernels.conftest import DEVICE, TOL, batches_with_probe, randn, rel_err
+from kernels.ops.matmul import (CHUNK_SUM_LEAVES, TILES_GPU, Tiles, fit_for_chunk_sum, matmul, matmul_chunk_sum,
+                                matmul_partials, reduction_for)
+from kernels.ops.tree_sum import tree_sum
+from tests.kernels.conftest import DEVICE, TOL, assert_same_bits, batches_with_probe, randn, rel_err
 
 SIZES = [1, 2, 3, 4, 5, 7, 8, 13, 31, 64, 67, 97]          # odd and prime sizes included
 
@@ -107,3 +109,48 @@ def test_partials_are_the_chunks_of_any_k_shard(gen, dtype):
     assert rel_err(full.sum(0), x.double() @ w.double()) < TOL[dtype]
     with pytest.raises(ValueError, match="chunks"):
         matmul_partials(x, w, 3)
+
+
+def integers(gen: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """Small integers: exact products whose sums pass bf16's 256, so rounding ties come up often."""
+    return torch.randint(-3, 4, shape, generator=gen).to(dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("values", ["normal", "integers"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunks", CHUNK_SUM_LEAVES)
+def test_chunk_sum_is_the_tree_of_the_partials(gen, dtype, chunks, values):
+    """matmul_chunk_sum: tree_sum of matmul_partials in one kernel, bit for bit, rounded to the input's
+    dtype or kept in fp32 (a rank's subtree), and a row's bits whatever its batch."""
+    M, K, N = 37, 256, 48
+    draw = randn if values == "normal" else integers
+    x, w = draw(gen, M, K, dtype=dtype), draw(gen, K, N, dtype=dtype)
+    partials = matmul_partials(x, w, chunks)
+    for out_dtype in sorted({dtype, torch.float32}, key=str):
+        got = matmul_chunk_sum(x, w, chunks, out_dtype)
+        assert_same_bits(got, tree_sum(partials, out_dtype))
+        assert_same_bits(matmul_chunk_sum(x[5:6], w, chunks, out_dtype)[0], got[5])
+    assert rel_err(got, x.double() @ w.double()) < TOL[dtype]
+    for bad in (3, 16):
+        with pytest.raises(ValueError, match="chunks"):
+            matmul_chunk_sum(x, w, bad, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,N", [(2048, 2048), (768, 2048), (4096, 4096), (14336, 4096)])
+def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, K, N):
+    """At the row-parallel projections' sizes (attention output, expert and shared-expert down), for
+    every tree the kernel unrolls, every M bucket's tiles (cut to fit the tree's accumulators) and rows
+    alone or in a batch."""
+    x, w = randn(gen, 4096, K, dtype=torch.bfloat16), randn(gen, K, N, dtype=torch.bfloat16)
+    for chunks in CHUNK_SUM_LEAVES:
+        for m in (1, 17, 64, 300, 4096):
+            got = matmul_chunk_sum(x[:m], w, chunks, torch.bfloat16)
+            assert_same_bits(got, tree_sum(matmul_partials(x[:m], w, chunks), torch.bfloat16))
+            assert_same_bits(got[-1:], matmul_chunk_sum(x[m - 1:m], w, chunks, torch.bfloat16))
+        sub = matmul_chunk_sum(x[:300], w, chunks, torch.float32)
+        assert_same_bits(sub, tree_sum(matmul_partials(x[:300], w, chunks), torch.float32))
+        for table in TILES_GPU.values():
+            for _, tiles in table:
+                t = fit_for_chunk_sum(tiles, chunks)
+                assert_same_bits(matmul_chunk_sum(x[:300], w, chunks, torch.float32, tiles=t), sub)
