@@ -192,6 +192,9 @@ def tune_attention_schedule(rows: list[dict]) -> None:
             for schedule in (None, "fold", "split"):
                 fn = lambda: att.attention(q, k, v, cu, kv, slots, Dh ** -0.5, schedule=schedule)  # noqa: E731
                 outs[schedule] = fn()
+                # do_bench_cudagraph works on a stream of its own: the launch above must be done first
+                # (the split schedule's arrival counters serve one stream at a time)
+                torch.cuda.synchronize()
                 ms = do_bench_cudagraph(fn, rep=40, return_mode="median")
                 rows.append(dict(preset=name, B=B, context=C, schedule=schedule or "default", ms=ms,
                                  bound_ms=bound_ms, frac_of_bound=bound_ms / ms))

@@ -27,6 +27,7 @@ import torch
 
 from kernels import runtime
 from kernels.ops.rounding import round_by_bits, rounded_to
+from kernels.ops.tree_sum import tree_sum
 import triton  # noqa: E402  (after kernels.runtime, which may switch on the interpreter)
 import triton.language as tl  # noqa: E402
 
@@ -205,26 +206,45 @@ def matmul_partials(x: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tens
 
 def matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, chunks: int, dtype: torch.dtype,
                      tiles: Tiles | None = None) -> torch.Tensor:
-    """`tree_sum(matmul_partials(x, w, chunks), dtype)` bit for bit, in one kernel that never writes the
-    partials: each program computes its tile's chunks one after another, adds them in the tree's order
-    in registers and rounds once to `dtype` -> [M, N]. chunks: 1, 2, 4 or 8. `tiles`: a test hook."""
+    """`tree_sum(matmul_partials(x, w, chunks), dtype)` bit for bit -> [M, N] in `dtype`. Where it pays
+    (`sums_in_kernel`), in one kernel that never writes the partials: each program computes its tile's
+    chunks one after another, adds them in the tree's order in registers and rounds once. chunks: 1, 2,
+    4 or 8. `tiles` (a test hook) forces the one-kernel form with those tiles."""
     _check(x, w)
     M, K = x.shape
     _check_chunks(chunks, K)
     if chunks not in CHUNK_SUM_LEAVES:
         raise ValueError(f"chunks must be one of {CHUNK_SUM_LEAVES}, got {chunks}")
     runtime.check_float_dtype("dtype", dtype)
+    if tiles is None and not sums_in_kernel(M <= CHUNK_SUM_FEW_ROWS, K // chunks):
+        return tree_sum(matmul_partials(x, w, chunks), dtype)
     out = runtime.empty((M, w.shape[1]), x.device, dtype)
-    t = tiles or fit_for_chunk_sum(tiles_for(M, w.shape[1], x.dtype == torch.float32), chunks)
-    return _launch(x, w, out, chunks, None, t, summed=True)
+    if tiles is None:
+        tiles = tiles_for(M, w.shape[1], x.dtype == torch.float32) if runtime.interpreting() else CHUNK_SUM_TILES
+    return _launch(x, w, out, chunks, None, tiles, summed=True)
 
 
 # The chunk counts the summed kernels write out (their trees are unrolled in the kernel).
 CHUNK_SUM_LEAVES = (1, 2, 4, 8)
+# When the tree runs inside the GEMM. Its programs each walk all the chunks (a launch of C times fewer
+# programs than the partials') but write no fp32 partials and leave no tree_sum to launch. On an H200
+# (benchmarks/results/tune_chunk_sum_h200/, 4 chunks) it took 0.25-0.96x the time of partials + tree_sum
+# at 16 and 256 tokens on every shape of the GPU presets, and at 8192 tokens 0.46-0.90x where a chunk's K
+# is <= 512 (`large`: attention output K = 2048, expert down K = 768) but 1.24-1.42x where it is longer
+# (`wide`: K = 4096 and 14336), where the partials' write is small beside the GEMM.
+CHUNK_SUM_FEW_ROWS, CHUNK_SUM_MAX_K = 256, 512
+# The dense one-kernel form's tiles, for every M: 64x64 on 4 warps was the fastest candidate or within 4%
+# of it at 16 and 256 tokens, and the only one below 1x at 8192 (0.90x, attention output of `large`).
+CHUNK_SUM_TILES = Tiles(64, 64, 4, 4)
 # fp32 accumulator registers per thread that a summed tile may hold per live accumulator: a tree of 4
 # leaves keeps 3 alive at once (a pair's first leaf, its second, the sum so far), so a 128x256 tile on
 # 8 warps (128 each) would spill; 64 leaves room for the loads.
 CHUNK_SUM_ACC_REGS = 64
+
+
+def sums_in_kernel(few_rows: bool, chunk_k: int) -> bool:
+    """Whether a chunk sum runs as one kernel (else partials + tree_sum; the bits are the same)."""
+    return few_rows or chunk_k <= CHUNK_SUM_MAX_K
 
 
 def fit_for_chunk_sum(t: Tiles, chunks: int) -> Tiles:
