@@ -199,16 +199,16 @@ def grouped_matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, offsets: torch.Te
                              dtype: torch.dtype, tiles: Tiles | None = None,
                              packed: bool | None = None) -> torch.Tensor:
     """`tree_sum(grouped_matmul_partials(x, w, offsets, chunks), dtype)` bit for bit -> [T, N] in `dtype`,
-    without writing the partials where that pays (matmul.sums_in_kernel; few rows: the decode bucket of
-    TILES_GPU). chunks: 1, 2, 4 or 8. Under the interpreter (packed, the default there) it is that
-    composition itself; `tiles` (forces the one-kernel form) and `packed` are test hooks."""
+    without writing the partials where that pays (matmul.sums_in_kernel). chunks: 1, 2, 4 or 8. Under
+    the interpreter (packed, the default there) it is that composition itself; `tiles` (forces the
+    one-kernel form) and `packed` are test hooks."""
     _check_chunks(chunks, x)
     if chunks not in CHUNK_SUM_LEAVES:
         raise ValueError(f"chunks must be one of {CHUNK_SUM_LEAVES}, got {chunks}")
     runtime.check_float_dtype("dtype", dtype)
     composed = packed if packed is not None else runtime.interpreting()
-    if tiles is None and not sums_in_kernel(x.shape[0] <= TILES_GPU[0][0] * w.shape[0], x.shape[1] // chunks):
-        composed = True   # a prefill whose chunks are long: the partials' write costs less than the tree
+    if tiles is None and not sums_in_kernel(x.shape[1]):
+        composed = True   # a long K: one program walking all of it costs more than the partials' write
     if composed:
         return tree_sum(_grouped(x, w, offsets, chunks, "partials", None, packed), dtype)
     return _grouped(x, w, offsets, chunks, "summed", tiles, False, dtype)

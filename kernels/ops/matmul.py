@@ -216,7 +216,7 @@ def matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, chunks: int, dtype: torch
     if chunks not in CHUNK_SUM_LEAVES:
         raise ValueError(f"chunks must be one of {CHUNK_SUM_LEAVES}, got {chunks}")
     runtime.check_float_dtype("dtype", dtype)
-    if tiles is None and not sums_in_kernel(M <= CHUNK_SUM_FEW_ROWS, K // chunks):
+    if tiles is None and not sums_in_kernel(K):
         return tree_sum(matmul_partials(x, w, chunks), dtype)
     out = runtime.empty((M, w.shape[1]), x.device, dtype)
     if tiles is None:
@@ -226,13 +226,15 @@ def matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, chunks: int, dtype: torch
 
 # The chunk counts the summed kernels write out (their trees are unrolled in the kernel).
 CHUNK_SUM_LEAVES = (1, 2, 4, 8)
-# When the tree runs inside the GEMM. Its programs each walk all the chunks (a launch of C times fewer
-# programs than the partials') but write no fp32 partials and leave no tree_sum to launch. On an H200
-# (benchmarks/results/tune_chunk_sum_h200/, 4 chunks) it took 0.25-0.96x the time of partials + tree_sum
-# at 16 and 256 tokens on every shape of the GPU presets, and at 8192 tokens 0.46-0.90x where a chunk's K
-# is <= 512 (`large`: attention output K = 2048, expert down K = 768) but 1.24-1.42x where it is longer
-# (`wide`: K = 4096 and 14336), where the partials' write is small beside the GEMM.
-CHUNK_SUM_FEW_ROWS, CHUNK_SUM_MAX_K = 256, 512
+# When the tree runs inside the GEMM: where the whole K (all the chunks, which one program walks in turn)
+# is at most CHUNK_SUM_MAX_K. Its launch has C times fewer programs than the partials', each C times
+# longer, but writes no fp32 partials and leaves no tree_sum to launch. On one H200, 4 chunks:
+# - `large` (attention output K = 2048, expert down K = 768): 0.25-0.72x the time of partials +
+#   tree_sum at 16 and 256 tokens, 0.46-0.90x at 8192 (benchmarks/results/tune_chunk_sum_h200/); in the
+#   model, prefill 16 x 512 went from 27% to 34% of the tensor-core bound.
+# - `wide` (K = 4096 and 14336): 1.24-1.42x at 8192 tokens, and a captured decode step at batch 1 took
+#   3.9 ms instead of 2.9: the few programs of a one-token GEMM each walked 64-224 serial K steps.
+CHUNK_SUM_MAX_K = 2048
 # The dense one-kernel form's tiles, for every M: 64x64 on 4 warps was the fastest candidate or within 4%
 # of it at 16 and 256 tokens, and the only one below 1x at 8192 (0.90x, attention output of `large`).
 CHUNK_SUM_TILES = Tiles(64, 64, 4, 4)
@@ -242,9 +244,9 @@ CHUNK_SUM_TILES = Tiles(64, 64, 4, 4)
 CHUNK_SUM_ACC_REGS = 64
 
 
-def sums_in_kernel(few_rows: bool, chunk_k: int) -> bool:
-    """Whether a chunk sum runs as one kernel (else partials + tree_sum; the bits are the same)."""
-    return few_rows or chunk_k <= CHUNK_SUM_MAX_K
+def sums_in_kernel(K: int) -> bool:
+    """Whether a chunk sum over a K of K runs as one kernel (else partials + tree_sum: the same bits)."""
+    return K <= CHUNK_SUM_MAX_K
 
 
 def fit_for_chunk_sum(t: Tiles, chunks: int) -> Tiles:
