@@ -61,7 +61,7 @@ def _k_pair(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: tl.con
                             BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize_on_alignment=["M"])
 def _matmul_kernel(
     x_ptr, w_ptr, out_ptr, M, N, K,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_oc,
