@@ -14,8 +14,8 @@ run's file named beside them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -245,10 +245,12 @@ def tune_chunk_sum(rows: list[dict], chunks: int = 4) -> None:
                              ms=ms, partials_and_tree_ms=old_ms, ratio=None if ms is None else ms / old_ms,
                              same_bits=None if out is None else bool(torch.equal(out, ref))))
         cell = [r for r in rows if r["shape"] == name and r["tokens"] == tokens and r["ms"]]
-        best, dflt = min(cell, key=lambda r: r["ms"]), cell[0]
+        best = min(cell, key=lambda r: r["ms"])
+        dflt = next((r for r in cell if r["tiles"] == "default"), None)
         print(f"chunk sum {name:14s} tokens={tokens:5d}: partials + tree {old_ms:.4f} ms; default "
-              f"{dflt['ms']:.4f} ms ({dflt['ratio']:.2f}x, same bits {dflt['same_bits']}); best {best['tiles']} "
-              f"{best['ms']:.4f} ms ({best['ratio']:.2f}x, same bits {best['same_bits']})", flush=True)
+              + (f"{dflt['ms']:.4f} ms ({dflt['ratio']:.2f}x, same bits {dflt['same_bits']})" if dflt else "failed")
+              + f"; best {best['tiles']} {best['ms']:.4f} ms ({best['ratio']:.2f}x, same bits {best['same_bits']})",
+              flush=True)
 
 
 def best_grouped_per_bucket(rows: list[dict], buckets: list[tuple[float, float]]) -> dict:

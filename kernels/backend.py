@@ -45,7 +45,7 @@ class Backend(Protocol):
     def matmul_chunk_sum(self, x: torch.Tensor, w: torch.Tensor, chunks: int, dtype: torch.dtype) -> torch.Tensor:
         """`tree_sum(matmul_partials(x, w, chunks), dtype)`, bit for bit: the K chunks' fp32 products
         added in the tree's order and rounded once -> [T, N] in `dtype` (the batch_invariant backend
-        does it in one kernel that never writes the partials)."""
+        does it in one kernel that never writes the partials where K <= 2048)."""
 
     def grouped_matmul_chunk_sum(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int,
                                  dtype: torch.dtype) -> torch.Tensor:

@@ -25,7 +25,6 @@ from kernels.ops.grouped_gemm import grouped_matmul as _grouped_matmul
 from kernels.ops.grouped_gemm import grouped_matmul_chunk_sum as _grouped_matmul_chunk_sum
 from kernels.ops.grouped_gemm import grouped_matmul_partials as _grouped_matmul_partials
 from kernels.ops.matmul import matmul as _matmul
-from kernels.ops.matmul import CHUNK_SUM_LEAVES
 from kernels.ops.matmul import matmul_chunk_sum as _matmul_chunk_sum
 from kernels.ops.matmul import matmul_partials as _matmul_partials
 from kernels.ops.rmsnorm import rms_norm as _rms_norm
@@ -52,16 +51,11 @@ class BatchInvariantBackend:
                                 chunks: int) -> torch.Tensor:
         return _grouped_matmul_partials(x, w, offsets, chunks)
 
-    # one kernel for the trees the kernels unroll (1-8 leaves); longer ones as partials + tree_sum
     def matmul_chunk_sum(self, x: torch.Tensor, w: torch.Tensor, chunks: int, dtype: torch.dtype) -> torch.Tensor:
-        if chunks not in CHUNK_SUM_LEAVES:
-            return self.tree_sum(_matmul_partials(x, w, chunks), dtype)
         return _matmul_chunk_sum(x, w, chunks, dtype)
 
     def grouped_matmul_chunk_sum(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int,
                                  dtype: torch.dtype) -> torch.Tensor:
-        if chunks not in CHUNK_SUM_LEAVES:
-            return self.tree_sum(_grouped_matmul_partials(x, w, offsets, chunks), dtype)
         return _grouped_matmul_chunk_sum(x, w, offsets, chunks, dtype)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

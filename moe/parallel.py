@@ -20,8 +20,9 @@ Embedding, norms, router and LM head are replicated (their inputs are the same b
 Where the ranks' results meet, the backend decides how (`Backend.ordered_collectives`):
 - `batch_invariant`: a row-parallel matmul (attention output, expert and shared-expert down
   projections) sums its K axis as a balanced tree over `cfg.reduce_chunks` equal chunks. Rank r owns a
-  subtree (chunks r*C/W .. (r+1)*C/W - 1) and sums it in fp32 in the same tree shape, inside its GEMM
-  (`kernels.matmul_chunk_sum`); the rest of the tree runs across ranks (`cross_rank_sum`: an all-gather
+  subtree (chunks r*C/W .. (r+1)*C/W - 1) and sums it in fp32 in the same tree shape
+  (`kernels.matmul_chunk_sum`: inside the GEMM where the rank's K is at most 2048); the rest of the
+  tree runs across ranks (`cross_rank_sum`: an all-gather
   of the ranks' fp32 subtree sums for small sums;
   for large ones an all-to-all of fp32 pieces, the additions in tree order, an all-gather of the rounded
   pieces): the same additions in the same order on 1, 2 or 4 ranks, and one device runs the same tree.
@@ -238,7 +239,7 @@ def row_parallel_matmul(x: torch.Tensor, w: torch.Tensor, chunks: int, layout: O
     full K's chunk count (C); this rank holds C/W of them."""
     W = size_of(layout)
     if kernels.get_backend().ordered_collectives:
-        if W == 1:   # the whole tree in the GEMM: its chunks added in registers, rounded once
+        if W == 1:   # the whole tree at once (in the GEMM's registers where K <= 2048), rounded once
             return kernels.matmul_chunk_sum(x, w, chunks, x.dtype)
         subtree = kernels.matmul_chunk_sum(x, w, chunks // W, torch.float32)   # this rank's C/W leaves
         return cross_rank_sum(subtree, layout, x.dtype)
@@ -267,19 +268,10 @@ def row_parallel_grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch
 GATHER_BELOW_BYTES = 4 << 20
 
 
-def ordered_sum(partials: torch.Tensor, layout: Optional[Layout], dtype: torch.dtype) -> torch.Tensor:
-    """partials [C/W, ...] (fp32, this rank's leaves) -> the sum of all C leaves of all ranks, rounded to
-    `dtype` once: one balanced binary tree whose subtrees are the ranks' leaves, the same bits for every W.
-    The row-parallel layers form the same sum with the subtree computed inside their GEMM
-    (`kernels.matmul_chunk_sum`) and `cross_rank_sum`."""
-    if size_of(layout) == 1:
-        return kernels.tree_sum(partials, dtype)
-    return cross_rank_sum(kernels.tree_sum(partials, torch.float32), layout, dtype)
-
-
 def cross_rank_sum(subtree: torch.Tensor, layout: Layout, dtype: torch.dtype) -> torch.Tensor:
-    """This rank's fp32 subtree sum -> the W ranks' subtrees added in the tree's order (rank 0's first),
-    rounded once to `dtype`; every rank gets the same bits.
+    """This rank's fp32 subtree sum (of its C/W leaves) -> the W ranks' subtrees added in the tree's order
+    (rank 0's first), rounded once to `dtype`: one balanced binary tree over all C leaves, whose subtrees
+    are the ranks' leaves, so every rank gets the bits one process summing all C leaves would.
 
     An all-reduce built from copies (no arithmetic inside a collective). Small sums: every rank
     all-gathers the W subtree sums and adds them in the tree's order. Large ones: an all-to-all hands

@@ -25,9 +25,9 @@ import torch
 
 from kernels import runtime
 from kernels.checks import check_group_offsets
-from kernels.ops.matmul import CHUNK_SUM_LEAVES, Tiles, fit_for_chunk_sum, reduction_for, sums_in_kernel
+from kernels.ops.matmul import (Tiles, check_chunk_tree, fit_for_chunk_sum, one_kernel_sum, reduction_for,
+                                tree_of)
 from kernels.ops.rounding import round_by_bits, rounded_to
-from kernels.ops.tree_sum import tree_sum
 from kernels.ops.tile_map import group_tile
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -199,18 +199,16 @@ def grouped_matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, offsets: torch.Te
                              dtype: torch.dtype, tiles: Tiles | None = None,
                              packed: bool | None = None) -> torch.Tensor:
     """`tree_sum(grouped_matmul_partials(x, w, offsets, chunks), dtype)` bit for bit -> [T, N] in `dtype`,
-    without writing the partials where that pays (matmul.sums_in_kernel). chunks: 1, 2, 4 or 8. Under
-    the interpreter (packed, the default there) it is that composition itself; `tiles` (forces the
-    one-kernel form) and `packed` are test hooks."""
+    without writing the partials where that pays (matmul.one_kernel_sum). Under the interpreter (packed,
+    the default there) it is that composition itself. Test hooks: `tiles` forces the one-kernel form
+    with those tiles (on the interpreter too), `packed` the interpreter's packed partials."""
     _check_chunks(chunks, x)
-    if chunks not in CHUNK_SUM_LEAVES:
-        raise ValueError(f"chunks must be one of {CHUNK_SUM_LEAVES}, got {chunks}")
-    runtime.check_float_dtype("dtype", dtype)
-    composed = packed if packed is not None else runtime.interpreting()
-    if tiles is None and not sums_in_kernel(x.shape[1]):
-        composed = True   # a long K: one program walking all of it costs more than the partials' write
-    if composed:
-        return tree_sum(_grouped(x, w, offsets, chunks, "partials", None, packed), dtype)
+    check_chunk_tree(chunks, x.shape[1], dtype, tiles)
+    if tiles is not None and packed:
+        raise ValueError("tiles force the one-kernel sum; packed=True asks for the packed partials")
+    interpreted_default = packed if packed is not None else runtime.interpreting()
+    if tiles is None and (interpreted_default or not one_kernel_sum(chunks, x.shape[1])):
+        return tree_of(_grouped(x, w, offsets, chunks, "partials", None, packed), dtype)
     return _grouped(x, w, offsets, chunks, "summed", tiles, False, dtype)
 
 

@@ -27,7 +27,7 @@ import torch
 
 from kernels import runtime
 from kernels.ops.rounding import round_by_bits, rounded_to
-from kernels.ops.tree_sum import tree_sum
+from kernels.ops.tree_sum import tree_sum, tree_sum_torch
 import triton  # noqa: E402  (after kernels.runtime, which may switch on the interpreter)
 import triton.language as tl  # noqa: E402
 
@@ -206,18 +206,15 @@ def matmul_partials(x: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tens
 
 def matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, chunks: int, dtype: torch.dtype,
                      tiles: Tiles | None = None) -> torch.Tensor:
-    """`tree_sum(matmul_partials(x, w, chunks), dtype)` bit for bit -> [M, N] in `dtype`. Where it pays
-    (`sums_in_kernel`), in one kernel that never writes the partials: each program computes its tile's
-    chunks one after another, adds them in the tree's order in registers and rounds once. chunks: 1, 2,
-    4 or 8. `tiles` (a test hook) forces the one-kernel form with those tiles."""
+    """`tree_sum(matmul_partials(x, w, chunks), dtype)` bit for bit -> [M, N] in `dtype`; chunks: a power
+    of two. Where it pays (`one_kernel_sum`), in one kernel that never writes the partials: each program
+    computes its tile's chunks one after another, adds them in the tree's order in registers and rounds
+    once. `tiles` (a test hook) forces the one-kernel form with those tiles."""
     _check(x, w)
     M, K = x.shape
-    _check_chunks(chunks, K)
-    if chunks not in CHUNK_SUM_LEAVES:
-        raise ValueError(f"chunks must be one of {CHUNK_SUM_LEAVES}, got {chunks}")
-    runtime.check_float_dtype("dtype", dtype)
-    if tiles is None and not sums_in_kernel(K):
-        return tree_sum(matmul_partials(x, w, chunks), dtype)
+    check_chunk_tree(chunks, K, dtype, tiles)
+    if tiles is None and not one_kernel_sum(chunks, K):
+        return tree_of(matmul_partials(x, w, chunks), dtype)
     out = runtime.empty((M, w.shape[1]), x.device, dtype)
     if tiles is None:
         tiles = tiles_for(M, w.shape[1], x.dtype == torch.float32) if runtime.interpreting() else CHUNK_SUM_TILES
@@ -230,34 +227,53 @@ CHUNK_SUM_LEAVES = (1, 2, 4, 8)
 # is at most CHUNK_SUM_MAX_K. Its launch has C times fewer programs than the partials', each C times
 # longer, but writes no fp32 partials and leaves no tree_sum to launch. On one H200, 4 chunks:
 # - `large` (attention output K = 2048, expert down K = 768): 0.25-0.72x the time of partials +
-#   tree_sum at 16 and 256 tokens, 0.46-0.90x at 8192 (benchmarks/results/tune_chunk_sum_h200/); in the
-#   model, prefill 16 x 512 went from 27% to 34% of the tensor-core bound.
-# - `wide` (K = 4096 and 14336): 1.24-1.42x at 8192 tokens, and a captured decode step at batch 1 took
-#   3.9 ms instead of 2.9: the few programs of a one-token GEMM each walked 64-224 serial K steps.
+#   tree_sum at 16 and 256 tokens, 0.50-0.90x at 8192 on the tiles in use
+#   (benchmarks/results/tune_chunk_sum_h200/); in the model, prefill 16 x 512 went from 27% to 34% of
+#   the tensor-core bound.
+# - `wide` (K = 4096 and 14336): 1.24-1.42x at 8192 tokens, and with the one-kernel form at decode sizes
+#   a captured batch-1 decode step took 3.85 ms against 3.38 with the partials, the rest of the code the
+#   same (bench_model_h200/wide_chunk_sum_in_decode/ and wide/): the few programs of a one-token GEMM
+#   each walked 64-224 serial K steps.
 CHUNK_SUM_MAX_K = 2048
-# The dense one-kernel form's tiles, for every M: 64x64 on 4 warps was the fastest candidate or within 4%
+# The dense one-kernel form's tiles, for every M: 64x64 on 4 warps was the fastest candidate or within 8%
 # of it at 16 and 256 tokens, and the only one below 1x at 8192 (0.90x, attention output of `large`).
 CHUNK_SUM_TILES = Tiles(64, 64, 4, 4)
-# fp32 accumulator registers per thread that a summed tile may hold per live accumulator: a tree of 4
-# leaves keeps 3 alive at once (a pair's first leaf, its second, the sum so far), so a 128x256 tile on
-# 8 warps (128 each) would spill; 64 leaves room for the loads.
-CHUNK_SUM_ACC_REGS = 64
+# fp32 accumulator registers per thread that a summed tile may hold in all: a tree of 2^n leaves keeps
+# n + 1 accumulators alive at once (for 4: a pair's first leaf, its second, the sum so far), so a
+# 128x256 tile on 8 warps (128 registers each) would spill; 3 x 64 leaves room for the loads.
+CHUNK_SUM_ACC_REGS = 192
 
 
-def sums_in_kernel(K: int) -> bool:
-    """Whether a chunk sum over a K of K runs as one kernel (else partials + tree_sum: the same bits)."""
-    return K <= CHUNK_SUM_MAX_K
+def one_kernel_sum(chunks: int, K: int) -> bool:
+    """Whether a sum of `chunks` chunks over a K of K runs as one kernel (else partials + tree_sum, the
+    same bits): a tree the kernels unroll, over a K short enough for one program to walk."""
+    return chunks in CHUNK_SUM_LEAVES and K <= CHUNK_SUM_MAX_K
+
+
+def tree_of(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The partials' tree, rounded once: tree_sum's kernel, or its stock form past 64 leaves (same bits)."""
+    return tree_sum(partials, dtype) if partials.shape[0] <= 64 else tree_sum_torch(partials, dtype)
 
 
 def fit_for_chunk_sum(t: Tiles, chunks: int) -> Tiles:
-    """t with BLOCK_N halved until each accumulator fits CHUNK_SUM_ACC_REGS per thread (bits unchanged:
-    tiles only group rows and columns). One leaf (chunks == 1) is a plain matmul and keeps t."""
+    """t with BLOCK_N halved until the tree's live accumulators fit CHUNK_SUM_ACC_REGS per thread (bits
+    unchanged: tiles only group rows and columns). One leaf (chunks == 1) is a plain matmul and keeps t."""
     if chunks == 1 or runtime.interpreting():
         return t
+    live = chunks.bit_length()          # log2(chunks) + 1
     bn = t.BLOCK_N
-    while bn > 32 and t.BLOCK_M * bn // (32 * t.num_warps) > CHUNK_SUM_ACC_REGS:
+    while bn > 32 and live * t.BLOCK_M * bn // (32 * t.num_warps) > CHUNK_SUM_ACC_REGS:
         bn //= 2
     return dataclasses.replace(t, BLOCK_N=bn)
+
+
+def check_chunk_tree(chunks: int, K: int, dtype: torch.dtype, tiles: Tiles | None) -> None:
+    if not isinstance(chunks, int) or chunks < 1 or chunks & (chunks - 1) or K % chunks:
+        raise ValueError(f"chunks must be a power of two dividing K={K}, got {chunks!r}")
+    runtime.check_float_dtype("dtype", dtype)
+    if tiles is not None and chunks not in CHUNK_SUM_LEAVES:
+        raise ValueError(f"tiles force the one-kernel sum, which takes chunks in {CHUNK_SUM_LEAVES}, "
+                         f"got {chunks}")
 
 
 def _check_chunks(chunks: int, K: int) -> None:

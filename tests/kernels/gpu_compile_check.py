@@ -55,14 +55,18 @@ def cases():
                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EVEN_K": True, "PRECISION": "tf32",
                 "SUMMED": 1, "BY_BITS": False},
                {"num_warps": 8 if bm == 128 else 4, "num_stages": 3})
-    for summed in (2, 4, 8):   # the row-parallel trees, on the tiles fit_for_chunk_sum gives
+    # the row-parallel trees: on the dense one-kernel tiles (64x64, 4 warps, 4 stages), with a K that is
+    # and one that is not a whole number of steps, and on a tile fit_for_chunk_sum gives
+    for summed, (bm, bn, warps, stages), even_k in ((2, (64, 64, 4, 4), True), (4, (64, 64, 4, 4), False),
+                                                    (8, (64, 64, 4, 4), True), (4, (128, 128, 8, 3), True)):
         for out in ("*bf16", "*fp32"):
-            yield (f"matmul chunk sum {summed} {out}", _matmul_kernel,
+            yield (f"matmul chunk sum {summed} {bm}x{bn} even_k={even_k} {out}", _matmul_kernel,
                    {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": out, **{a: "i32" for a in (
                        "M", "N", "K", "stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_om", "stride_on",
                        "stride_oc")}},
-                   {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EVEN_K": True,
-                    "PRECISION": "tf32", "SUMMED": summed, "BY_BITS": False}, {"num_warps": 8, "num_stages": 3})
+                   {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "EVEN_K": even_k,
+                    "PRECISION": "tf32", "SUMMED": summed, "BY_BITS": False},
+                   {"num_warps": warps, "num_stages": stages})
     from kernels.ops.grouped_gemm import _grouped_mm_kernel
     for summed, bm, bn, warps in ((1, 64, 128, 4), (1, 128, 256, 8), (4, 64, 128, 4), (4, 128, 128, 8)):
         yield (f"grouped {bm}x{bn} chunk sum {summed}", _grouped_mm_kernel,

@@ -136,7 +136,9 @@ def test_chunk_sum_is_the_tree_of_the_partials(gen, dtype, chunks, values):
         assert_same_bits(alone[0], got[3])
     assert rel_err(got, _reference(x, w, sizes)) < TOL[dtype]
     with pytest.raises(ValueError, match="chunks"):
-        grouped_matmul_chunk_sum(x, w, _offsets(sizes), 16, dtype)
+        grouped_matmul_chunk_sum(x, w, _offsets(sizes), 3, dtype)
+    with pytest.raises(ValueError, match="packed"):
+        grouped_matmul_chunk_sum(x, w, _offsets(sizes), chunks, dtype, tiles=TILES_GPU[0][1], packed=True)
 
 
 @pytest.mark.gpu
@@ -150,10 +152,10 @@ def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, E, K, N):
         x = randn(gen, total, K, dtype=torch.bfloat16)
         offs = _offsets(sizes.tolist())
         for chunks in CHUNK_SUM_LEAVES:
-            sub = grouped_matmul_chunk_sum(x, w, offs, chunks, torch.float32)
-            assert_same_bits(sub, tree_sum(grouped_matmul_partials(x, w, offs, chunks), torch.float32))
-            assert_same_bits(grouped_matmul_chunk_sum(x, w, offs, chunks, torch.bfloat16),
-                             tree_sum(grouped_matmul_partials(x, w, offs, chunks), torch.bfloat16))
-            for _, tiles in TILES_GPU:
-                t = fit_for_chunk_sum(tiles, chunks)
-                assert_same_bits(grouped_matmul_chunk_sum(x, w, offs, chunks, torch.float32, tiles=t), sub)
+            for out_dtype in (torch.float32, torch.bfloat16):
+                ref = tree_sum(grouped_matmul_partials(x, w, offs, chunks), out_dtype)
+                assert_same_bits(grouped_matmul_chunk_sum(x, w, offs, chunks, out_dtype), ref)
+                # every bucket's tiles, forced into the one-kernel form (K > 2048 defaults to partials)
+                for _, tiles in TILES_GPU:
+                    t = fit_for_chunk_sum(tiles, chunks)
+                    assert_same_bits(grouped_matmul_chunk_sum(x, w, offs, chunks, out_dtype, tiles=t), ref)

@@ -121,8 +121,9 @@ def integers(gen: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Ten
 @pytest.mark.parametrize("chunks", CHUNK_SUM_LEAVES)
 def test_chunk_sum_is_the_tree_of_the_partials(gen, dtype, chunks, values):
     """matmul_chunk_sum: tree_sum of matmul_partials in one kernel, bit for bit, rounded to the input's
-    dtype or kept in fp32 (a rank's subtree), and a row's bits whatever its batch."""
-    M, K, N = 37, 256, 48
+    dtype or kept in fp32 (a rank's subtree), and a row's bits whatever its batch. K = 192: chunks of
+    24-192, none a whole number of the interpreter's K steps (the masked loop)."""
+    M, K, N = 37, 192, 48
     draw = randn if values == "normal" else integers
     x, w = draw(gen, M, K, dtype=dtype), draw(gen, K, N, dtype=dtype)
     partials = matmul_partials(x, w, chunks)
@@ -131,9 +132,26 @@ def test_chunk_sum_is_the_tree_of_the_partials(gen, dtype, chunks, values):
         assert_same_bits(got, tree_sum(partials, out_dtype))
         assert_same_bits(matmul_chunk_sum(x[5:6], w, chunks, out_dtype)[0], got[5])
     assert rel_err(got, x.double() @ w.double()) < TOL[dtype]
-    for bad in (3, 16):
-        with pytest.raises(ValueError, match="chunks"):
-            matmul_chunk_sum(x, w, bad, dtype)
+    with pytest.raises(ValueError, match="chunks"):
+        matmul_chunk_sum(x, w, 3, dtype)          # not a power of two (it divides K)
+
+
+@pytest.mark.parametrize("backend", ["batch_invariant", "torch"])
+def test_backends_chunk_sums_are_the_tree_of_their_partials(gen, backend):
+    """Through the backend switch, for a tree the kernels unroll and for a longer one (16 leaves: the
+    partials and tree_sum), dense and grouped."""
+    import kernels
+    from tests.kernels.test_grouped_gemm import _offsets
+    x, w = randn(gen, 9, 64, dtype=torch.bfloat16), randn(gen, 64, 24, dtype=torch.bfloat16)
+    wg, offs = randn(gen, 3, 64, 24, dtype=torch.bfloat16), _offsets([4, 0, 5])
+    with kernels.use_backend(backend):
+        for chunks in (4, 16):
+            assert_same_bits(kernels.matmul_chunk_sum(x, w, chunks, torch.bfloat16),
+                             kernels.tree_sum(kernels.matmul_partials(x, w, chunks), torch.bfloat16))
+            assert_same_bits(kernels.grouped_matmul_chunk_sum(x, wg, offs, chunks, torch.bfloat16),
+                             kernels.tree_sum(kernels.grouped_matmul_partials(x, wg, offs, chunks), torch.bfloat16))
+    with pytest.raises(ValueError, match="tiles"):
+        matmul_chunk_sum(x, w, 16, torch.bfloat16, tiles=Tiles(16, 16))
 
 
 @pytest.mark.gpu
@@ -148,9 +166,10 @@ def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, K, N):
             got = matmul_chunk_sum(x[:m], w, chunks, torch.bfloat16)
             assert_same_bits(got, tree_sum(matmul_partials(x[:m], w, chunks), torch.bfloat16))
             assert_same_bits(got[-1:], matmul_chunk_sum(x[m - 1:m], w, chunks, torch.bfloat16))
-        sub = matmul_chunk_sum(x[:300], w, chunks, torch.float32)
-        assert_same_bits(sub, tree_sum(matmul_partials(x[:300], w, chunks), torch.float32))
-        for table in TILES_GPU.values():
-            for _, tiles in table:
-                t = fit_for_chunk_sum(tiles, chunks)
-                assert_same_bits(matmul_chunk_sum(x[:300], w, chunks, torch.float32, tiles=t), sub)
+        # every bucket's tiles, forced into the one-kernel form (also where K > 2048 defaults to partials)
+        for out_dtype in (torch.float32, torch.bfloat16):
+            ref = tree_sum(matmul_partials(x[:300], w, chunks), out_dtype)
+            for table in TILES_GPU.values():
+                for _, tiles in table:
+                    t = fit_for_chunk_sum(tiles, chunks)
+                    assert_same_bits(matmul_chunk_sum(x[:300], w, chunks, out_dtype, tiles=t), ref)

@@ -111,7 +111,7 @@ def _ordered_sum_worker(rank: int, world: int, port: int, seed: int) -> None:
     try:
         layout = Layout(attention="tp", experts="tp")
         gen = torch.Generator().manual_seed(seed)               # the same leaves on every rank
-        for shape, threshold in itertools.product([(1, 24), (5, 24), (33, 7)], [0, 1 << 30]):
+        for shape, threshold in itertools.product([(1, 24), (5, 24), (33, 7), (0, 24)], [0, 1 << 30]):
             # mixed magnitudes, so that another order of the additions gives other bits
             leaves = torch.randn(8, *shape, generator=gen) * torch.exp2(torch.randint(-10, 10, (8, *shape),
                                                                                        generator=gen).float())
@@ -119,7 +119,8 @@ def _ordered_sum_worker(rank: int, world: int, port: int, seed: int) -> None:
             parallel.GATHER_BELOW_BYTES = threshold             # 0: all-to-all + all-gather; 2**30: all-gather
             for dtype in (torch.float32, torch.bfloat16):
                 with kernels.use_backend("batch_invariant"):
-                    got, ref = parallel.ordered_sum(mine, layout, dtype), kernels.tree_sum(leaves, dtype)
+                    subtree = kernels.tree_sum(mine, torch.float32)
+                    got, ref = parallel.cross_rank_sum(subtree, layout, dtype), kernels.tree_sum(leaves, dtype)
                 assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                                    ref.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), \
                     (shape, threshold, dtype)
@@ -129,9 +130,9 @@ def _ordered_sum_worker(rank: int, world: int, port: int, seed: int) -> None:
 
 @pytest.mark.parametrize("world", [4])   # (2 ranks: the model-level tests above)
 def test_ordered_sum_is_one_tree_on_any_ranks(seed, world):
-    """Both cross-rank forms of the ordered sum (one all-gather for small sums; all-to-all, then
-    all-gather for large ones) give the bits of one process summing all leaves in the same tree, for
-    sizes that do and do not split evenly over the ranks."""
+    """Both forms of the cross-rank sum (one all-gather for small sums; all-to-all, then all-gather for
+    large ones) give the bits of one process summing all leaves in the same tree, for sizes that do and
+    do not split evenly over the ranks, and for no rows (an expert group without tokens)."""
     mp.spawn(_ordered_sum_worker, args=(world, _free_port(), seed), nprocs=world, join=True)
 
 
@@ -265,14 +266,6 @@ def test_checkpoint_slices_of_a_two_dim_shard(fused):
             for where, part in _rank_parts(index, local.shape, shard):
                 local[where] = tensor if part is None else tensor[tuple(part)]
         assert torch.equal(local, shard.take(full)), (g, p)
-
-
-def test_ordered_sum_is_one_balanced_tree():
-    from moe.parallel import ordered_sum
-    p = torch.randn(4, 3, 5)
-    assert torch.equal(ordered_sum(p, None, torch.float32), (p[0] + p[1]) + (p[2] + p[3]))
-    with pytest.raises(ValueError, match="power-of-two"):
-        ordered_sum(torch.randn(3, 2), None, torch.float32)
 
 
 def _load_worker(rank: int, world: int, port: int, folders: list[str], layout_name: str) -> None:
