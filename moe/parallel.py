@@ -22,10 +22,10 @@ Where the ranks' results meet, the backend decides how (`Backend.ordered_collect
   projections) sums its K axis as a balanced tree over `cfg.reduce_chunks` equal chunks. Rank r owns a
   subtree (chunks r*C/W .. (r+1)*C/W - 1) and sums it in fp32 in the same tree shape
   (`kernels.matmul_chunk_sum`: inside the GEMM where the rank's K is at most 2048); the rest of the
-  tree runs across ranks (`cross_rank_sum`: an all-gather
-  of the ranks' fp32 subtree sums for small sums;
-  for large ones an all-to-all of fp32 pieces, the additions in tree order, an all-gather of the rounded
-  pieces): the same additions in the same order on 1, 2 or 4 ranks, and one device runs the same tree.
+  tree runs across ranks (`cross_rank_sum`: an all-gather of the ranks' fp32 subtree sums for small
+  sums; for large ones an all-to-all of fp32 pieces, the additions in tree order, an all-gather of the
+  rounded pieces): the same additions in the same order on 1, 2 or 4 ranks, and one device runs the
+  same tree.
   Expert outputs (EP) travel back as copies, each rank's run of rows in rank order, and the combine
   runs as on one device. With expert_tp=P the experts' down projection runs that tree over the P ranks
   of a group (P subtrees), then the groups' runs travel as copies.

@@ -25,35 +25,12 @@ import torch
 
 from kernels import runtime
 from kernels.checks import check_group_offsets
-from kernels.ops.matmul import (Tiles, check_chunk_tree, fit_for_chunk_sum, one_kernel_sum, reduction_for,
-                                tree_of)
+from kernels.ops.matmul import (Tiles, check_chunk_tree, check_chunks, fit_for_chunk_sum, k_chunk_tree,
+                                one_kernel_sum, reduction_for, tree_of)
 from kernels.ops.rounding import round_by_bits, rounded_to
 from kernels.ops.tile_map import group_tile
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-
-
-@triton.jit
-def _k_range(x_rows, w_cols, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """One K range [0, K) of the tile in BLOCK_K steps, in K order, into one fresh fp32 accumulator."""
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        a = tl.load(x_rows + k[None, :] * stride_xk, mask=row_ok & (k[None, :] < K), other=0.0)
-        b = tl.load(w_cols + k[:, None] * stride_wk, mask=(k[:, None] < K) & n_ok, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def _k_pair(x_rows, w_cols, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """Two consecutive K chunks, each from a fresh accumulator, added: one pair of a tree's leaves."""
-    first = _k_range(x_rows, w_cols, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-    return first + _k_range(x_rows + K * stride_xk, w_cols + K * stride_wk, row_ok, n_ok, K, stride_xk, stride_wk,
-                            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
 @triton.jit
@@ -89,20 +66,9 @@ def _grouped_mm_kernel(
     w_cols = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
 
     # -- K loop: the same BLOCK_K steps, in the same order, for every tile of every expert; SUMMED > 1:
-    #    chunks 0..SUMMED-1 one after another, added in tree_sum.py's tree as in matmul.py --
-    if SUMMED == 1:
-        acc = _k_range(x_rows, w_cols, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-    else:
-        dx, dw = 2 * K * stride_xk, 2 * K * stride_wk    # from one pair of K chunks to the next
-        acc = _k_pair(x_rows, w_cols, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        if SUMMED >= 4:
-            acc = acc + _k_pair(x_rows + dx, w_cols + dw, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N,
-                                BLOCK_K, PRECISION)
-        if SUMMED == 8:
-            acc = acc + (_k_pair(x_rows + 2 * dx, w_cols + 2 * dw, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M,
-                                 BLOCK_N, BLOCK_K, PRECISION)
-                         + _k_pair(x_rows + 3 * dx, w_cols + 3 * dw, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M,
-                                   BLOCK_N, BLOCK_K, PRECISION))
+    #    chunks 0..SUMMED-1 one after another, added in tree_sum.py's tree (matmul.k_chunk_tree) --
+    acc = k_chunk_tree(x_rows, w_cols, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, False,
+                       PRECISION, SUMMED)
 
     # -- write this tile's rows of this expert --
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
@@ -191,7 +157,7 @@ def grouped_matmul_partials(x: torch.Tensor, w: torch.Tensor, offsets: torch.Ten
     """The K axis cut into `chunks` equal chunks: [chunks, T, N] fp32, chunk c = rows @ w[e, c*Kc:(c+1)*Kc]
     of the rows' K range c (Kc = K / chunks), unrounded, each summed as `grouped_matmul` sums a K of Kc:
     the partials of a row-parallel expert projection (matmul.matmul_partials; moe/parallel.py)."""
-    _check_chunks(chunks, x)
+    check_chunks(chunks, x.shape[-1])
     return _grouped(x, w, offsets, chunks, "partials", None, None)
 
 
@@ -202,19 +168,13 @@ def grouped_matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, offsets: torch.Te
     without writing the partials where that pays (matmul.one_kernel_sum). Under the interpreter (packed,
     the default there) it is that composition itself. Test hooks: `tiles` forces the one-kernel form
     with those tiles (on the interpreter too), `packed` the interpreter's packed partials."""
-    _check_chunks(chunks, x)
-    check_chunk_tree(chunks, x.shape[1], dtype, tiles)
+    check_chunk_tree(chunks, x.shape[-1], dtype, tiles)
     if tiles is not None and packed:
         raise ValueError("tiles force the one-kernel sum; packed=True asks for the packed partials")
     interpreted_default = packed if packed is not None else runtime.interpreting()
-    if tiles is None and (interpreted_default or not one_kernel_sum(chunks, x.shape[1])):
+    if tiles is None and (interpreted_default or not one_kernel_sum(chunks, x.shape[-1])):
         return tree_of(_grouped(x, w, offsets, chunks, "partials", None, packed), dtype)
     return _grouped(x, w, offsets, chunks, "summed", tiles, False, dtype)
-
-
-def _check_chunks(chunks: int, x: torch.Tensor) -> None:
-    if chunks < 1 or x.dim() != 2 or x.shape[-1] % chunks:
-        raise ValueError(f"chunks must be >= 1 and divide K={x.shape[-1]}, got {chunks}")
 
 
 def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int, kind: str,

@@ -61,6 +61,30 @@ def _k_pair(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: tl.con
                             BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
 
 
+@triton.jit
+def k_chunk_tree(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, SUMMED: tl.constexpr):
+    """The tile's K chunks 0..SUMMED-1 (K each), each from a fresh accumulator, added in tree_sum.py's
+    tree, pair by pair: ((c0 + c1) + (c2 + c3)) + ((c4 + c5) + (c6 + c7)). One chunk: a plain K loop.
+    The grouped GEMM runs the same steps (EVEN_K=False: its K loads are always masked)."""
+    if SUMMED == 1:
+        acc = _k_range(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                       PRECISION)
+    else:
+        dx, dw = 2 * K * stride_xk, 2 * K * stride_wk    # from one pair of K chunks to the next
+        acc = _k_pair(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                      PRECISION)
+        if SUMMED >= 4:
+            acc = acc + _k_pair(x_rows + dx, w_cols + dw, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N,
+                                BLOCK_K, EVEN_K, PRECISION)
+        if SUMMED == 8:
+            acc = acc + (_k_pair(x_rows + 2 * dx, w_cols + 2 * dw, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M,
+                                 BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
+                         + _k_pair(x_rows + 3 * dx, w_cols + 3 * dw, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M,
+                                   BLOCK_N, BLOCK_K, EVEN_K, PRECISION))
+    return acc
+
+
 @triton.jit(do_not_specialize_on_alignment=["M"])
 def _matmul_kernel(
     x_ptr, w_ptr, out_ptr, M, N, K,
@@ -92,21 +116,8 @@ def _matmul_kernel(
     w_cols = w_ptr + offs_n[None, :] * stride_wn
     m_ok = offs_m[:, None] < M
     n_ok = offs_n[None, :] < N
-    if SUMMED == 1:
-        acc = _k_range(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                       PRECISION)
-    else:   # tree_sum.py's tree, pair by pair: ((c0 + c1) + (c2 + c3)) + ((c4 + c5) + (c6 + c7))
-        dx, dw = 2 * K * stride_xk, 2 * K * stride_wk    # from one pair of K chunks to the next
-        acc = _k_pair(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                      PRECISION)
-        if SUMMED >= 4:
-            acc = acc + _k_pair(x_rows + dx, w_cols + dw, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N,
-                                BLOCK_K, EVEN_K, PRECISION)
-        if SUMMED == 8:
-            acc = acc + (_k_pair(x_rows + 2 * dx, w_cols + 2 * dw, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M,
-                                 BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
-                         + _k_pair(x_rows + 3 * dx, w_cols + 3 * dw, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M,
-                                   BLOCK_N, BLOCK_K, EVEN_K, PRECISION))
+    acc = k_chunk_tree(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                       PRECISION, SUMMED)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              rounded_to(acc, out_ptr.dtype.element_ty, BY_BITS), mask=m_ok & n_ok)
 
@@ -199,7 +210,7 @@ def matmul_partials(x: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tens
     One launch (the chunks are a grid axis)."""
     _check(x, w)
     M, K = x.shape
-    _check_chunks(chunks, K)
+    check_chunks(chunks, K)
     out = runtime.empty((chunks, M, w.shape[1]), x.device, torch.float32)
     return _launch(x, w, out, chunks, None, None)
 
@@ -268,7 +279,8 @@ def fit_for_chunk_sum(t: Tiles, chunks: int) -> Tiles:
 
 
 def check_chunk_tree(chunks: int, K: int, dtype: torch.dtype, tiles: Tiles | None) -> None:
-    if not isinstance(chunks, int) or chunks < 1 or chunks & (chunks - 1) or K % chunks:
+    check_chunks(chunks, K)
+    if not isinstance(chunks, int) or chunks & (chunks - 1):   # tree_sum's balanced tree
         raise ValueError(f"chunks must be a power of two dividing K={K}, got {chunks!r}")
     runtime.check_float_dtype("dtype", dtype)
     if tiles is not None and chunks not in CHUNK_SUM_LEAVES:
@@ -276,7 +288,7 @@ def check_chunk_tree(chunks: int, K: int, dtype: torch.dtype, tiles: Tiles | Non
                          f"got {chunks}")
 
 
-def _check_chunks(chunks: int, K: int) -> None:
+def check_chunks(chunks: int, K: int) -> None:
     if chunks < 1 or K % chunks:
         raise ValueError(f"chunks must be >= 1 and divide K={K}, got {chunks}")
 
