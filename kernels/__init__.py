@@ -86,6 +86,12 @@ def tree_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return get_backend().tree_sum(partials, dtype)
 
 
+def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, token_slots: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
+    return get_backend().rope_and_store(q, k, v, cos, sin, k_cache, v_cache, token_slots, positions)
+
+
 def attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale: float) -> torch.Tensor:
     return get_backend().attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale)
 
@@ -93,4 +99,4 @@ def attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale: float) -
 __all__ = ["Backend", "BACKENDS", "available_backends", "get_backend", "register_backend", "use_backend",
            "matmul", "grouped_matmul", "matmul_partials", "grouped_matmul_partials", "matmul_chunk_sum",
            "grouped_matmul_chunk_sum", "rms_norm", "softmax",
-           "log_softmax", "attention", "ordered_combine", "tree_sum", "expert_sort"]
+           "log_softmax", "rope_and_store", "attention", "ordered_combine", "tree_sum", "expert_sort"]

@@ -79,6 +79,14 @@ class Backend(Protocol):
         level by level in the partials' dtype, rounded once. Bitwise equal to
         `kernels.ops.tree_sum.tree_sum_torch`, for any n and shape (the row-parallel sums rely on it)."""
 
+    def rope_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, token_slots: torch.Tensor,
+                       positions: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of the step's q [T, H, Dh] and k [T, Hkv, Dh] by cos, sin [T, 1, Dh/2] fp32
+        (half-split layout), in fp32, each product rounded before its add; rotated k and v [T, Hkv, Dh]
+        stored in k_cache, v_cache [slots, L, Hkv, Dh] at (token_slots[t], positions[t]). Returns the
+        rotated q in q's dtype. Bitwise equal to `kernels.torch_backend.rope_and_store_torch`."""
+
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
                   scale: float) -> torch.Tensor:

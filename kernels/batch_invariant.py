@@ -28,10 +28,11 @@ from kernels.ops.matmul import matmul as _matmul
 from kernels.ops.matmul import matmul_chunk_sum as _matmul_chunk_sum
 from kernels.ops.matmul import matmul_partials as _matmul_partials
 from kernels.ops.rmsnorm import rms_norm as _rms_norm
+from kernels.ops.rope import rope_and_store as _rope_and_store
 from kernels.ops.softmax import log_softmax as _log_softmax
 from kernels.ops.softmax import softmax as _softmax
 from kernels.ops.tree_sum import tree_sum as _tree_sum, tree_sum_torch
-from kernels.torch_backend import ordered_combine_torch
+from kernels.torch_backend import ordered_combine_torch, rope_and_store_torch
 
 
 class BatchInvariantBackend:
@@ -86,6 +87,16 @@ class BatchInvariantBackend:
         if partials.dtype != torch.float32 or dtype not in runtime.FLOATS or partials.shape[0] > 64:
             return tree_sum_torch(partials, dtype)     # fp64 CPU reference runs: the stock form's order
         return _tree_sum(partials, dtype)
+
+    def rope_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, token_slots: torch.Tensor,
+                       positions: torch.Tensor) -> torch.Tensor:
+        # elementwise, so the stock ops are invariant too: they stay for fp64 (CPU reference runs) and
+        # head dims whose half is not a power of two
+        half = q.shape[-1] // 2
+        if q.dtype not in runtime.FLOATS or half & (half - 1):
+            return rope_and_store_torch(q, k, v, cos, sin, k_cache, v_cache, token_slots, positions)
+        return _rope_and_store(q, k, v, cos, sin, k_cache, v_cache, token_slots, positions)
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,

@@ -81,10 +81,35 @@ class TorchBackend:
     def tree_sum(self, partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return tree_sum_torch(partials, dtype)
 
+    def rope_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, token_slots: torch.Tensor,
+                       positions: torch.Tensor) -> torch.Tensor:
+        return rope_and_store_torch(q, k, v, cos, sin, k_cache, v_cache, token_slots, positions)
+
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
                   scale: float) -> torch.Tensor:
         return stock_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale)
+
+
+def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, Dh] by its tokens' angles (cos, sin [T, 1, Dh/2] fp32), half-split layout
+    (Llama / HF `rotate_half`). Elementwise in fp32, so a token's result depends only on its own position."""
+    half = x.shape[-1] // 2
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def rope_and_store_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, token_slots: torch.Tensor,
+                         positions: torch.Tensor) -> torch.Tensor:
+    """`Backend.rope_and_store` in stock ops: q and k rotated in one pass (the same elementwise ops, so
+    the same bits as one call each), k and v written to their cache cells, rotated q returned."""
+    H = q.shape[1]
+    qk = rope_torch(torch.cat([q, k], dim=1), cos.reshape(q.shape[0], 1, -1), sin.reshape(q.shape[0], 1, -1))
+    k_cache[token_slots, positions] = qk[:, H:]
+    v_cache[token_slots, positions] = v
+    return qk[:, :H]
 
 
 def ordered_combine_torch(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,

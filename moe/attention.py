@@ -24,14 +24,6 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
     return angle.cos()[:, None, :], angle.sin()[:, None, :]
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, Dh] by its tokens' angles (`rope_tables`), half-split layout (Llama / HF
-    `rotate_half`). Elementwise in fp32, so a token's result depends only on its own position."""
-    half = x.shape[-1] // 2
-    x1, x2 = x.float()[..., :half], x.float()[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
 class Attention(nn.Module):
     """With a layout, this rank's H/W query heads and Hkv/W key/value heads (Megatron-style tensor
     parallelism: wq/wk/wv split by columns, wo by rows, one cross-rank sum after wo)."""
@@ -71,13 +63,11 @@ class Attention(nn.Module):
             k = kernels.rms_norm(k.reshape(-1, cfg.head_dim), self.k_norm, cfg.norm_eps).view_as(k)
         cos, sin = step.cached(("rope", cfg.head_dim, cfg.rope_theta),
                                lambda: rope_tables(step.positions, cfg.head_dim, cfg.rope_theta))
-        # q and k rotated in one pass (the same elementwise ops, so the same bits as one call each, in
-        # half the launches: a captured decode step is bound by its kernel count)
-        H = self.n_heads
-        qk = rope(torch.cat([q, k], dim=1), cos, sin)                          # [T, H + Hkv, Dh]
-        q, k = qk[:, :H], qk[:, H:]
-        # each token's cache slot: the same for every layer, so gathered once per step
-        cache.write(self.layer, step.cached("token_slots", lambda: step.slots[step.seq_idx]), step.positions, k, v)
+        # q and k rotated, k and v stored in the cache (one kernel on batch_invariant: a captured decode
+        # step is bound by its kernel count); each token's cache slot is the same for every layer
+        token_slots = step.cached("token_slots", lambda: step.slots[step.seq_idx])
+        q = kernels.rope_and_store(q, k, v, cos, sin, cache.k[self.layer], cache.v[self.layer], token_slots,
+                                   step.positions)
         out = kernels.attention(q, cache.k[self.layer], cache.v[self.layer], step.cu_seqlens,
                                 step.kv_lens, step.slots, cfg.head_dim ** -0.5)   # [T, H, Dh]
         # row-parallel: K (the heads) summed as a fixed tree of chunks, across ranks too (moe/parallel.py)

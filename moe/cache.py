@@ -42,12 +42,6 @@ class KVCache:
         self.router_counts[:, slot] = 0
         self.router_chunk[:, slot] = -1
 
-    def write(self, layer: int, token_slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor) -> None:
-        """Store the step's keys/values: token t goes to slot token_slots[t], position positions[t]."""
-        self.k[layer][token_slots, positions] = k
-        self.v[layer][token_slots, positions] = v
-
     def router_state(self, layer: int, slots: torch.Tensor) -> ChunkState:
         return ChunkState(self.router_counts[layer, slots], self.router_chunk[layer, slots])
 
