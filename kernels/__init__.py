@@ -86,6 +86,10 @@ def tree_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return get_backend().tree_sum(partials, dtype)
 
 
+def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return get_backend().top_k(x, k)
+
+
 def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, token_slots: torch.Tensor,
                    positions: torch.Tensor) -> torch.Tensor:
@@ -99,4 +103,4 @@ def attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale: float) -
 __all__ = ["Backend", "BACKENDS", "available_backends", "get_backend", "register_backend", "use_backend",
            "matmul", "grouped_matmul", "matmul_partials", "grouped_matmul_partials", "matmul_chunk_sum",
            "grouped_matmul_chunk_sum", "rms_norm", "softmax",
-           "log_softmax", "rope_and_store", "attention", "ordered_combine", "tree_sum", "expert_sort"]
+           "log_softmax", "top_k", "rope_and_store", "attention", "ordered_combine", "tree_sum", "expert_sort"]

@@ -79,6 +79,11 @@ class Backend(Protocol):
         level by level in the partials' dtype, rounded once. Bitwise equal to
         `kernels.ops.tree_sum.tree_sum_torch`, for any n and shape (the row-parallel sums rely on it)."""
 
+    def top_k(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row of x [T, N]'s k largest values, best first, equal values in column order (NaN before
+        any number): (columns [T, k] int64, values [T, k]), the first k of a stable descending sort.
+        Exact (a selection), so every backend gives the same tensors; no host sync."""
+
     def rope_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, token_slots: torch.Tensor,
                        positions: torch.Tensor) -> torch.Tensor:

@@ -29,10 +29,11 @@ from kernels.ops.matmul import matmul_chunk_sum as _matmul_chunk_sum
 from kernels.ops.matmul import matmul_partials as _matmul_partials
 from kernels.ops.rmsnorm import rms_norm as _rms_norm
 from kernels.ops.rope import rope_and_store as _rope_and_store
+from kernels.ops.top_k import top_k as _top_k
 from kernels.ops.softmax import log_softmax as _log_softmax
 from kernels.ops.softmax import softmax as _softmax
 from kernels.ops.tree_sum import tree_sum as _tree_sum, tree_sum_torch
-from kernels.torch_backend import ordered_combine_torch, rope_and_store_torch
+from kernels.torch_backend import ordered_combine_torch, rope_and_store_torch, top_k_torch
 
 
 class BatchInvariantBackend:
@@ -87,6 +88,11 @@ class BatchInvariantBackend:
         if partials.dtype != torch.float32 or dtype not in runtime.FLOATS or partials.shape[0] > 64:
             return tree_sum_torch(partials, dtype)     # fp64 CPU reference runs: the stock form's order
         return _tree_sum(partials, dtype)
+
+    def top_k(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dtype not in runtime.FLOATS:   # fp64 (CPU reference runs): the same selection, stock ops
+            return top_k_torch(x, k)
+        return _top_k(x, k)
 
     def rope_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, token_slots: torch.Tensor,

@@ -81,6 +81,9 @@ class TorchBackend:
     def tree_sum(self, partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return tree_sum_torch(partials, dtype)
 
+    def top_k(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return top_k_torch(x, k)
+
     def rope_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, token_slots: torch.Tensor,
                        positions: torch.Tensor) -> torch.Tensor:
@@ -90,6 +93,13 @@ class TorchBackend:
                   cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
                   scale: float) -> torch.Tensor:
         return stock_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale)
+
+
+def top_k_torch(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Backend.top_k` in stock ops: a stable descending sort of each row, its first k columns, and
+    their values gathered."""
+    cols = torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k]
+    return cols, x.gather(1, cols)
 
 
 def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -45,9 +45,8 @@ class Router:
 
     def top_k_choice(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's top-k experts, best first; equal probabilities go to the lower expert index
-        (a stable sort, so the tie rule holds on every backend and device)."""
-        order = torch.sort(probs, dim=1, descending=True, stable=True).indices[:, : self.top_k]
-        weights = probs.gather(1, order)
+        (the first k of a stable sort, so the tie rule holds on every backend and device)."""
+        order, weights = kernels.top_k(probs, self.top_k)
         if self.renormalize:
             weights = weights / weights.sum(dim=1, keepdim=True)
         return order, weights
