@@ -44,6 +44,11 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
     return get_backend().grouped_matmul(x, w, offsets)
 
 
+def grouped_swiglu(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor | None = None,
+                   top_k: int = 1) -> torch.Tensor:
+    return get_backend().grouped_swiglu(x, w, offsets, rows, top_k)
+
+
 def matmul_partials(x: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tensor:
     return get_backend().matmul_partials(x, w, chunks)
 
@@ -101,6 +106,6 @@ def attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale: float) -
 
 
 __all__ = ["Backend", "BACKENDS", "available_backends", "get_backend", "register_backend", "use_backend",
-           "matmul", "grouped_matmul", "matmul_partials", "grouped_matmul_partials", "matmul_chunk_sum",
+           "matmul", "grouped_matmul", "grouped_swiglu", "matmul_partials", "grouped_matmul_partials", "matmul_chunk_sum",
            "grouped_matmul_chunk_sum", "rms_norm", "softmax",
            "log_softmax", "top_k", "rope_and_store", "attention", "ordered_combine", "tree_sum", "expert_sort"]

@@ -35,6 +35,12 @@ class Backend(Protocol):
         last at most T. Row t of group e gives x[t] @ w[e]. Returns [T, N]; rows past offsets[-1]
         belong to no group and hold unspecified values."""
 
+    def grouped_swiglu(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                       rows: torch.Tensor | None = None, top_k: int = 1) -> torch.Tensor:
+        """The experts' SwiGLU input projection: h = grouped_matmul(x[rows // top_k], w, offsets) (x
+        itself where rows is None) with w [E, K, 2F] = [gate | up] -> silu(h[:, :F]) * h[:, F:] [A, F]
+        in x's dtype, each op rounded as torch's ops round the composition (`grouped_swiglu_torch`)."""
+
     def matmul_partials(self, x: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tensor:
         """The K axis in `chunks` equal chunks: [chunks, T, N] fp32, chunk c = x[:, Kc-range c] @ w[Kc-range c]."""
 

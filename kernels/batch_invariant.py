@@ -24,6 +24,7 @@ from kernels.ops.expert_sort import expert_sort as _expert_sort, expert_sort_tor
 from kernels.ops.grouped_gemm import grouped_matmul as _grouped_matmul
 from kernels.ops.grouped_gemm import grouped_matmul_chunk_sum as _grouped_matmul_chunk_sum
 from kernels.ops.grouped_gemm import grouped_matmul_partials as _grouped_matmul_partials
+from kernels.ops.grouped_gemm import grouped_swiglu as _grouped_swiglu
 from kernels.ops.matmul import matmul as _matmul
 from kernels.ops.matmul import matmul_chunk_sum as _matmul_chunk_sum
 from kernels.ops.matmul import matmul_partials as _matmul_partials
@@ -33,7 +34,7 @@ from kernels.ops.top_k import top_k as _top_k
 from kernels.ops.softmax import log_softmax as _log_softmax
 from kernels.ops.softmax import softmax as _softmax
 from kernels.ops.tree_sum import tree_sum as _tree_sum, tree_sum_torch
-from kernels.torch_backend import ordered_combine_torch, rope_and_store_torch, top_k_torch
+from kernels.torch_backend import grouped_swiglu_torch, ordered_combine_torch, rope_and_store_torch, top_k_torch
 
 
 class BatchInvariantBackend:
@@ -45,6 +46,14 @@ class BatchInvariantBackend:
 
     def grouped_matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return _grouped_matmul(x, w, offsets)
+
+    def grouped_swiglu(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                       rows: torch.Tensor | None = None, top_k: int = 1) -> torch.Tensor:
+        # one kernel on the GPU (tested equal to the composition there); under the interpreter the
+        # composition, whose packed GEMM is fast there and whose silu is torch's own on the CPU
+        if runtime.interpreting() or x.dtype not in runtime.FLOATS:
+            return grouped_swiglu_torch(self.grouped_matmul, x, w, offsets, rows, top_k)
+        return _grouped_swiglu(x, w, offsets, rows, top_k)
 
     def matmul_partials(self, x: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tensor:
         return _matmul_partials(x, w, chunks)

@@ -45,6 +45,10 @@ class TorchBackend:
                 start = end
             return out
 
+    def grouped_swiglu(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                       rows: torch.Tensor | None = None, top_k: int = 1) -> torch.Tensor:
+        return grouped_swiglu_torch(self.grouped_matmul, x, w, offsets, rows, top_k)
+
     # Partials for completeness (a stock layer all-reduces its rounded local product instead): each chunk
     # as the stock GEMM computes it, in fp32.
     def matmul_partials(self, x: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tensor:
@@ -93,6 +97,15 @@ class TorchBackend:
                   cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
                   scale: float) -> torch.Tensor:
         return stock_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale)
+
+
+def grouped_swiglu_torch(grouped_matmul, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                         rows: torch.Tensor | None, top_k: int) -> torch.Tensor:
+    """`Backend.grouped_swiglu` as the composition of a backend's `grouped_matmul` and stock ops: the
+    assignments' rows gathered, gate and up projected in one grouped GEMM, silu(gate) * up."""
+    h = grouped_matmul(x if rows is None else x[rows // top_k], w, offsets)
+    gate, up = h.chunk(2, dim=1)
+    return F.silu(gate) * up
 
 
 def top_k_torch(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,9 +95,9 @@ class MoELayer(nn.Module):
                 rows, offsets, run = _local_run_on_device(order, offsets, self.ep)  # [A], [E/G], run
             else:
                 rows, offsets, run = _local_run(order, offsets, self.ep)         # [A_r], [E/G], G ints
-        h = kernels.grouped_matmul(x[rows // S], self.w_gate_up, offsets)        # [A_r or A, 2F/P]
-        gate, up = h.chunk(2, dim=1)
-        act = F.silu(gate) * up
+        # each assignment's token row through its expert's gate and up projections, silu(gate) * up (one
+        # kernel on batch_invariant: no gathered copy of the rows, gate and up never written)
+        act = kernels.grouped_swiglu(x, self.w_gate_up, offsets, rows, S)         # [A_r or A, F/P]
         if self.layout is not None and not kernels.get_backend().ordered_collectives:
             # stock: each rank combines the outputs it holds, then one all-reduce (as serving engines do)
             out = kernels.grouped_matmul(act, self.w_down, offsets)

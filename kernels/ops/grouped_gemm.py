@@ -27,19 +27,42 @@ from kernels import runtime
 from kernels.checks import check_group_offsets
 from kernels.ops.matmul import (Tiles, check_chunk_tree, check_chunks, fit_for_chunk_sum, k_chunk_tree,
                                 one_kernel_sum, reduction_for, tree_of)
-from kernels.ops.rounding import round_by_bits, rounded_to
+from kernels.ops.rounding import round_by_bits, rounded_through, rounded_to
 from kernels.ops.tile_map import group_tile
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.language.extra import libdevice  # noqa: E402
+
+
+@triton.jit
+def _swiglu(h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, out_dtype: tl.constexpr, BY_BITS: tl.constexpr,
+            INTERPRETED: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] fp32 products whose first half of columns are gate and second half up (of the
+    same output columns) -> silu(gate) * up [BLOCK_M, BLOCK_N / 2] in out_dtype, rounded as torch's ops
+    round: h rounded to out_dtype, silu(g) = g / (1 + exp(-g)) in fp32 (expf and an IEEE division, as
+    torch's CUDA kernel computes it) rounded, then the product of the two rounded values, rounded."""
+    h = rounded_through(h, out_dtype, BY_BITS)
+    gate, up = tl.split(tl.permute(tl.reshape(h, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    if INTERPRETED:   # numpy's float32 exp (the interpreter has no libdevice); the GPU's is CUDA's expf
+        e = tl.exp(-gate)
+    else:
+        e = libdevice.exp(-gate)
+    silu = tl.math.div_rn(gate, 1.0 + e)
+    silu = rounded_through(silu, out_dtype, BY_BITS)
+    return rounded_to(silu * up, out_dtype, BY_BITS)
 
 
 @triton.jit
 def _grouped_mm_kernel(
-    x_ptr, w_ptr, out_ptr, row_ends_ptr, E, N, K,
+    x_ptr, w_ptr, out_ptr, row_ends_ptr, src_ptr, E, N, K,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_on, stride_oc,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
-    PRECISION: tl.constexpr, SUMMED: tl.constexpr, BY_BITS: tl.constexpr,
+    PRECISION: tl.constexpr, SUMMED: tl.constexpr, BY_BITS: tl.constexpr, GATHER: tl.constexpr,
+    SRC_DIV: tl.constexpr, SWIGLU: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
+    """GATHER: output row i reads x row src[i] // SRC_DIV (the MoE layer's assignments, sorted by expert,
+    read from the token rows in place). SWIGLU: w's columns are [gate | up] (N each, w 2N wide); the
+    program's BLOCK_N columns are BLOCK_N / 2 of gate and the same of up, and it writes silu(gate) * up."""
     # -- which K chunk (grid axis 2, as in matmul.py: chunk c sums K range [c*K, (c+1)*K) into out[c];
     #    SUMMED > 1: this program sums chunks 0..SUMMED-1 itself, the grid's axis 2 is then 1) --
     chunk = tl.program_id(2).to(tl.int64)
@@ -59,11 +82,21 @@ def _grouped_mm_kernel(
     first_row = tl.sum(tl.where(experts == e, starts, 0), axis=0) + tile * BLOCK_M
 
     offs_m = (first_row + tl.arange(0, BLOCK_M)).to(tl.int64)   # int64: T*N can pass 2**31
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_m[:, None] < row_end
+    if GATHER:   # the same x values as a gathered copy would hold, so the same bits
+        src = tl.load(src_ptr + offs_m, mask=offs_m < row_end, other=0) // SRC_DIV
+        x_rows = x_ptr + src.to(tl.int64)[:, None] * stride_xm
+    else:
+        x_rows = x_ptr + offs_m[:, None] * stride_xm
+    if SWIGLU:   # output columns pid_n * BLOCK_N / 2 + j, read as gate column c and up column N + c
+        j = tl.arange(0, BLOCK_N)
+        offs_n = pid_n * (BLOCK_N // 2) + j % (BLOCK_N // 2)
+        w_n = offs_n + tl.where(j < BLOCK_N // 2, 0, N)
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_n = offs_n
     n_ok = offs_n[None, :] < N
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
-    w_cols = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
+    w_cols = w_ptr + e.to(tl.int64) * stride_we + w_n[None, :] * stride_wn
 
     # -- K loop: the same BLOCK_K steps, in the same order, for every tile of every expert; SUMMED > 1:
     #    chunks 0..SUMMED-1 one after another, added in tree_sum.py's tree (matmul.k_chunk_tree) --
@@ -71,8 +104,13 @@ def _grouped_mm_kernel(
                        PRECISION, SUMMED)
 
     # -- write this tile's rows of this expert --
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             rounded_to(acc, out_ptr.dtype.element_ty, BY_BITS), mask=row_ok & n_ok)
+    if SWIGLU:
+        cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + cols[None, :] * stride_on,
+                 _swiglu(acc, BLOCK_M, BLOCK_N, out_ptr.dtype.element_ty, BY_BITS, INTERPRETED), mask=row_ok & (cols[None, :] < N))
+    else:
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                 rounded_to(acc, out_ptr.dtype.element_ty, BY_BITS), mask=row_ok & n_ok)
 
 
 @triton.jit
@@ -177,10 +215,30 @@ def grouped_matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, offsets: torch.Te
     return _grouped(x, w, offsets, chunks, "summed", tiles, False, dtype)
 
 
+def grouped_swiglu(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor | None = None,
+                   top_k: int = 1, tiles: Tiles | None = None) -> torch.Tensor:
+    """The experts' SwiGLU input projection in one kernel: h = grouped_matmul(x[rows // top_k], w, offsets)
+    (x itself where rows is None), w [E, K, 2F] holding gate and up, -> silu(h[:, :F]) * h[:, F:] [A, F]
+    in x's dtype, rounded as torch's ops round that composition: h to x's dtype, silu in fp32, the
+    product. The assignments' rows are read from x in place (no gathered copy) and gate and up never
+    reach memory. rows [A] int: row i of the product is token rows[i] // top_k. `tiles`: a test hook."""
+    if w.dim() != 3 or w.shape[2] % 2:
+        raise ValueError(f"w must be [E, K, 2F] (gate and up columns), got shape {tuple(w.shape)}")
+    if rows is not None and (rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64)
+                             or rows.device != x.device):
+        raise ValueError(f"rows must be a 1-D int32/int64 tensor on {x.device}, got {rows.dtype} of shape "
+                         f"{tuple(rows.shape)} on {rows.device}")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    return _grouped(x, w, offsets, 1, "swiglu", tiles, False, rows=rows, top_k=top_k)
+
+
 def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int, kind: str,
-             tiles: Tiles | None, packed: bool | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+             tiles: Tiles | None, packed: bool | None, dtype: torch.dtype | None = None,
+             rows: torch.Tensor | None = None, top_k: int = 1) -> torch.Tensor:
     """Check, allocate and launch over `chunks` K chunks. kind: "plain" ([T, N] in x's dtype),
-    "partials" ([chunks, T, N] fp32) or "summed" ([T, N] in `dtype`, the chunks added in the kernel)."""
+    "partials" ([chunks, T, N] fp32), "summed" ([T, N] in `dtype`, the chunks added in the kernel) or
+    "swiglu" ([T, N/2] in x's dtype; T = len(rows) where rows are given)."""
     # 1. check shapes
     runtime.check_float("x", x)
     runtime.check_device("x", x)
@@ -192,9 +250,10 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: in
     if offsets.dim() != 1 or offsets.shape[0] != w.shape[0] or offsets.device != x.device:
         raise ValueError(f"offsets must be [E={w.shape[0]}] on {x.device}, got {tuple(offsets.shape)} "
                          f"on {offsets.device}")
-    T = x.shape[0]
+    T = x.shape[0] if rows is None else rows.shape[0]   # rows of the product
     K = x.shape[1] // chunks                   # the K that one program sums
     E, _, N = w.shape
+    swiglu = kind == "swiglu"
     if not offsets.is_cuda:
         # their values too, where reading them costs no device sync (the interpreter's host tensors); on
         # the GPU the MoE layer's searchsorted makes them right by construction (moe/layer.py), and a
@@ -213,7 +272,7 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: in
     if kind == "partials":
         out = runtime.empty((chunks, T, N), x.device, torch.float32)
     else:
-        out = runtime.empty((T, N), x.device, dtype if summed else x.dtype)
+        out = runtime.empty((T, N // 2 if swiglu else N), x.device, dtype if summed else x.dtype)
     if T == 0 or N == 0:
         return out
     strides_out = (out.stride(-2), out.stride(-1), out.stride(0) if kind == "partials" else 0)
@@ -228,16 +287,20 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: in
     else:                        # upper bound: surplus programs return at once
         m_programs = runtime.cdiv(T, bm) + E
 
-    # 3. launch
+    # 3. launch (swiglu: each program's BLOCK_N columns are BLOCK_N / 2 of gate and as many of up)
     block_n = t.BLOCK_N
-    grid = (m_programs, runtime.cdiv(N, block_n), 1 if summed else chunks)
+    n_out = N // 2 if swiglu else N
+    grid = (m_programs, runtime.cdiv(n_out, block_n // 2 if swiglu else block_n), 1 if summed else chunks)
     _grouped_mm_kernel[grid](
-        x, w, out, row_ends, E, N, K,
+        x, w, out, row_ends, x if rows is None else rows, E, n_out, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), *strides_out,
         BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, E_POW2=runtime.next_pow2(E),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        SUMMED=chunks if summed else 1, BY_BITS=summed and round_by_bits(out.dtype),
+        SUMMED=chunks if summed else 1, BY_BITS=(summed or swiglu) and round_by_bits(out.dtype),
+        GATHER=rows is not None, SRC_DIV=top_k, SWIGLU=swiglu, INTERPRETED=runtime.interpreting(),
         num_warps=t.num_warps, num_stages=t.num_stages,
+        # swiglu: no fma in the epilogue's 1 + exp(-g), nor anywhere the stock ops round twice
+        enable_fp_fusion=not swiglu,
     )
     return out
 

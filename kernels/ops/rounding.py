@@ -36,3 +36,16 @@ def rounded_to(x, out_dtype: tl.constexpr, BY_BITS: tl.constexpr):
         return _bf16_rounded_by_bits(x)
     else:
         return x.to(out_dtype)
+
+
+@triton.jit
+def rounded_through(x, out_dtype: tl.constexpr, BY_BITS: tl.constexpr):
+    """fp32 x rounded to out_dtype (nearest even) and back to fp32: the value a torch op computing in
+    fp32 reads from a tensor of out_dtype. Interpreted bf16 rounds in integer ops and keeps fp32
+    storage (the interpreter's bf16 values do not convert back exactly)."""
+    if BY_BITS:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
+    else:
+        return x.to(out_dtype).to(tl.float32)

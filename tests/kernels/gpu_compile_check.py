@@ -68,13 +68,31 @@ def cases():
                     "PRECISION": "tf32", "SUMMED": summed, "BY_BITS": False},
                    {"num_warps": warps, "num_stages": stages})
     from kernels.ops.grouped_gemm import _grouped_mm_kernel
-    for summed, bm, bn, warps in ((1, 64, 128, 4), (1, 128, 256, 8), (4, 64, 128, 4), (4, 128, 128, 8)):
-        yield (f"grouped {bm}x{bn} chunk sum {summed}", _grouped_mm_kernel,
-               {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "row_ends_ptr": "*i32", **{a: "i32" for a in (
+    for summed, bm, bn, warps, swiglu in ((1, 64, 128, 4, False), (1, 128, 256, 8, False), (4, 64, 128, 4, False),
+                                          (4, 128, 128, 8, False), (1, 64, 128, 4, True), (1, 128, 256, 8, True)):
+        yield (f"grouped {bm}x{bn} chunk sum {summed} swiglu={swiglu}", _grouped_mm_kernel,
+               {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "row_ends_ptr": "*i32",
+                "src_ptr": "*i64" if swiglu else "*bf16", **{a: "i32" for a in (
                    "E", "N", "K", "stride_xm", "stride_xk", "stride_we", "stride_wk", "stride_wn", "stride_om",
                    "stride_on", "stride_oc")}},
                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "E_POW2": 64, "PRECISION": "tf32", "SUMMED": summed,
-                "BY_BITS": False}, {"num_warps": warps, "num_stages": 3})
+                "BY_BITS": False, "GATHER": swiglu, "SRC_DIV": 8 if swiglu else 1, "SWIGLU": swiglu,
+                "INTERPRETED": False},
+               {"num_warps": warps, "num_stages": 3, "enable_fp_fusion": not swiglu})
+    from kernels.ops.rope import _rope_and_store_kernel
+    yield ("rope_and_store bf16", _rope_and_store_kernel,
+           {**{p: "*bf16" for p in ("q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_cache_ptr", "v_cache_ptr")},
+            "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slots_ptr": "*i64", "pos_ptr": "*i64", **{a: "i32" for a in (
+                "T", "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ct",
+                "stride_ot", "stride_oh", "stride_cs", "stride_cl", "stride_ch")}},
+           {"H": 16, "HKV": 4, "H_POW2": 16, "HKV_POW2": 4, "HALF": 64, "ROWS": 1, "BY_BITS": False},
+           {"enable_fp_fusion": False})
+    from kernels.ops.top_k import _top_k_kernel
+    for n_pow2 in (8, 64, 256):
+        yield (f"top_k N={n_pow2}", _top_k_kernel,
+               {"x_ptr": "*fp32", "idx_ptr": "*i64", "val_ptr": "*fp32", **{a: "i32" for a in (
+                   "T", "N", "stride_xt", "stride_it", "stride_vt")}},
+               {"K": 8 if n_pow2 > 8 else 2, "ROWS": 8, "N_POW2": n_pow2}, {"num_warps": 1})
     for S in (1, 2, 8):
         yield (f"ordered_combine S={S}", _ordered_combine_kernel,
                {"out_ptr": "*bf16", "inv_ptr": "*i32", "w_ptr": "*fp32", "y_ptr": "*bf16", "T": "i32", "D": "i32",

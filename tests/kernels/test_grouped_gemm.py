@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.ops.grouped_gemm import TILES_GPU, grouped_matmul, grouped_matmul_chunk_sum, grouped_matmul_partials
+from kernels.ops.grouped_gemm import (TILES_GPU, grouped_matmul, grouped_matmul_chunk_sum, grouped_matmul_partials,
+                                      grouped_swiglu)
 from kernels.ops.matmul import CHUNK_SUM_LEAVES, fit_for_chunk_sum
 from kernels.ops.tree_sum import tree_sum
 from kernels.torch_backend import TorchBackend
@@ -159,3 +160,56 @@ def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, E, K, N):
                 for _, tiles in TILES_GPU:
                     t = fit_for_chunk_sum(tiles, chunks)
                     assert_same_bits(grouped_matmul_chunk_sum(x, w, offs, chunks, out_dtype, tiles=t), ref)
+
+
+def _swiglu_numpy(h32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """silu(gate) * up from the fp32 products h32 as torch rounds it on the GPU (h rounded to dtype, silu
+    g / (1 + exp(-g)) in fp32 rounded, the product rounded), with numpy's float32 exp: the
+    interpreter's stand-in for libdevice's."""
+    import numpy as np
+    h = h32.to(dtype)
+    F_ = h.shape[1] // 2
+    g = h[:, :F_].float().numpy()
+    silu = torch.from_numpy(g / (np.float32(1) + np.exp(-g))).to(dtype)
+    return (silu.float() * h[:, F_:].float()).to(dtype)
+
+
+def _assignments(gen, T, S, E):
+    """A router's output for T tokens, S slots each: the cells t*S+j sorted by expert, and group ends."""
+    experts = torch.stack([torch.randperm(E, generator=gen)[:S] for _ in range(T)])
+    order = torch.argsort(experts.flatten(), stable=True)
+    ends = torch.searchsorted(experts.flatten()[order], torch.arange(E), right=True)
+    return order.to(DEVICE), ends.to(torch.int32).to(DEVICE)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's exp (numpy's) is the reference here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_reads_the_assignments_rows_and_rounds_as_torch(gen, dtype):
+    E, K, F_, T, S = 4, 64, 24, 13, 2
+    x, w = randn(gen, T, K, dtype=dtype), randn(gen, E, K, 2 * F_, dtype=dtype) / 4
+    order, ends = _assignments(gen, T, S, E)
+    # the products in fp32 (one chunk of partials: the plain GEMM's sum, unrounded)
+    h32 = grouped_matmul_partials(x[order // S], w, ends, 1)[0]
+    got = grouped_swiglu(x, w, ends, order, S)
+    assert_same_bits(got, _swiglu_numpy(h32, dtype))
+    # no rows: x's own rows in order
+    assert_same_bits(grouped_swiglu(x[order // S], w, ends), got)
+    with pytest.raises(ValueError, match="2F"):
+        grouped_swiglu(x, w[:, :, 1:], ends, order, S)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("E,K,F_,S", [(64, 2048, 768, 8), (8, 4096, 14336, 2)])
+def test_gpu_swiglu_is_the_composition(gen, E, K, F_, S):
+    """The fused kernel gives the stock composition's bits (gathered rows, one grouped GEMM, torch's silu
+    and product) at the presets' expert shapes, for decode and prefill token counts and every tile bucket."""
+    from kernels.torch_backend import grouped_swiglu_torch
+    w = randn(gen, E, K, 2 * F_, dtype=torch.bfloat16) / 8
+    for T in (1, 16, 256, 4096):
+        x = randn(gen, T, K, dtype=torch.bfloat16)
+        order, ends = _assignments(gen, T, S, E)
+        ref = grouped_swiglu_torch(grouped_matmul, x, w, ends, order, S)
+        assert_same_bits(grouped_swiglu(x, w, ends, order, S), ref)
+        if T == 256:
+            for _, tiles in TILES_GPU:
+                assert_same_bits(grouped_swiglu(x, w, ends, order, S, tiles=tiles), ref)
