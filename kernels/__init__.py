@@ -70,6 +70,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return get_backend().rms_norm(x, weight, eps)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return get_backend().add_rms_norm(x, residual, weight, eps)
+
+
 def softmax(x: torch.Tensor) -> torch.Tensor:
     return get_backend().softmax(x)
 
@@ -107,5 +112,5 @@ def attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale: float) -
 
 __all__ = ["Backend", "BACKENDS", "available_backends", "get_backend", "register_backend", "use_backend",
            "matmul", "grouped_matmul", "grouped_swiglu", "matmul_partials", "grouped_matmul_partials", "matmul_chunk_sum",
-           "grouped_matmul_chunk_sum", "rms_norm", "softmax",
+           "grouped_matmul_chunk_sum", "rms_norm", "add_rms_norm", "softmax",
            "log_softmax", "top_k", "rope_and_store", "attention", "ordered_combine", "tree_sum", "expert_sort"]

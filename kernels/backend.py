@@ -60,6 +60,11 @@ class Backend(Protocol):
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [T, D] normalised per row, times weight [D]."""
 
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, rms_norm(h, weight, eps)) with h = x + residual in x's dtype: the residual stream's add and
+        the next norm, bitwise equal to the two ops."""
+
     def softmax(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax over the last dim, computed and returned in fp32."""
 

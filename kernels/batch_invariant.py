@@ -28,6 +28,7 @@ from kernels.ops.grouped_gemm import grouped_swiglu as _grouped_swiglu
 from kernels.ops.matmul import matmul as _matmul
 from kernels.ops.matmul import matmul_chunk_sum as _matmul_chunk_sum
 from kernels.ops.matmul import matmul_partials as _matmul_partials
+from kernels.ops.rmsnorm import add_rms_norm as _add_rms_norm
 from kernels.ops.rmsnorm import rms_norm as _rms_norm
 from kernels.ops.rope import rope_and_store as _rope_and_store
 from kernels.ops.top_k import top_k as _top_k
@@ -71,6 +72,10 @@ class BatchInvariantBackend:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return _rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return _add_rms_norm(x, residual, weight, eps)
 
     def softmax(self, x: torch.Tensor) -> torch.Tensor:
         return _softmax(x)

@@ -69,6 +69,11 @@ class TorchBackend:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x + residual
+        return h, self.rms_norm(h, weight, eps)
+
     def softmax(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(x.float(), dim=-1)
 

@@ -31,15 +31,27 @@ class Block(nn.Module):
         self.moe_norm = nn.Parameter(torch.ones(cfg.d_model, dtype=dtype))
         self.moe = MoELayer(cfg.moe, cfg.d_model, dtype, cfg.reduce_chunks, layout)
 
-    def forward(self, x: torch.Tensor, step: Step, cache: KVCache) -> tuple[torch.Tensor, Routing]:
-        x = x + self.attn(kernels.rms_norm(x, self.attn_norm, self.eps), step, cache)
+    def forward(self, x: torch.Tensor, pending: Optional[torch.Tensor], step: Step,
+                cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, Routing]:
+        """x: the residual stream; pending: the previous block's output, not yet added to it (None for the
+        first block). Returns the stream, this block's output (pending for the next) and its routing:
+        each add is fused with the norm that reads its sum (one kernel on batch_invariant)."""
+        x, h = add_and_norm(x, pending, self.attn_norm, self.eps)
+        x, h = kernels.add_rms_norm(x, self.attn(h, step, cache), self.moe_norm, self.eps)
         # only sequence_capacity carries state across steps; the others would ignore the gathered copy
         state = cache.router_state(self.layer, step.slots) if self.moe.router.stateful else None
-        y, routing = self.moe(kernels.rms_norm(x, self.moe_norm, self.eps), step.seq_idx, step.positions,
-                              state)
+        y, routing = self.moe(h, step.seq_idx, step.positions, state)
         if routing.state is not None:
             cache.set_router_state(self.layer, step.slots, routing.state)
-        return x + y, routing
+        return x, y, routing
+
+
+def add_and_norm(x: torch.Tensor, pending: Optional[torch.Tensor], weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + pending, its rms_norm), or (x, rms_norm(x)) when nothing is pending."""
+    if pending is None:
+        return x, kernels.rms_norm(x, weight, eps)
+    return kernels.add_rms_norm(x, pending, weight, eps)
 
 
 class MoETransformer(nn.Module):
@@ -142,12 +154,12 @@ class MoETransformer(nn.Module):
              slots: torch.Tensor) -> tuple[torch.Tensor, list[Routing]]:
         step = Step.build(cu_seqlens, slots, cache.lengths[slots], n_tokens=tokens.shape[0])
         x = self.embed[tokens]                                                      # [T, D]
-        routings = []
+        routings, pending = [], None
         for block in self.blocks:
-            x, routing = block(x, step, cache)
+            x, pending, routing = block(x, pending, step, cache)
             routings.append(routing)
         cache.lengths[slots] = step.kv_lens
-        x = kernels.rms_norm(x, self.final_norm, self.cfg.norm_eps)
+        _, x = add_and_norm(x, pending, self.final_norm, self.cfg.norm_eps)
         head = self.embed.t() if self.lm_head is None else self.lm_head
         return kernels.matmul(x, head).float(), routings                          # [T, V]
 

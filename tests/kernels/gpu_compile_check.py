@@ -39,9 +39,11 @@ def cases():
     from kernels.ops.rmsnorm import _rms_norm_kernel
     from kernels.ops.softmax import _softmax_kernel
     for dt in ("*bf16", "*fp32"):
-        yield (f"rms_norm {dt}", _rms_norm_kernel,
-               {"x_ptr": dt, "w_ptr": dt, "out_ptr": dt, "T": "i32", "D": "i32", "stride_xt": "i32",
-                "stride_ot": "i32", "eps": "fp32"}, {"ROWS": 1, "BLOCK_D": 4096}, {"num_warps": 8})
+        for residual in (False, True):
+            yield (f"rms_norm {dt} residual={residual}", _rms_norm_kernel,
+                   {"x_ptr": dt, "r_ptr": dt, "w_ptr": dt, "out_ptr": dt, "sum_ptr": dt, "T": "i32", "D": "i32",
+                    "stride_xt": "i32", "stride_ot": "i32", "eps": "fp32"},
+                   {"ROWS": 1, "BLOCK_D": 4096, "RESIDUAL": residual, "BY_BITS": False}, {"num_warps": 8})
         for log in (False, True):
             yield (f"softmax log={log} {dt}", _softmax_kernel,
                    {"x_ptr": dt, "out_ptr": "*fp32", "T": "i32", "N": "i32", "stride_xt": "i32", "stride_ot": "i32"},
