@@ -30,6 +30,11 @@ class Backend(Protocol):
     def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [T, K] @ w [K, N] -> [T, N] in x's dtype (fp32 accumulate)."""
 
+    def matmul_three(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                     w3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x @ w1, x @ w2, x @ w3), each bitwise `matmul`'s (the batch_invariant backend launches once:
+        a query, key and value projection)."""
+
     def grouped_matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Rows of x [T, K] sorted by group; w [E, K, N]; offsets [E] int32 cumulative row ends, the
         last at most T. Row t of group e gives x[t] @ w[e]. Returns [T, N]; rows past offsets[-1]

@@ -28,6 +28,7 @@ from kernels.ops.grouped_gemm import grouped_swiglu as _grouped_swiglu
 from kernels.ops.matmul import matmul as _matmul
 from kernels.ops.matmul import matmul_chunk_sum as _matmul_chunk_sum
 from kernels.ops.matmul import matmul_partials as _matmul_partials
+from kernels.ops.matmul import matmul_three as _matmul_three
 from kernels.ops.rmsnorm import add_rms_norm as _add_rms_norm
 from kernels.ops.rmsnorm import rms_norm as _rms_norm
 from kernels.ops.rope import rope_and_store as _rope_and_store
@@ -44,6 +45,10 @@ class BatchInvariantBackend:
 
     def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return _matmul(x, w)
+
+    def matmul_three(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                     w3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _matmul_three(x, w1, w2, w3)
 
     def grouped_matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return _grouped_matmul(x, w, offsets)

@@ -27,6 +27,10 @@ class TorchBackend:
     def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return torch.mm(x, w)
 
+    def matmul_three(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                     w3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.mm(x, w1), torch.mm(x, w2), torch.mm(x, w3)
+
     def grouped_matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         if not offsets.is_cuda:  # the values only on the host: on a GPU reading them is a sync per call
             check_group_offsets(offsets, w.shape[0], x.shape[0])

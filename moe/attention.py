@@ -50,7 +50,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         cfg, T = self.cfg, x.shape[0]
-        q, k, v = kernels.matmul(x, self.wq), kernels.matmul(x, self.wk), kernels.matmul(x, self.wv)
+        q, k, v = kernels.matmul_three(x, self.wq, self.wk, self.wv)   # one launch on batch_invariant
         if cfg.qkv_bias:
             q, k, v = q + self.bq, k + self.bk, v + self.bv
         if cfg.qk_norm == "full":
@@ -68,8 +68,10 @@ class Attention(nn.Module):
         token_slots = step.cached("token_slots", lambda: step.slots[step.seq_idx])
         q = kernels.rope_and_store(q, k, v, cos, sin, cache.k[self.layer], cache.v[self.layer], token_slots,
                                    step.positions)
-        out = kernels.attention(q, cache.k[self.layer], cache.v[self.layer], step.cu_seqlens,
-                                step.kv_lens, step.slots, cfg.head_dim ** -0.5)   # [T, H, Dh]
+        # the kernels take int32 offsets: converted once per step, not in every layer
+        cu, kv_lens = step.cached("int32 lengths", lambda: (step.cu_seqlens.int(), step.kv_lens.int()))
+        out = kernels.attention(q, cache.k[self.layer], cache.v[self.layer], cu, kv_lens, step.slots,
+                                cfg.head_dim ** -0.5)                              # [T, H, Dh]
         # row-parallel: K (the heads) summed as a fixed tree of chunks, across ranks too (moe/parallel.py)
         return row_parallel_matmul(out.reshape(T, self.n_heads * cfg.head_dim), self.wo, cfg.reduce_chunks,
                                    self.layout)

@@ -89,9 +89,13 @@ def k_chunk_tree(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: t
 def _matmul_kernel(
     x_ptr, w_ptr, out_ptr, M, N, K,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_oc,
+    w2_ptr, w3_ptr, N1, N2, stride_wk2, stride_wk3,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, SUMMED: tl.constexpr, BY_BITS: tl.constexpr,
+    THREE: tl.constexpr,
 ):
+    """THREE: the output's N columns are those of three weights side by side, w [K, N1], w2 [K, N2] and
+    w3 [K, N - N1 - N2] (N1 and N2 whole numbers of BLOCK_N, so a tile reads one weight)."""
     # -- which K chunk (grid axis 1): chunk c sums x's K range [c*K, (c+1)*K) into its own output
     #    out[c]; a plain matmul is the one chunk 0. SUMMED > 1: this program computes chunks
     #    0..SUMMED-1 itself and adds them in tree_sum.py's tree (grid axis 1 is then 1) --
@@ -113,9 +117,16 @@ def _matmul_kernel(
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)   # int64: M*N can pass 2**31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
-    w_cols = w_ptr + offs_n[None, :] * stride_wn
     m_ok = offs_m[:, None] < M
     n_ok = offs_n[None, :] < N
+    if THREE:   # which weight this tile's columns come from, and where in it
+        second, third = pid_n * BLOCK_N >= N1, pid_n * BLOCK_N >= N1 + N2
+        w_ptr = tl.where(third, w3_ptr, tl.where(second, w2_ptr, w_ptr))
+        stride_wk = tl.where(third, stride_wk3, tl.where(second, stride_wk2, stride_wk))
+        first_col = tl.where(third, N1 + N2, tl.where(second, N1, 0))
+        w_cols = w_ptr + (offs_n - first_col)[None, :] * stride_wn
+    else:
+        w_cols = w_ptr + offs_n[None, :] * stride_wn
     acc = k_chunk_tree(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                        PRECISION, SUMMED)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
@@ -199,6 +210,24 @@ def matmul(x: torch.Tensor, w: torch.Tensor, reduction: Reduction | None = None,
     _check(x, w)
     out = runtime.empty((x.shape[0], w.shape[1]), x.device, x.dtype)
     return _launch(x, w, out, 1, reduction, tiles)
+
+
+def matmul_three(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                 tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x @ w1, x @ w2, x @ w3) in one launch, each with `matmul`'s bits: the tiles only say which
+    columns share a program, and every column keeps its K order (a query, key and value projection
+    reads x once and launches once, with no concatenated weight). Returns views into one [M, N1+N2+N3]
+    buffer. Where N1 or N2 is not a whole number of the launch's BLOCK_N, three launches instead."""
+    for w in (w1, w2, w3):
+        _check(x, w)
+    M = x.shape[0]
+    widths = [w.shape[1] for w in (w1, w2, w3)]
+    t = tiles or tiles_for(M, sum(widths), x.dtype == torch.float32)
+    if widths[0] % t.BLOCK_N or widths[1] % t.BLOCK_N:
+        return matmul(x, w1), matmul(x, w2), matmul(x, w3)
+    out = runtime.empty((M, sum(widths)), x.device, x.dtype)
+    _launch(x, w1, out, 1, None, t, more=(w2, w3))
+    return tuple(out.split(widths, dim=1))
 
 
 def matmul_partials(x: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tensor:
@@ -304,10 +333,12 @@ def _check(x: torch.Tensor, w: torch.Tensor) -> None:
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, chunks: int, reduction: Reduction | None,
-            tiles: Tiles | None, summed: bool = False) -> torch.Tensor:
+            tiles: Tiles | None, summed: bool = False,
+            more: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Launch over `chunks` equal K chunks into out [chunks, M, N] (or [M, N] for one chunk, or for the
-    chunks summed in the kernel)."""
-    M, N = x.shape[0], w.shape[1]
+    chunks summed in the kernel). `more`: two further weights whose columns follow w's in out (one chunk;
+    the tiles, reduction and N of the launch are then out's)."""
+    M, N = x.shape[0], out.shape[-1]
     K = x.shape[1] // chunks                  # the K that one program sums
     t = tiles or tiles_for(M, N, x.dtype == torch.float32)
     block_k = (reduction or reduction_for(N, K, x.dtype)).BLOCK_K
@@ -318,12 +349,18 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, chunks: int, re
 
     if M == 0 or N == 0:
         return out
+    if more is None:   # one weight: the THREE arguments are placeholders
+        w2, w3, n1, n2 = w, w, N, 0
+    else:
+        w2, w3 = more
+        n1, n2 = w.shape[1], w2.shape[1]
+        N = n1 + n2 + w3.shape[1]
     _matmul_kernel[(runtime.cdiv(M, t.BLOCK_M) * runtime.cdiv(N, t.BLOCK_N), 1 if summed else chunks)](
         x, w, out, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(-2), out.stride(-1),
-        out.stride(0) if chunks > 1 and not summed else 0,
+        out.stride(0) if chunks > 1 and not summed else 0, w2, w3, n1, n2, w2.stride(0), w3.stride(0),
         BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=block_k, GROUP_M=8, EVEN_K=K % block_k == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        SUMMED=chunks if summed else 1, BY_BITS=summed and round_by_bits(out.dtype),
+        SUMMED=chunks if summed else 1, BY_BITS=summed and round_by_bits(out.dtype), THREE=more is not None,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return out

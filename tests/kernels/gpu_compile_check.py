@@ -5,6 +5,7 @@ tests/kernels/test_gpu_compile.py in a process of its own, with the interpreter 
 machine cannot compile for the GPU at all (no toolchain), so the test skips."""
 from __future__ import annotations
 
+import itertools
 import sys
 
 import triton
@@ -49,13 +50,15 @@ def cases():
                    {"x_ptr": dt, "out_ptr": "*fp32", "T": "i32", "N": "i32", "stride_xt": "i32", "stride_ot": "i32"},
                    {"LOG": log, "ROWS": 1, "BLOCK_N": 1024}, {})
     from kernels.ops.matmul import _matmul_kernel
-    for bm, bn, bk in ((64, 128, 64), (128, 256, 64)):     # a decode-sized and a prefill-sized tile
-        yield (f"matmul {bm}x{bn}x{bk} bf16", _matmul_kernel,
+    three = {"w2_ptr": "*bf16", "w3_ptr": "*bf16", **{a: "i32" for a in ("N1", "N2", "stride_wk2", "stride_wk3")}}
+    for (bm, bn, bk), n_weights in itertools.product(((64, 128, 64), (128, 256, 64)), (1, 3)):
+        # a decode-sized and a prefill-sized tile, one weight or three side by side
+        yield (f"matmul {bm}x{bn}x{bk} bf16 {n_weights} weights", _matmul_kernel,
                {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", **{a: "i32" for a in (
                    "M", "N", "K", "stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_om", "stride_on",
-                   "stride_oc")}},
+                   "stride_oc")}, **three},
                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EVEN_K": True, "PRECISION": "tf32",
-                "SUMMED": 1, "BY_BITS": False},
+                "SUMMED": 1, "BY_BITS": False, "THREE": n_weights == 3},
                {"num_warps": 8 if bm == 128 else 4, "num_stages": 3})
     # the row-parallel trees: on the dense one-kernel tiles (64x64, 4 warps, 4 stages), with a K that is
     # and one that is not a whole number of steps, and on a tile fit_for_chunk_sum gives
@@ -65,9 +68,9 @@ def cases():
             yield (f"matmul chunk sum {summed} {bm}x{bn} even_k={even_k} {out}", _matmul_kernel,
                    {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": out, **{a: "i32" for a in (
                        "M", "N", "K", "stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_om", "stride_on",
-                       "stride_oc")}},
+                       "stride_oc")}, **three},
                    {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "EVEN_K": even_k,
-                    "PRECISION": "tf32", "SUMMED": summed, "BY_BITS": False},
+                    "PRECISION": "tf32", "SUMMED": summed, "BY_BITS": False, "THREE": False},
                    {"num_warps": warps, "num_stages": stages})
     from kernels.ops.grouped_gemm import _grouped_mm_kernel
     for summed, bm, bn, warps, swiglu in ((1, 64, 128, 4, False), (1, 128, 256, 8, False), (4, 64, 128, 4, False),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels.ops.matmul import (CHUNK_SUM_LEAVES, TILES_GPU, Tiles, fit_for_chunk_sum, matmul, matmul_chunk_sum,
-                                matmul_partials, reduction_for)
+                                matmul_partials, matmul_three, reduction_for)
 from kernels.ops.tree_sum import tree_sum
 from tests.kernels.conftest import DEVICE, TOL, assert_same_bits, batches_with_probe, randn, rel_err
 
@@ -173,3 +173,29 @@ def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, K, N):
                 for _, tiles in table:
                     t = fit_for_chunk_sum(tiles, chunks)
                     assert_same_bits(matmul_chunk_sum(x[:300], w, chunks, out_dtype, tiles=t), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_three_weights_in_one_launch_are_each_matmul(gen, dtype):
+    """matmul_three: each product has matmul's bits (one launch over the three weights' columns), also
+    where the widths force three launches, and with tiles whose BLOCK_N the widths are multiples of."""
+    K = 96
+    x = randn(gen, 37, K, dtype=dtype)
+    for widths, tiles in (((64, 32, 32), Tiles(32, 32)), ((512, 128, 128), None), ((40, 24, 24), None)):
+        ws = [randn(gen, K, n, dtype=dtype) for n in widths]
+        got = matmul_three(x, *ws, tiles=tiles)
+        for g, w in zip(got, ws):
+            assert torch.equal(g, matmul(x, w))
+        assert torch.equal(matmul_three(x[4:5], *ws, tiles=tiles)[2][0], got[2][4])
+
+
+@pytest.mark.gpu
+def test_gpu_three_weights_are_each_matmul(gen):
+    """The presets' query, key and value projections (large: 2048 -> 2048, 512, 512; wide: 4096 -> 4096,
+    1024, 1024) at decode and prefill row counts: each product has matmul's bits."""
+    for K, widths in ((2048, (2048, 512, 512)), (4096, (4096, 1024, 1024))):
+        ws = [randn(gen, K, n, dtype=torch.bfloat16) for n in widths]
+        x = randn(gen, 4096, K, dtype=torch.bfloat16)
+        for M in (1, 16, 64, 256, 4096):
+            for g, w in zip(matmul_three(x[:M], *ws), ws):
+                assert torch.equal(g, matmul(x[:M], w)), f"K={K} M={M}"
