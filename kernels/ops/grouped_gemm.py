@@ -27,7 +27,6 @@ from kernels import runtime
 from kernels.checks import check_group_offsets
 from kernels.ops.matmul import (Tiles, check_chunk_tree, check_chunks, fit_for_chunk_sum, k_chunk_tree,
                                 one_kernel_sum, reduction_for, tree_of)
-from kernels.ops import matmul as matmul_op
 from kernels.ops.rounding import round_by_bits, rounded_through, rounded_to
 from kernels.ops.tile_map import group_tile
 import triton  # noqa: E402
@@ -59,7 +58,7 @@ def _grouped_mm_kernel(
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_on, stride_oc,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
     PRECISION: tl.constexpr, SUMMED: tl.constexpr, BY_BITS: tl.constexpr, GATHER: tl.constexpr,
-    SRC_DIV: tl.constexpr, SWIGLU: tl.constexpr, INTERPRETED: tl.constexpr, ONE_LOOP: tl.constexpr,
+    SRC_DIV: tl.constexpr, SWIGLU: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """GATHER: output row i reads x row src[i] // SRC_DIV (the MoE layer's assignments, sorted by expert,
     read from the token rows in place). SWIGLU: w's columns are [gate | up] (N each, w 2N wide); the
@@ -104,7 +103,7 @@ def _grouped_mm_kernel(
     # -- K loop: the same BLOCK_K steps, in the same order, for every tile of every expert; SUMMED > 1:
     #    chunks 0..SUMMED-1 one after another, added in tree_sum.py's tree (matmul.k_chunk_tree) --
     acc = k_chunk_tree(x_rows, w_cols, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, False,
-                       PRECISION, SUMMED, ONE_LOOP)
+                       PRECISION, SUMMED)
 
     # -- write this tile's rows of this expert --
     if SWIGLU:
@@ -301,7 +300,6 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: in
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         SUMMED=chunks if summed else 1, BY_BITS=(summed or swiglu) and round_by_bits(out.dtype),
         GATHER=rows is not None, SRC_DIV=top_k, SWIGLU=swiglu, INTERPRETED=runtime.interpreting(),
-        ONE_LOOP=matmul_op.CHUNK_TREE_ONE_LOOP,
         num_warps=t.num_warps, num_stages=t.num_stages,
         # swiglu: no fma in the epilogue's 1 + exp(-g), nor anywhere the stock ops round twice
         enable_fp_fusion=not swiglu,

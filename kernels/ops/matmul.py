@@ -62,64 +62,11 @@ def _k_pair(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: tl.con
 
 
 @triton.jit
-def _k_tree_one_loop(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                     SUMMED: tl.constexpr):
-    """`k_chunk_tree`'s sum as one loop over all the chunks' steps (SUMMED = 2, 4 or 8), so that the
-    loads run ahead across chunk ends instead of every short chunk loop filling its pipeline anew. Each
-    chunk still starts from a fresh accumulator and takes its steps in K order; at a chunk's end the
-    accumulator is folded into the tree's pending nodes (leaf, pair, quad: at most log2(SUMMED) of them
-    live) by the same additions, left operand first; the last chunk's fold completes the root."""
-    steps = tl.cdiv(K, BLOCK_K)                        # per chunk
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    leaf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    pair = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    quad = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(0, (SUMMED - 1) * steps):          # every chunk but the last, folded in the loop
-        c = i // steps
-        k = (i - c * steps) * BLOCK_K + offs_k         # within chunk c
-        kk = c * K + k
-        if EVEN_K:
-            a = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_ok, other=0.0)
-            b = tl.load(w_cols + kk[:, None] * stride_wk, mask=n_ok, other=0.0)
-        else:
-            a = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_ok & (k[None, :] < K), other=0.0)
-            b = tl.load(w_cols + kk[:, None] * stride_wk, mask=n_ok & (k[:, None] < K), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if i - c * steps == steps - 1:                 # chunk c ends here
-            if c % 2 == 0:
-                leaf = acc
-            else:
-                node = leaf + acc                      # pair (c-1, c)
-                if c % 4 == 1:
-                    pair = node
-                else:
-                    node = pair + node                 # quad (c-3 .. c), c % 4 == 3
-                    quad = node                        # (c == 3 with 8 leaves: the first half)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # the last chunk, then the folds it completes
-    acc = _k_range(x_rows + (SUMMED - 1) * K * stride_xk, w_cols + (SUMMED - 1) * K * stride_wk, m_ok, n_ok, K,
-                   stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
-    root = leaf + acc
-    if SUMMED >= 4:
-        root = pair + root
-    if SUMMED == 8:
-        root = quad + root
-    return root
-
-
-@triton.jit
 def k_chunk_tree(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, SUMMED: tl.constexpr,
-                 ONE_LOOP: tl.constexpr = False):
+                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, SUMMED: tl.constexpr):
     """The tile's K chunks 0..SUMMED-1 (K each), each from a fresh accumulator, added in tree_sum.py's
     tree, pair by pair: ((c0 + c1) + (c2 + c3)) + ((c4 + c5) + (c6 + c7)). One chunk: a plain K loop.
-    The grouped GEMM runs the same steps (EVEN_K=False: its K loads are always masked). ONE_LOOP: the
-    same sum as one loop over all the chunks (`_k_tree_one_loop`)."""
-    if SUMMED > 1 and ONE_LOOP:
-        return _k_tree_one_loop(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
-                                EVEN_K, PRECISION, SUMMED)
+    The grouped GEMM runs the same steps (EVEN_K=False: its K loads are always masked)."""
     if SUMMED == 1:
         acc = _k_range(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                        PRECISION)
@@ -145,7 +92,7 @@ def _matmul_kernel(
     w2_ptr, w3_ptr, N1, N2, stride_wk2, stride_wk3,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, SUMMED: tl.constexpr, BY_BITS: tl.constexpr,
-    THREE: tl.constexpr, ONE_LOOP: tl.constexpr,
+    THREE: tl.constexpr,
 ):
     """THREE: the output's N columns are those of three weights side by side, w [K, N1], w2 [K, N2] and
     w3 [K, N - N1 - N2] (N1 and N2 whole numbers of BLOCK_N, so a tile reads one weight)."""
@@ -181,7 +128,7 @@ def _matmul_kernel(
     else:
         w_cols = w_ptr + offs_n[None, :] * stride_wn
     acc = k_chunk_tree(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                       PRECISION, SUMMED, ONE_LOOP)
+                       PRECISION, SUMMED)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              rounded_to(acc, out_ptr.dtype.element_ty, BY_BITS), mask=m_ok & n_ok)
 
@@ -328,9 +275,6 @@ CHUNK_SUM_LEAVES = (1, 2, 4, 8)
 #   same (bench_model_h200/wide_chunk_sum_in_decode/ and wide/): the few programs of a one-token GEMM
 #   each walked 64-224 serial K steps.
 CHUNK_SUM_MAX_K = 2048
-# The one-kernel sum walks its chunks in one loop (`_k_tree_one_loop`) rather than a loop per chunk: the
-# same bits, and the loads stay ahead across chunk ends. A module setting so that a benchmark can time both.
-CHUNK_TREE_ONE_LOOP = False
 # The dense one-kernel form's tiles, for every M: 64x64 on 4 warps was the fastest candidate or within 8%
 # of it at 16 and 256 tokens, and the only one below 1x at 8192 (0.90x, attention output of `large`).
 CHUNK_SUM_TILES = Tiles(64, 64, 4, 4)
@@ -417,7 +361,6 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, chunks: int, re
         BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=block_k, GROUP_M=8, EVEN_K=K % block_k == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         SUMMED=chunks if summed else 1, BY_BITS=summed and round_by_bits(out.dtype), THREE=more is not None,
-        ONE_LOOP=CHUNK_TREE_ONE_LOOP,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return out

@@ -25,15 +25,6 @@ def poison_outputs():
     runtime.poison_outputs = False
 
 
-@pytest.fixture
-def one_loop(request, monkeypatch) -> bool:
-    """The one-kernel chunk sums' loop form (matmul.CHUNK_TREE_ONE_LOOP), set for the test: both forms
-    must give the tree's bits."""
-    from kernels.ops import matmul as matmul_op
-    monkeypatch.setattr(matmul_op, "CHUNK_TREE_ONE_LOOP", request.param)
-    return request.param
-
-
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 

@@ -58,34 +58,31 @@ def cases():
                    "M", "N", "K", "stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_om", "stride_on",
                    "stride_oc")}, **three},
                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EVEN_K": True, "PRECISION": "tf32",
-                "SUMMED": 1, "BY_BITS": False, "THREE": n_weights == 3, "ONE_LOOP": False},
+                "SUMMED": 1, "BY_BITS": False, "THREE": n_weights == 3},
                {"num_warps": 8 if bm == 128 else 4, "num_stages": 3})
     # the row-parallel trees: on the dense one-kernel tiles (64x64, 4 warps, 4 stages), with a K that is
     # and one that is not a whole number of steps, and on a tile fit_for_chunk_sum gives
-    for (summed, (bm, bn, warps, stages), even_k), one_loop in itertools.product(
-            ((2, (64, 64, 4, 4), True), (4, (64, 64, 4, 4), False), (8, (64, 64, 4, 4), True),
-             (4, (128, 128, 8, 3), True)), (False, True)):
+    for summed, (bm, bn, warps, stages), even_k in ((2, (64, 64, 4, 4), True), (4, (64, 64, 4, 4), False),
+                                                    (8, (64, 64, 4, 4), True), (4, (128, 128, 8, 3), True)):
         for out in ("*bf16", "*fp32"):
-            yield (f"matmul chunk sum {summed} {bm}x{bn} even_k={even_k} one_loop={one_loop} {out}", _matmul_kernel,
+            yield (f"matmul chunk sum {summed} {bm}x{bn} even_k={even_k} {out}", _matmul_kernel,
                    {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": out, **{a: "i32" for a in (
                        "M", "N", "K", "stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_om", "stride_on",
                        "stride_oc")}, **three},
                    {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "EVEN_K": even_k,
-                    "PRECISION": "tf32", "SUMMED": summed, "BY_BITS": False, "THREE": False, "ONE_LOOP": one_loop},
+                    "PRECISION": "tf32", "SUMMED": summed, "BY_BITS": False, "THREE": False},
                    {"num_warps": warps, "num_stages": stages})
     from kernels.ops.grouped_gemm import _grouped_mm_kernel
-    for summed, bm, bn, warps, swiglu, one_loop in (
-            (1, 64, 128, 4, False, False), (1, 128, 256, 8, False, False), (4, 64, 128, 4, False, False),
-            (4, 128, 128, 8, False, False), (4, 64, 128, 4, False, True), (4, 128, 128, 8, False, True),
-            (1, 64, 128, 4, True, False), (1, 128, 256, 8, True, False)):
-        yield (f"grouped {bm}x{bn} chunk sum {summed} swiglu={swiglu} one_loop={one_loop}", _grouped_mm_kernel,
+    for summed, bm, bn, warps, swiglu in ((1, 64, 128, 4, False), (1, 128, 256, 8, False), (4, 64, 128, 4, False),
+                                          (4, 128, 128, 8, False), (1, 64, 128, 4, True), (1, 128, 256, 8, True)):
+        yield (f"grouped {bm}x{bn} chunk sum {summed} swiglu={swiglu}", _grouped_mm_kernel,
                {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "row_ends_ptr": "*i32",
                 "src_ptr": "*i64" if swiglu else "*bf16", **{a: "i32" for a in (
                    "E", "N", "K", "stride_xm", "stride_xk", "stride_we", "stride_wk", "stride_wn", "stride_om",
                    "stride_on", "stride_oc")}},
                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "E_POW2": 64, "PRECISION": "tf32", "SUMMED": summed,
                 "BY_BITS": False, "GATHER": swiglu, "SRC_DIV": 8 if swiglu else 1, "SWIGLU": swiglu,
-                "INTERPRETED": False, "ONE_LOOP": one_loop},
+                "INTERPRETED": False},
                {"num_warps": warps, "num_stages": 3, "enable_fp_fusion": not swiglu})
     from kernels.ops.rope import _rope_and_store_kernel
     yield ("rope_and_store bf16", _rope_and_store_kernel,

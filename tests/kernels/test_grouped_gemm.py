@@ -119,8 +119,7 @@ def test_partials_are_the_chunks_of_any_k_shard(gen, dtype):
 @pytest.mark.parametrize("values", ["normal", "integers"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunks", CHUNK_SUM_LEAVES)
-@pytest.mark.parametrize("one_loop", [False, True], indirect=True)
-def test_chunk_sum_is_the_tree_of_the_partials(gen, one_loop, dtype, chunks, values):
+def test_chunk_sum_is_the_tree_of_the_partials(gen, dtype, chunks, values):
     """grouped_matmul_chunk_sum: tree_sum of grouped_matmul_partials, bit for bit, by the per-tile kernel
     that sums the chunks itself (packed=False; on the GPU the default) and by the interpreter's default
     (the composition); a row's bits whatever its group."""
@@ -145,8 +144,7 @@ def test_chunk_sum_is_the_tree_of_the_partials(gen, one_loop, dtype, chunks, val
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("E,K,N", [(64, 768, 2048), (8, 14336, 4096)])
-@pytest.mark.parametrize("one_loop", [False, True], indirect=True)
-def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, one_loop, E, K, N):
+def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, E, K, N):
     """The experts' down projections of the GPU presets: every tree the kernel unrolls, decode- and
     prefill-sized row counts, every row bucket's tiles (cut to fit the tree's accumulators)."""
     w = randn(gen, E, K, N, dtype=torch.bfloat16)

@@ -119,8 +119,7 @@ def integers(gen: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Ten
 @pytest.mark.parametrize("values", ["normal", "integers"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunks", CHUNK_SUM_LEAVES)
-@pytest.mark.parametrize("one_loop", [False, True], indirect=True)
-def test_chunk_sum_is_the_tree_of_the_partials(gen, one_loop, dtype, chunks, values):
+def test_chunk_sum_is_the_tree_of_the_partials(gen, dtype, chunks, values):
     """matmul_chunk_sum: tree_sum of matmul_partials in one kernel, bit for bit, rounded to the input's
     dtype or kept in fp32 (a rank's subtree), and a row's bits whatever its batch. K = 192: chunks of
     24-192, none a whole number of the interpreter's K steps (the masked loop)."""
@@ -157,8 +156,7 @@ def test_backends_chunk_sums_are_the_tree_of_their_partials(gen, backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("K,N", [(2048, 2048), (768, 2048), (4096, 4096), (14336, 4096)])
-@pytest.mark.parametrize("one_loop", [False, True], indirect=True)
-def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, one_loop, K, N):
+def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, K, N):
     """At the row-parallel projections' sizes (attention output, expert and shared-expert down), for
     every tree the kernel unrolls, every M bucket's tiles (cut to fit the tree's accumulators) and rows
     alone or in a batch."""
