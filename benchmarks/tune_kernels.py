@@ -253,6 +253,49 @@ def tune_chunk_sum(rows: list[dict], chunks: int = 4) -> None:
               flush=True)
 
 
+# The fused SwiGLU projections of the GPU presets (E, K, F, top_k) and the candidate tiles (BLOCK_N counts
+# gate and up columns together).
+SWIGLU_SHAPES = {"large gate_up": (64, 2048, 768, 8), "wide gate_up": (8, 4096, 14336, 2)}
+SWIGLU_TOKENS = [1, 16, 64, 256, 8192]
+SWIGLU_TILES = [Tiles(16, 256, 4, 4), Tiles(32, 128, 4, 4), Tiles(32, 256, 4, 4), Tiles(64, 128, 4, 3),
+                Tiles(64, 128, 4, 4), Tiles(64, 256, 8, 3), Tiles(128, 128, 8, 3), Tiles(128, 256, 8, 3)]
+
+
+def tune_swiglu(rows: list[dict]) -> None:
+    """grouped_swiglu (the assignments' rows read in place, silu(gate) * up in the epilogue) per candidate
+    tile, against the plain grouped GEMM of the gathered rows (the GEMM alone) and the composition it
+    replaces (gather, GEMM, silu, product), whose bits it must give."""
+    from kernels.torch_backend import grouped_swiglu_torch
+    gen = torch.Generator().manual_seed(0)
+    for name, (E, K, F, S) in SWIGLU_SHAPES.items():
+        w = torch.randn(E, K, 2 * F, device="cuda", dtype=torch.bfloat16) / 8
+        for tokens in SWIGLU_TOKENS:
+            x = torch.randn(tokens, K, device="cuda", dtype=torch.bfloat16)
+            experts = torch.stack([torch.randperm(E, generator=gen)[:S] for _ in range(tokens)]).cuda()
+            order = torch.argsort(experts.flatten(), stable=True)
+            offs = torch.searchsorted(experts.flatten()[order], torch.arange(E, device="cuda"), right=True).int()
+            gathered = x[order // S]
+            ref = grouped_swiglu_torch(gg.grouped_matmul, x, w, offs, order, S)
+            gemm = timed(lambda: gg.grouped_matmul(gathered, w, offs))
+            composed = timed(lambda: grouped_swiglu_torch(gg.grouped_matmul, x, w, offs, order, S))
+            default = gg.tiles_for(tokens * S, E, 2 * F, gg.SWIGLU_TILES_GPU)
+            for t in SWIGLU_TILES:
+                ms, out = try_time(lambda: gg.grouped_swiglu(x, w, offs, order, S, tiles=t))
+                rows.append(dict(shape=name, tokens=tokens, rows_per_expert=tokens * S / E, BLOCK_M=t.BLOCK_M,
+                                 BLOCK_N=t.BLOCK_N, warps=t.num_warps, stages=t.num_stages,
+                                 is_default=dataclasses.replace(t, BLOCK_N=min(t.BLOCK_N, 2 * F)) == default,
+                                 ms=ms, gemm_ms=gemm, composition_ms=composed,
+                                 same_bits=None if out is None else bool(torch.equal(out, ref))))
+            cell = [r for r in rows if r["shape"] == name and r["tokens"] == tokens and r["ms"]]
+            best = min(cell, key=lambda r: r["ms"])
+            dflt = next((r for r in cell if r["is_default"]), None)
+            print(f"swiglu {name} tokens={tokens:5d}: gemm alone {gemm * 1e3:.1f} us, composition "
+                  f"{composed * 1e3:.1f} us; default " + (f"{dflt['ms'] * 1e3:.1f} us" if dflt else "failed")
+                  + f"; best {best['BLOCK_M']}x{best['BLOCK_N']} w{best['warps']} s{best['stages']} "
+                  f"{best['ms'] * 1e3:.1f} us; all same bits: {all(r['same_bits'] for r in cell)}", flush=True)
+        del w
+
+
 def best_grouped_per_bucket(rows: list[dict], buckets: list[tuple[float, float]]) -> dict:
     """For each bucket of mean rows per expert, the bit-neutral candidate with the lowest geometric mean
     of ms / stock ms over all its cells (every shape)."""
@@ -373,8 +416,8 @@ def best_per_bucket(rows: list[dict], buckets: list[tuple[int, int]]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/tune")
-    ap.add_argument("--only", choices=["matmul", "grouped", "launch", "host", "narrow", "attention", "chunk_sum"],
-                    action="append")
+    ap.add_argument("--only", action="append", choices=["matmul", "grouped", "launch", "host", "narrow", "attention",
+                                                        "chunk_sum", "swiglu"])
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_kernels needs a CUDA GPU")
@@ -407,6 +450,11 @@ def main() -> None:
         tune_chunk_sum(cs)
         write_csv(os.path.join(args.out, "tune_chunk_sum.csv"), cs)
         summary["chunk_sum_bits_moved"] = [r for r in cs if r["same_bits"] is False]
+    if "swiglu" in parts:
+        sw: list[dict] = []
+        tune_swiglu(sw)
+        write_csv(os.path.join(args.out, "tune_swiglu.csv"), sw)
+        summary["swiglu_bits_moved"] = [r for r in sw if r["same_bits"] is False]
     if "attention" in parts:
         att_rows: list[dict] = []
         tune_attention_schedule(att_rows)

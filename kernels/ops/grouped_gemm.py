@@ -160,25 +160,40 @@ def _grouped_mm_packed_kernel(
 PACKED_BLOCK_M = 128
 
 
-def tiles_for(T: int, E: int, N: int) -> Tiles:
-    """Tiles for T rows over E experts: the size-dependent choice; tests prove it bit-neutral.
-
-    There is no split-K here, so the tiles only group rows and columns: 64x128 for small groups, 128x256
-    with 8 warps for large ones (TILES_GPU)."""
+def tiles_for(T: int, E: int, N: int, table: list[tuple[float, Tiles]] | None = None) -> Tiles:
+    """Tiles for T rows over E experts from `table` (default TILES_GPU): the size-dependent choice; tests
+    prove it bit-neutral. There is no split-K here, so the tiles only group rows and columns."""
     if runtime.interpreting():
         return Tiles(BLOCK_M=128, BLOCK_N=runtime.pow2_at_most(N, 512))
-    for max_rows_per_expert, tiles in TILES_GPU:
+    for max_rows_per_expert, tiles in table or TILES_GPU:
         if T <= max_rows_per_expert * E:
             return dataclasses.replace(tiles, BLOCK_N=min(tiles.BLOCK_N, max(16, runtime.next_pow2(N))))
-    raise AssertionError("TILES_GPU must end with an unbounded bucket")
+    raise AssertionError("a tile table must end with an unbounded bucket")
 
 
 # GPU tiles by mean rows per expert: (largest mean of the bucket, Tiles). Chosen from
 # benchmarks/results/tune/ (tune_kernels.py on an H100): 64x128 tiles win up to ~64 rows per
 # expert, 128x256 with 8 warps above (at 65536 rows: 1.8x of torch._grouped_mm with 128x128 tiles, ~1.25x).
-TILES_GPU: list[tuple[int, Tiles]] = [
+TILES_GPU: list[tuple[float, Tiles]] = [
     (64, Tiles(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)),
     (2**62, Tiles(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3)),
+]
+# The fused SwiGLU projection's tiles (BLOCK_N counts gate and up columns together). Measured on one H200
+# at `large`'s gate/up shape (benchmarks/results/tune_swiglu_h200/): at 2 rows per expert 16x256 took
+# 108 us against 121 for TILES_GPU's 64x128, at 8 rows 32x128 took 118 against 130, at 32 rows 124
+# against 131; at 1024 rows 128x256 on 8 warps stayed the best (856 us).
+SWIGLU_TILES_GPU: list[tuple[float, Tiles]] = [
+    (4, Tiles(BLOCK_M=16, BLOCK_N=256, num_warps=4, num_stages=4)),
+    (64, Tiles(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=4)),
+    (2**62, Tiles(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3)),
+]
+# The one-kernel chunk sum's tiles before `fit_for_chunk_sum`, from `large`'s down projection with 4
+# leaves on one H200 (benchmarks/results/tune_chunk_sum_h200/): 64x128 with 3 stages took 66 and 73 us
+# at 16 and 256 tokens against 69 and 76 with 4, and at 8192 tokens 64x256 on 8 warps 794 us against
+# 865 for 128x128.
+CHUNK_SUM_TILES_GPU: list[tuple[float, Tiles]] = [
+    (64, Tiles(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)),
+    (2**62, Tiles(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=3)),
 ]
 
 
@@ -263,7 +278,12 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: in
         check_group_offsets(offsets, E, T)
     block_k = reduction_for(N, K, x.dtype).BLOCK_K   # the dense matmul's K step for this (N, K)
     summed = kind == "summed"
-    t = tiles or (fit_for_chunk_sum(tiles_for(T, E, N), chunks) if summed else tiles_for(T, E, N))
+    if tiles is not None:
+        t = tiles
+    elif summed:
+        t = fit_for_chunk_sum(tiles_for(T, E, N, CHUNK_SUM_TILES_GPU), chunks)
+    else:
+        t = tiles_for(T, E, N, SWIGLU_TILES_GPU if swiglu else TILES_GPU)
     bm = t.BLOCK_M
     if t.BLOCK_K is not None and K % t.BLOCK_K == 0 and x.dtype != torch.float32 and not runtime.interpreting():
         # a longer loop trip over the same 16-deep MMA steps, as in matmul.py (and only where K is a

@@ -108,8 +108,8 @@ def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     if T == 0:
         return q_out
     # interpreted: few programs of many tokens; on the GPU one token per program (a decode step's few
-    # tokens still spread over the SMs)
-    rows = runtime.pow2_at_most(T, max(1, 2048 // (H * half))) if runtime.interpreting() else 1
+    # tokens still spread over the SMs). Never chosen by T, which would compile a variant per size class.
+    rows = runtime.pow2_at_most(2048 // (H * half), 64) if runtime.interpreting() else 1
     _rope_and_store_kernel[(runtime.cdiv(T, rows),)](
         q, k, v, cos, sin, q_out, k_cache, v_cache, token_slots, positions, T,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),

@@ -59,7 +59,7 @@ def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     n_pow2 = runtime.next_pow2(N)
     # interpreted: few programs; on the GPU one row per program (the k picks are a chain of reductions,
     # so a decode step's few rows finish soonest spread over the SMs)
-    rows = runtime.pow2_at_most(T, max(1, 16384 // n_pow2)) if runtime.interpreting() else 1
+    rows = runtime.pow2_at_most(max(1, 16384 // n_pow2), 256) if runtime.interpreting() else 1
     _top_k_kernel[(runtime.cdiv(T, rows),)](x, idx, val, T, N, x.stride(0), idx.stride(0), val.stride(0),
                                              K=k, ROWS=rows, N_POW2=n_pow2, num_warps=4 if n_pow2 >= 512 else 1)
     return idx, val

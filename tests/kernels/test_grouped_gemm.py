@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.ops.grouped_gemm import (TILES_GPU, grouped_matmul, grouped_matmul_chunk_sum, grouped_matmul_partials,
-                                      grouped_swiglu)
+from kernels.ops.grouped_gemm import (SWIGLU_TILES_GPU, TILES_GPU, grouped_matmul, grouped_matmul_chunk_sum,
+                                      grouped_matmul_partials, grouped_swiglu)
 from kernels.ops.matmul import CHUNK_SUM_LEAVES, fit_for_chunk_sum
 from kernels.ops.tree_sum import tree_sum
 from kernels.torch_backend import TorchBackend
@@ -211,5 +211,5 @@ def test_gpu_swiglu_is_the_composition(gen, E, K, F_, S):
         ref = grouped_swiglu_torch(grouped_matmul, x, w, ends, order, S)
         assert_same_bits(grouped_swiglu(x, w, ends, order, S), ref)
         if T == 256:
-            for _, tiles in TILES_GPU:
+            for _, tiles in SWIGLU_TILES_GPU + TILES_GPU:
                 assert_same_bits(grouped_swiglu(x, w, ends, order, S, tiles=tiles), ref)
