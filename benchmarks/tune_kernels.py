@@ -256,7 +256,7 @@ def tune_chunk_sum(rows: list[dict], chunks: int = 4) -> None:
 # The fused SwiGLU projections of the GPU presets (E, K, F, top_k) and the candidate tiles (BLOCK_N counts
 # gate and up columns together).
 SWIGLU_SHAPES = {"large gate_up": (64, 2048, 768, 8), "wide gate_up": (8, 4096, 14336, 2)}
-SWIGLU_TOKENS = [1, 16, 64, 256, 8192]
+SWIGLU_TOKENS = {"large gate_up": [16, 64, 256, 8192], "wide gate_up": [1, 16, 256]}
 SWIGLU_TILES = [Tiles(16, 256, 4, 4), Tiles(32, 128, 4, 4), Tiles(32, 256, 4, 4), Tiles(64, 128, 4, 3),
                 Tiles(64, 128, 4, 4), Tiles(64, 256, 8, 3), Tiles(128, 128, 8, 3), Tiles(128, 256, 8, 3)]
 
@@ -269,7 +269,7 @@ def tune_swiglu(rows: list[dict]) -> None:
     gen = torch.Generator().manual_seed(0)
     for name, (E, K, F, S) in SWIGLU_SHAPES.items():
         w = torch.randn(E, K, 2 * F, device="cuda", dtype=torch.bfloat16) / 8
-        for tokens in SWIGLU_TOKENS:
+        for tokens in SWIGLU_TOKENS[name]:
             x = torch.randn(tokens, K, device="cuda", dtype=torch.bfloat16)
             experts = torch.stack([torch.randperm(E, generator=gen)[:S] for _ in range(tokens)]).cuda()
             order = torch.argsort(experts.flatten(), stable=True)
