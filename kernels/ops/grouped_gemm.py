@@ -178,10 +178,12 @@ TILES_GPU: list[tuple[float, Tiles]] = [
     (64, Tiles(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)),
     (2**62, Tiles(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3)),
 ]
-# The fused SwiGLU projection's tiles (BLOCK_N counts gate and up columns together). Measured on one H200
-# at `large`'s gate/up shape (benchmarks/results/tune_swiglu_h200/): at 2 rows per expert 16x256 took
-# 108 us against 121 for TILES_GPU's 64x128, at 8 rows 32x128 took 118 against 130, at 32 rows 124
-# against 131; at 1024 rows 128x256 on 8 warps stayed the best (856 us).
+# The fused SwiGLU projection's tiles (BLOCK_N counts gate and up columns together), from one H200
+# (benchmarks/results/tune_swiglu_h200/, every candidate with the composition's bits): at up to 4 rows
+# per expert 16x256 was the fastest candidate in every cell (`large` at 2 rows 106 us, TILES_GPU's 64x128
+# 116; `wide` at 0.25 and 4 rows), at 8-32 rows 32x128 was within 2% of the best, and at 1024 rows
+# 128x256 on 8 warps the best (867 us). Not taken yet: at 64 rows (`wide`, 256 tokens) 64x128 with 3
+# stages took 525 us against 666 for 32x128 (kernels/NOTES.md).
 SWIGLU_TILES_GPU: list[tuple[float, Tiles]] = [
     (4, Tiles(BLOCK_M=16, BLOCK_N=256, num_warps=4, num_stages=4)),
     (64, Tiles(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=4)),
