@@ -265,7 +265,7 @@ def tune_swiglu(rows: list[dict]) -> None:
     """grouped_swiglu (the assignments' rows read in place, silu(gate) * up in the epilogue) per candidate
     tile, against the plain grouped GEMM of the gathered rows (the GEMM alone) and the composition it
     replaces (gather, GEMM, silu, product), whose bits it must give."""
-    from kernels.torch_backend import grouped_swiglu_torch
+    from kernels.ops.grouped_gemm import grouped_swiglu_torch
     gen = torch.Generator().manual_seed(0)
     for name, (E, K, F, S) in SWIGLU_SHAPES.items():
         w = torch.randn(E, K, 2 * F, device="cuda", dtype=torch.bfloat16) / 8

@@ -116,6 +116,7 @@ def attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale: float) -
 
 
 __all__ = ["Backend", "BACKENDS", "available_backends", "get_backend", "register_backend", "use_backend",
-           "matmul", "matmul_three", "grouped_matmul", "grouped_swiglu", "matmul_partials", "grouped_matmul_partials", "matmul_chunk_sum",
-           "grouped_matmul_chunk_sum", "rms_norm", "add_rms_norm", "softmax",
-           "log_softmax", "top_k", "rope_and_store", "attention", "ordered_combine", "tree_sum", "expert_sort"]
+           "matmul", "matmul_three", "grouped_matmul", "grouped_swiglu", "matmul_partials",
+           "grouped_matmul_partials", "matmul_chunk_sum", "grouped_matmul_chunk_sum", "rms_norm", "add_rms_norm",
+           "softmax", "log_softmax", "top_k", "rope_and_store", "attention", "ordered_combine", "tree_sum",
+           "expert_sort"]

@@ -36,7 +36,10 @@ from kernels.ops.top_k import top_k as _top_k
 from kernels.ops.softmax import log_softmax as _log_softmax
 from kernels.ops.softmax import softmax as _softmax
 from kernels.ops.tree_sum import tree_sum as _tree_sum, tree_sum_torch
-from kernels.torch_backend import grouped_swiglu_torch, ordered_combine_torch, rope_and_store_torch, top_k_torch
+from kernels.ops.grouped_gemm import grouped_swiglu_torch
+from kernels.ops.rope import rope_and_store_torch
+from kernels.ops.top_k import top_k_torch
+from kernels.torch_backend import ordered_combine_torch
 
 
 class BatchInvariantBackend:
@@ -55,7 +58,7 @@ class BatchInvariantBackend:
 
     def grouped_swiglu(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                        rows: torch.Tensor | None = None, top_k: int = 1) -> torch.Tensor:
-        # one kernel on the GPU (tested equal to the composition there); under the interpreter the
+        # one kernel on the GPU (tested equal to the composition there in bf16); under the interpreter the
         # composition, whose packed GEMM is fast there and whose silu is torch's own on the CPU
         if runtime.interpreting() or x.dtype not in runtime.FLOATS:
             return grouped_swiglu_torch(self.grouped_matmul, x, w, offsets, rows, top_k)

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 
 from kernels.checks import check_group_offsets
 from kernels.ops.expert_sort import expert_sort_torch
+from kernels.ops.grouped_gemm import grouped_swiglu_torch
+from kernels.ops.rope import rope_and_store_torch
+from kernels.ops.top_k import top_k_torch
 from kernels.ops.tree_sum import tree_sum_torch
 from kernels.stock_attention import stock_attention
 
@@ -29,7 +32,8 @@ class TorchBackend:
 
     def matmul_three(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                      w3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return torch.mm(x, w1), torch.mm(x, w2), torch.mm(x, w3)
+        # through self.matmul, so that a backend overriding matmul (tests/lab's rowwise) gets all three
+        return self.matmul(x, w1), self.matmul(x, w2), self.matmul(x, w3)
 
     def grouped_matmul(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         if not offsets.is_cuda:  # the values only on the host: on a GPU reading them is a sync per call
@@ -106,42 +110,6 @@ class TorchBackend:
                   cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
                   scale: float) -> torch.Tensor:
         return stock_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale)
-
-
-def grouped_swiglu_torch(grouped_matmul, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
-                         rows: torch.Tensor | None, top_k: int) -> torch.Tensor:
-    """`Backend.grouped_swiglu` as the composition of a backend's `grouped_matmul` and stock ops: the
-    assignments' rows gathered, gate and up projected in one grouped GEMM, silu(gate) * up."""
-    h = grouped_matmul(x if rows is None else x[rows // top_k], w, offsets)
-    gate, up = h.chunk(2, dim=1)
-    return F.silu(gate) * up
-
-
-def top_k_torch(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`Backend.top_k` in stock ops: a stable descending sort of each row, its first k columns, and
-    their values gathered."""
-    cols = torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k]
-    return cols, x.gather(1, cols)
-
-
-def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, Dh] by its tokens' angles (cos, sin [T, 1, Dh/2] fp32), half-split layout
-    (Llama / HF `rotate_half`). Elementwise in fp32, so a token's result depends only on its own position."""
-    half = x.shape[-1] // 2
-    x1, x2 = x.float()[..., :half], x.float()[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
-def rope_and_store_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         k_cache: torch.Tensor, v_cache: torch.Tensor, token_slots: torch.Tensor,
-                         positions: torch.Tensor) -> torch.Tensor:
-    """`Backend.rope_and_store` in stock ops: q and k rotated in one pass (the same elementwise ops, so
-    the same bits as one call each), k and v written to their cache cells, rotated q returned."""
-    H = q.shape[1]
-    qk = rope_torch(torch.cat([q, k], dim=1), cos.reshape(q.shape[0], 1, -1), sin.reshape(q.shape[0], 1, -1))
-    k_cache[token_slots, positions] = qk[:, H:]
-    v_cache[token_slots, positions] = v
-    return qk[:, :H]
 
 
 def ordered_combine_torch(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,

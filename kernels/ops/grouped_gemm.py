@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 
 from kernels import runtime
 from kernels.checks import check_group_offsets
@@ -108,8 +109,9 @@ def _grouped_mm_kernel(
     # -- write this tile's rows of this expert --
     if SWIGLU:
         cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(out_ptr + offs_m[:, None] * stride_om + cols[None, :] * stride_on,
-                 _swiglu(acc, BLOCK_M, BLOCK_N, out_ptr.dtype.element_ty, BY_BITS, INTERPRETED), mask=row_ok & (cols[None, :] < N))
+        act = _swiglu(acc, BLOCK_M, BLOCK_N, out_ptr.dtype.element_ty, BY_BITS, INTERPRETED)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + cols[None, :] * stride_on, act,
+                 mask=row_ok & (cols[None, :] < N))
     else:
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
                  rounded_to(acc, out_ptr.dtype.element_ty, BY_BITS), mask=row_ok & n_ok)
@@ -234,6 +236,15 @@ def grouped_matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, offsets: torch.Te
     return _grouped(x, w, offsets, chunks, "summed", tiles, False, dtype)
 
 
+def grouped_swiglu_torch(grouped_matmul, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                         rows: torch.Tensor | None, top_k: int) -> torch.Tensor:
+    """`Backend.grouped_swiglu` as the composition of a backend's `grouped_matmul` and stock ops: the
+    assignments' rows gathered, gate and up projected in one grouped GEMM, silu(gate) * up."""
+    h = grouped_matmul(x if rows is None else x[rows // top_k], w, offsets)
+    gate, up = h.chunk(2, dim=1)
+    return F.silu(gate) * up
+
+
 def grouped_swiglu(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor | None = None,
                    top_k: int = 1, tiles: Tiles | None = None) -> torch.Tensor:
     """The experts' SwiGLU input projection in one kernel: h = grouped_matmul(x[rows // top_k], w, offsets)
@@ -249,6 +260,12 @@ def grouped_swiglu(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rows
                          f"{tuple(rows.shape)} on {rows.device}")
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    if rows is not None:
+        rows = rows.contiguous()        # the kernel reads rows[i] at i
+        if not rows.is_cuda and rows.numel():   # values only where reading them costs no device sync
+            lo, hi = torch.stack([rows.min(), rows.max()]).tolist()
+            if lo < 0 or hi >= x.shape[0] * top_k:
+                raise ValueError(f"rows must be in 0..{x.shape[0] * top_k - 1} (tokens x top_k), got {lo}..{hi}")
     return _grouped(x, w, offsets, 1, "swiglu", tiles, False, rows=rows, top_k=top_k)
 
 

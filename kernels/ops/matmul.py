@@ -214,16 +214,23 @@ def matmul(x: torch.Tensor, w: torch.Tensor, reduction: Reduction | None = None,
 
 def matmul_three(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
                  tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x @ w1, x @ w2, x @ w3) in one launch, each with `matmul`'s bits: the tiles only say which
-    columns share a program, and every column keeps its K order (a query, key and value projection
+    """(x @ w1, x @ w2, x @ w3) in one launch, each with `matmul`'s bits: on the GPU the tiles only say
+    which columns share a program, and every column keeps its K order (a query, key and value projection
     reads x once and launches once, with no concatenated weight). Returns views into one [M, N1+N2+N3]
-    buffer. Where N1 or N2 is not a whole number of the launch's BLOCK_N, three launches instead."""
+    buffer. Three launches instead where one would not give those bits or cannot address the weights:
+    N1 or N2 not a whole number of the launch's BLOCK_N, column strides that differ, or (under the
+    interpreter, whose block dot sums a column by the block's width) a weight whose own BLOCK_N differs.
+    `tiles` (a test hook) sets the one launch's tiles."""
     for w in (w1, w2, w3):
         _check(x, w)
-    M = x.shape[0]
+    M, fp32 = x.shape[0], x.dtype == torch.float32
     widths = [w.shape[1] for w in (w1, w2, w3)]
-    t = tiles or tiles_for(M, sum(widths), x.dtype == torch.float32)
-    if widths[0] % t.BLOCK_N or widths[1] % t.BLOCK_N:
+    t = tiles or tiles_for(M, sum(widths), fp32)
+    one_launch = (widths[0] % t.BLOCK_N == 0 and widths[1] % t.BLOCK_N == 0
+                  and w1.stride(1) == w2.stride(1) == w3.stride(1)
+                  and (tiles is not None or not runtime.interpreting()
+                       or all(tiles_for(M, n, fp32).BLOCK_N == t.BLOCK_N for n in widths)))
+    if not one_launch:
         return matmul(x, w1), matmul(x, w2), matmul(x, w3)
     out = runtime.empty((M, sum(widths)), x.device, x.dtype)
     _launch(x, w1, out, 1, None, t, more=(w2, w3))

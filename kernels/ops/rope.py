@@ -1,7 +1,7 @@
 """Rotary embedding of the step's queries and keys, with the keys and values stored in the KV cache, in
 one kernel.
 
-The stock form (`kernels.torch_backend.rope_and_store_torch`) concatenates q and k, casts them to fp32,
+The stock form (`rope_and_store_torch`, the torch backend's) concatenates q and k, casts them to fp32,
 rotates with six elementwise ops, concatenates the halves, casts back and writes k and v with two
 index_put: about fourteen launches per layer, each moving a few kilobytes in a decode step, where a
 CUDA-graph step is bound by its kernel count. This kernel does the same arithmetic per element:
@@ -22,6 +22,27 @@ from kernels import runtime
 from kernels.ops.rounding import round_by_bits, rounded_to
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+
+def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, Dh] by its tokens' angles (cos, sin [T, 1, Dh/2] fp32), half-split layout
+    (Llama / HF `rotate_half`). Elementwise in fp32, so a token's result depends only on its own position."""
+    half = x.shape[-1] // 2
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def rope_and_store_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, token_slots: torch.Tensor,
+                         positions: torch.Tensor) -> torch.Tensor:
+    """`Backend.rope_and_store` in stock ops: q and k rotated in one pass (the same elementwise ops, so
+    the same bits as one call each), k and v written to their cache cells, rotated q returned."""
+    H = q.shape[1]
+    T, _, Dh = q.shape
+    qk = rope_torch(torch.cat([q, k], dim=1), cos.reshape(T, 1, Dh // 2), sin.reshape(T, 1, Dh // 2))
+    k_cache[token_slots, positions] = qk[:, H:]
+    v_cache[token_slots, positions] = v
+    return qk[:, :H]
 
 
 @triton.jit
@@ -97,6 +118,16 @@ def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     if token_slots.shape != (T,) or positions.shape != (T,):
         raise ValueError(f"token_slots and positions must be [T={T}], got {tuple(token_slots.shape)} and "
                          f"{tuple(positions.shape)}")
+    for name, t in (("token_slots", token_slots), ("positions", positions)):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    token_slots, positions = token_slots.contiguous(), positions.contiguous()   # read at index t
+    if not positions.is_cuda and T:   # values only where reading them costs no device sync
+        s_lo, s_hi, p_lo, p_hi = torch.stack([token_slots.min(), token_slots.max(), positions.min(),
+                                              positions.max()]).tolist()
+        if s_lo < 0 or s_hi >= k_cache.shape[0] or p_lo < 0 or p_hi >= k_cache.shape[1]:
+            raise ValueError(f"token_slots must be in 0..{k_cache.shape[0] - 1} and positions in "
+                             f"0..{k_cache.shape[1] - 1}, got {s_lo}..{s_hi} and {p_lo}..{p_hi}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if cos.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()

@@ -1,7 +1,7 @@
 """Each row's k largest values and their columns, in one kernel: the first k entries of a stable
 descending sort (equal values in column order; NaN first, as torch.sort puts it).
 
-The stock form (`kernels.torch_backend.top_k_torch`) is a stable sort of the whole row and a gather:
+The stock form (`top_k_torch`, the torch backend's) is a stable sort of the whole row and a gather:
 about seven launches per MoE layer (copies, an arange, the sort, the gather) for a few kilobytes of
 router probabilities in a decode step, where a CUDA-graph step is bound by its kernel count. This kernel
 picks the k columns one after another: the largest value among the columns not yet taken (a NaN
@@ -15,6 +15,15 @@ import torch
 from kernels import runtime
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+
+def top_k_torch(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Backend.top_k` in stock ops: a stable descending sort of each row, its first k columns, and
+    their values gathered."""
+    if x.dim() != 2 or not 1 <= k <= x.shape[1]:
+        raise ValueError(f"x must be 2-D [rows, columns] and k in 1..N, got shape {tuple(x.shape)} and k={k}")
+    cols = torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k]
+    return cols, x.gather(1, cols)
 
 
 @triton.jit(do_not_specialize=["T"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.ops.grouped_gemm import (SWIGLU_TILES_GPU, TILES_GPU, grouped_matmul, grouped_matmul_chunk_sum,
+from kernels.ops.grouped_gemm import (CHUNK_SUM_TILES_GPU, SWIGLU_TILES_GPU, TILES_GPU, grouped_matmul, grouped_matmul_chunk_sum,
                                       grouped_matmul_partials, grouped_swiglu)
 from kernels.ops.matmul import CHUNK_SUM_LEAVES, fit_for_chunk_sum
 from kernels.ops.tree_sum import tree_sum
@@ -157,7 +157,7 @@ def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, E, K, N):
                 ref = tree_sum(grouped_matmul_partials(x, w, offs, chunks), out_dtype)
                 assert_same_bits(grouped_matmul_chunk_sum(x, w, offs, chunks, out_dtype), ref)
                 # every bucket's tiles, forced into the one-kernel form (K > 2048 defaults to partials)
-                for _, tiles in TILES_GPU:
+                for _, tiles in TILES_GPU + CHUNK_SUM_TILES_GPU:
                     t = fit_for_chunk_sum(tiles, chunks)
                     assert_same_bits(grouped_matmul_chunk_sum(x, w, offs, chunks, out_dtype, tiles=t), ref)
 
@@ -192,8 +192,11 @@ def test_swiglu_reads_the_assignments_rows_and_rounds_as_torch(gen, dtype):
     h32 = grouped_matmul_partials(x[order // S], w, ends, 1)[0]
     got = grouped_swiglu(x, w, ends, order, S)
     assert_same_bits(got, _swiglu_numpy(h32, dtype))
-    # no rows: x's own rows in order
+    # no rows: x's own rows in order; rows given as a strided view: the same
     assert_same_bits(grouped_swiglu(x[order // S], w, ends), got)
+    assert_same_bits(grouped_swiglu(x, w, ends, torch.stack([order, order], 1)[:, 0], S), got)
+    with pytest.raises(ValueError, match="rows must be in 0..25"):
+        grouped_swiglu(x, w, ends, order + T * S, S)
     with pytest.raises(ValueError, match="2F"):
         grouped_swiglu(x, w[:, :, 1:], ends, order, S)
 
@@ -203,7 +206,7 @@ def test_swiglu_reads_the_assignments_rows_and_rounds_as_torch(gen, dtype):
 def test_gpu_swiglu_is_the_composition(gen, E, K, F_, S):
     """The fused kernel gives the stock composition's bits (gathered rows, one grouped GEMM, torch's silu
     and product) at the presets' expert shapes, for decode and prefill token counts and every tile bucket."""
-    from kernels.torch_backend import grouped_swiglu_torch
+    from kernels.ops.grouped_gemm import grouped_swiglu_torch
     w = randn(gen, E, K, 2 * F_, dtype=torch.bfloat16) / 8
     for T in (1, 16, 256, 4096):
         x = randn(gen, T, K, dtype=torch.bfloat16)

@@ -187,6 +187,26 @@ def test_three_weights_in_one_launch_are_each_matmul(gen, dtype):
         for g, w in zip(got, ws):
             assert torch.equal(g, matmul(x, w))
         assert torch.equal(matmul_three(x[4:5], *ws, tiles=tiles)[2][0], got[2][4])
+    # widths whose own tiles differ from the joint ones, and a weight with another column stride
+    w_t = randn(gen, 32, K, dtype=dtype).t()
+    for ws in ([randn(gen, K, n, dtype=dtype) for n in (512, 512, 8)],
+               [randn(gen, K, 32, dtype=dtype), w_t, randn(gen, K, 32, dtype=dtype)]):
+        for g, w in zip(matmul_three(x, *ws), ws):
+            assert torch.equal(g, matmul(x, w))
+
+
+def test_torch_backends_three_weights_go_through_its_matmul(gen):
+    """A backend that overrides matmul (tests/lab's row-at-a-time backend) gets q, k and v through it."""
+    from kernels.torch_backend import TorchBackend
+    calls = []
+
+    class Counting(TorchBackend):
+        def matmul(self, x, w):
+            calls.append(w.shape)
+            return super().matmul(x, w)
+    x = randn(gen, 3, 16)
+    Counting().matmul_three(x, randn(gen, 16, 8), randn(gen, 16, 4), randn(gen, 16, 4))
+    assert calls == [(16, 8), (16, 4), (16, 4)]
 
 
 @pytest.mark.gpu

@@ -6,13 +6,14 @@ import torch
 
 import kernels
 from kernels.ops.rope import rope_and_store
-from kernels.torch_backend import rope_and_store_torch, rope_torch
+from kernels.ops.rope import rope_and_store_torch, rope_torch
 from moe.attention import rope_tables
 from tests.kernels.conftest import DEVICE, assert_same_bits, randn
 
 
 def _case(gen, dtype, T, H=8, Hkv=2, Dh=64, slots=5, L=40):
-    q, k, v = randn(gen, T, H, Dh, dtype=dtype), randn(gen, T, Hkv, Dh, dtype=dtype), randn(gen, T, Hkv, Dh, dtype=dtype)
+    q = randn(gen, T, H, Dh, dtype=dtype)
+    k, v = randn(gen, T, Hkv, Dh, dtype=dtype), randn(gen, T, Hkv, Dh, dtype=dtype)
     # distinct (slot, position) cells, positions up to ~5000 so the angles are large
     cells = torch.randperm(slots * L, generator=gen)[:T]
     token_slots, pos_in_cache = cells // L, cells % L
@@ -46,6 +47,22 @@ def test_rope_and_store_through_both_backends(gen):
         assert_same_bits(a.contiguous(), b.contiguous())
 
 
+def test_rope_and_store_reads_strided_indices_and_empty_steps(gen):
+    q, k, v, cos, sin, cache, token_slots, positions = _case(gen, torch.bfloat16, T=9)
+    k_ref, v_ref, k_got, v_got = cache.clone(), cache.clone(), cache.clone(), cache.clone()
+    ref = rope_and_store_torch(q, k, v, cos, sin, k_ref, v_ref, token_slots, positions)
+    strided = lambda t: torch.stack([t, t], 1)[:, 0]     # noqa: E731  (the same values, stride 2)
+    got = rope_and_store(q, k, v, cos, sin, k_got, v_got, strided(token_slots), strided(positions))
+    assert_same_bits(got, ref.contiguous())
+    assert_same_bits(k_got, k_ref)
+    assert_same_bits(v_got, v_ref)
+    for backend in kernels.BACKENDS:             # a step of no tokens: nothing written, an empty q
+        with kernels.use_backend(backend):
+            out = kernels.rope_and_store(q[:0], k[:0], v[:0], cos[:0], sin[:0], k_got, v_got,
+                                         token_slots[:0], positions[:0])
+        assert out.shape == (0,) + q.shape[1:]
+
+
 def test_rope_and_store_checks_its_inputs(gen):
     q, k, v, cos, sin, cache, token_slots, positions = _case(gen, torch.bfloat16, T=4)
     with pytest.raises(ValueError, match="share one dtype"):
@@ -54,6 +71,11 @@ def test_rope_and_store_checks_its_inputs(gen):
         rope_and_store(q, k, v, cos, sin, cache[:, :, :1], cache[:, :, :1], token_slots, positions)
     with pytest.raises(ValueError, match="token_slots"):
         rope_and_store(q, k, v, cos, sin, cache, cache.clone(), token_slots[:3], positions)
+    with pytest.raises(ValueError, match="integer"):
+        rope_and_store(q, k, v, cos, sin, cache, cache.clone(), token_slots, positions.float())
+    if DEVICE == "cpu":   # index values are read where that costs no device sync
+        with pytest.raises(ValueError, match="positions in 0..39"):
+            rope_and_store(q, k, v, cos, sin, cache, cache.clone(), token_slots, positions + 40)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

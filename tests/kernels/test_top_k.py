@@ -5,7 +5,7 @@ import torch
 
 import kernels
 from kernels.ops.top_k import top_k
-from kernels.torch_backend import top_k_torch
+from kernels.ops.top_k import top_k_torch
 from tests.kernels.conftest import DEVICE
 
 
@@ -52,6 +52,8 @@ def test_top_k_checks_k(gen):
     for k in (0, 9):
         with pytest.raises(ValueError, match="k must be in 1..N=8"):
             top_k(x, k)
+        with pytest.raises(ValueError, match="k in 1..N"):      # the stock form refuses it too
+            top_k_torch(x, k)
 
 
 @pytest.mark.gpu
