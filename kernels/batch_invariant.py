@@ -24,21 +24,18 @@ from kernels.ops.expert_sort import expert_sort as _expert_sort, expert_sort_tor
 from kernels.ops.grouped_gemm import grouped_matmul as _grouped_matmul
 from kernels.ops.grouped_gemm import grouped_matmul_chunk_sum as _grouped_matmul_chunk_sum
 from kernels.ops.grouped_gemm import grouped_matmul_partials as _grouped_matmul_partials
-from kernels.ops.grouped_gemm import grouped_swiglu as _grouped_swiglu
+from kernels.ops.grouped_gemm import grouped_swiglu as _grouped_swiglu, grouped_swiglu_torch
 from kernels.ops.matmul import matmul as _matmul
 from kernels.ops.matmul import matmul_chunk_sum as _matmul_chunk_sum
 from kernels.ops.matmul import matmul_partials as _matmul_partials
 from kernels.ops.matmul import matmul_three as _matmul_three
 from kernels.ops.rmsnorm import add_rms_norm as _add_rms_norm
 from kernels.ops.rmsnorm import rms_norm as _rms_norm
-from kernels.ops.rope import rope_and_store as _rope_and_store
-from kernels.ops.top_k import top_k as _top_k
+from kernels.ops.rope import rope_and_store as _rope_and_store, rope_and_store_torch
+from kernels.ops.top_k import top_k as _top_k, top_k_torch
 from kernels.ops.softmax import log_softmax as _log_softmax
 from kernels.ops.softmax import softmax as _softmax
 from kernels.ops.tree_sum import tree_sum as _tree_sum, tree_sum_torch
-from kernels.ops.grouped_gemm import grouped_swiglu_torch
-from kernels.ops.rope import rope_and_store_torch
-from kernels.ops.top_k import top_k_torch
 from kernels.torch_backend import ordered_combine_torch
 
 

@@ -16,6 +16,17 @@ def _integer(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
 
 
+def check_index_range(name: str, t: torch.Tensor, n: int, what: str = "") -> None:
+    """An integer index tensor whose values lie in 0..n-1 (`what` names n in the message): its dtype
+    always, its values where it is a host tensor (reading a GPU tensor's would be a device sync)."""
+    _integer(name, t)
+    if t.is_cuda or t.numel() == 0:
+        return
+    lo, hi = torch.stack([t.min(), t.max()]).long().tolist()
+    if lo < 0 or hi >= n:
+        raise ValueError(f"{name} must be in 0..{n - 1}{what}, got {lo}..{hi}")
+
+
 def check_attention_indices(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
                             n_rows: int, n_slots: int, cache_len: int) -> tuple[int, int]:
     """Check a ragged attention batch of B sequences over a cache of n_slots x cache_len positions:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import runtime
-from kernels.checks import check_group_offsets
+from kernels.checks import check_group_offsets, check_index_range
 from kernels.ops.matmul import (Tiles, check_chunk_tree, check_chunks, fit_for_chunk_sum, k_chunk_tree,
                                 one_kernel_sum, reduction_for, tree_of)
 from kernels.ops.rounding import round_by_bits, rounded_through, rounded_to
@@ -261,11 +261,8 @@ def grouped_swiglu(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rows
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
     if rows is not None:
+        check_index_range("rows", rows, x.shape[0] * top_k, " (tokens x top_k)")
         rows = rows.contiguous()        # the kernel reads rows[i] at i
-        if not rows.is_cuda and rows.numel():   # values only where reading them costs no device sync
-            lo, hi = torch.stack([rows.min(), rows.max()]).tolist()
-            if lo < 0 or hi >= x.shape[0] * top_k:
-                raise ValueError(f"rows must be in 0..{x.shape[0] * top_k - 1} (tokens x top_k), got {lo}..{hi}")
     return _grouped(x, w, offsets, 1, "swiglu", tiles, False, rows=rows, top_k=top_k)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from kernels import runtime
+from kernels.checks import check_index_range
 from kernels.ops.rounding import round_by_bits, rounded_to
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -118,16 +119,9 @@ def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     if token_slots.shape != (T,) or positions.shape != (T,):
         raise ValueError(f"token_slots and positions must be [T={T}], got {tuple(token_slots.shape)} and "
                          f"{tuple(positions.shape)}")
-    for name, t in (("token_slots", token_slots), ("positions", positions)):
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    check_index_range("token_slots", token_slots, k_cache.shape[0], " (cache slots)")
+    check_index_range("positions", positions, k_cache.shape[1], " (cache positions)")
     token_slots, positions = token_slots.contiguous(), positions.contiguous()   # read at index t
-    if not positions.is_cuda and T:   # values only where reading them costs no device sync
-        s_lo, s_hi, p_lo, p_hi = torch.stack([token_slots.min(), token_slots.max(), positions.min(),
-                                              positions.max()]).tolist()
-        if s_lo < 0 or s_hi >= k_cache.shape[0] or p_lo < 0 or p_hi >= k_cache.shape[1]:
-            raise ValueError(f"token_slots must be in 0..{k_cache.shape[0] - 1} and positions in "
-                             f"0..{k_cache.shape[1] - 1}, got {s_lo}..{s_hi} and {p_lo}..{p_hi}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if cos.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()

@@ -74,7 +74,7 @@ def test_rope_and_store_checks_its_inputs(gen):
     with pytest.raises(ValueError, match="integer"):
         rope_and_store(q, k, v, cos, sin, cache, cache.clone(), token_slots, positions.float())
     if DEVICE == "cpu":   # index values are read where that costs no device sync
-        with pytest.raises(ValueError, match="positions in 0..39"):
+        with pytest.raises(ValueError, match="positions must be in 0..39"):
             rope_and_store(q, k, v, cos, sin, cache, cache.clone(), token_slots, positions + 40)
 
 
