@@ -87,13 +87,9 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     out = runtime.empty((T, D), x.device, x.dtype)
     if residual is None:
         r2, total = x2, x2
-    else:   # the sum takes x's layout, so one stride serves x, the residual and the sum
-        r2 = residual.reshape(T, D)
-        if r2.stride() != x2.stride():
-            r2 = r2.contiguous() if x2.is_contiguous() else torch.empty_like(x2).copy_(r2)
+    else:   # x, the residual and the sum contiguous: one row stride serves all three
+        x2, r2 = x2.contiguous(), residual.reshape(T, D).contiguous()
         total = runtime.empty((T, D), x.device, x.dtype)
-        if total.stride() != x2.stride():
-            x2, r2 = x2.contiguous(), r2.contiguous()
     if T == 0:
         return total.reshape(shape), out.reshape(shape)
     rows, block_d, warps = _tiles(D)
