@@ -413,6 +413,17 @@ def best_per_bucket(rows: list[dict], buckets: list[tuple[int, int]]) -> dict:
     return out
 
 
+def sweep(name: str, tune, out: str, summary: dict) -> list[dict]:
+    """Run one sweep (`tune(rows)`), write its rows to OUT/tune_<name>.csv and, where it checks bits, list
+    in the summary every candidate that moved them (such a tile could not be an M-dependent choice)."""
+    rows: list[dict] = []
+    tune(rows)
+    write_csv(os.path.join(out, f"tune_{name}.csv"), rows)
+    if any("same_bits" in r for r in rows):
+        summary[f"{name}_bits_moved"] = [r for r in rows if r.get("same_bits") is False]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/tune")
@@ -429,44 +440,24 @@ def main() -> None:
     if "host" in parts:
         host_profile(args.out)
     if "launch" in parts:
-        launch: list[dict] = []
-        launch_costs(launch)
-        write_csv(os.path.join(args.out, "tune_launch.csv"), launch)
-        summary["launch"] = launch
+        summary["launch"] = sweep("launch", launch_costs, args.out, summary)
     if "narrow" in parts:
-        narrow: list[dict] = []
-        tune_narrow(narrow)
-        write_csv(os.path.join(args.out, "tune_narrow.csv"), narrow)
-        summary["narrow_bits_moved"] = [r for r in narrow if r["same_bits"] is False]
+        sweep("narrow", tune_narrow, args.out, summary)
     if "grouped" in parts:
-        grouped: list[dict] = []
-        tune_grouped(grouped)
-        write_csv(os.path.join(args.out, "tune_grouped.csv"), grouped)
+        grouped = sweep("grouped", tune_grouped, args.out, summary)
         summary["grouped_buckets"] = best_grouped_per_bucket(grouped, [(0, 1), (1, 4), (4, 16), (16, 64),
                                                                        (64, 2**62)])
-        summary["grouped_bits_moved"] = [r for r in grouped if r["same_bits"] is False]
     if "chunk_sum" in parts:
-        cs: list[dict] = []
-        tune_chunk_sum(cs)
-        write_csv(os.path.join(args.out, "tune_chunk_sum.csv"), cs)
-        summary["chunk_sum_bits_moved"] = [r for r in cs if r["same_bits"] is False]
+        sweep("chunk_sum", tune_chunk_sum, args.out, summary)
     if "swiglu" in parts:
-        sw: list[dict] = []
-        tune_swiglu(sw)
-        write_csv(os.path.join(args.out, "tune_swiglu.csv"), sw)
-        summary["swiglu_bits_moved"] = [r for r in sw if r["same_bits"] is False]
+        sweep("swiglu", tune_swiglu, args.out, summary)
     if "attention" in parts:
-        att_rows: list[dict] = []
-        tune_attention_schedule(att_rows)
-        write_csv(os.path.join(args.out, "tune_attention_schedule.csv"), att_rows)
+        sweep("attention_schedule", tune_attention_schedule, args.out, summary)
     if "matmul" in parts:
-        mm: list[dict] = []
-        tune_matmul(mm)
-        write_csv(os.path.join(args.out, "tune_matmul.csv"), mm)
+        mm = sweep("matmul", tune_matmul, args.out, summary)
         summary["matmul_buckets"] = best_per_bucket(mm, [(1, 64), (65, 256), (257, 2**62)])
         summary["matmul_buckets_by_N"] = {N: best_per_bucket([r for r in mm if r["N"] == N], [(1, 64), (65, 256), (257, 2**62)])
                                           for N in sorted({r["N"] for r in mm})}
-        summary["matmul_bits_moved"] = [r for r in mm if r["same_bits"] is False]
     with open(os.path.join(args.out, "tune_summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
     print(json.dumps({k: v for k, v in summary.items() if k != "launch"}, indent=1, default=str)[:6000])
