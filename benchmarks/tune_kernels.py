@@ -209,10 +209,18 @@ def tune_attention_schedule(rows: list[dict]) -> None:
 # projection of each GPU preset, at decode and prefill row counts.
 CHUNK_SUM_DENSE = {"large attn_out": (2048, 2048), "wide attn_out": (4096, 4096)}
 CHUNK_SUM_GROUPED = {"large down": (64, 768, 2048, 8), "wide down": (8, 14336, 4096, 2)}
-CHUNK_SUM_TOKENS = [16, 256, 8192]
-CHUNK_SUM_TILES = [Tiles(64, 128, 4, 4), Tiles(64, 128, 4, 3), Tiles(64, 64, 4, 4), Tiles(64, 128, 4, 4, 128),
-                   Tiles(128, 128, 8, 3), Tiles(128, 128, 8, 4), Tiles(128, 64, 4, 3), Tiles(64, 256, 8, 3),
-                   Tiles(16, 128, 4, 4, 128), Tiles(128, 256, 8, 3)]
+CHUNK_SUM_TOKENS = [1, 4, 16, 64, 256, 1024, 8192]
+# candidates: chunks one after another (x1), two side by side (x2: as many live accumulators), four (x4:
+# one more accumulator, and four chunks' loads per stage, so shorter K steps or fewer stages)
+CHUNK_SUM_TILES = [Tiles(64, 64, 4, 4), Tiles(64, 128, 4, 3), Tiles(64, 256, 8, 3), Tiles(16, 128, 4, 4, 128),
+                   Tiles(128, 128, 8, 4)]
+CHUNK_SUM_TILES += [dataclasses.replace(t, chunks_per_loop=2) for t in
+                    (Tiles(16, 128, 4, 4), Tiles(16, 64, 4, 4), Tiles(32, 128, 4, 4), Tiles(64, 64, 4, 4),
+                     Tiles(64, 128, 4, 3), Tiles(128, 64, 4, 3), Tiles(128, 64, 4, 4), Tiles(128, 64, 8, 3),
+                     Tiles(128, 128, 8, 3), Tiles(128, 128, 8, 4, 32), Tiles(64, 256, 8, 2))]
+CHUNK_SUM_TILES += [dataclasses.replace(t, chunks_per_loop=4) for t in
+                    (Tiles(16, 64, 4, 4), Tiles(16, 128, 4, 4, 32), Tiles(32, 64, 4, 4, 32), Tiles(64, 64, 4, 3, 32),
+                     Tiles(64, 64, 4, 2), Tiles(128, 64, 8, 3, 32), Tiles(128, 64, 4, 3, 32), Tiles(64, 128, 8, 3, 32))]
 
 
 def tune_chunk_sum(rows: list[dict], chunks: int = 4) -> None:
@@ -241,7 +249,12 @@ def tune_chunk_sum(rows: list[dict], chunks: int = 4) -> None:
             ms, out = try_time(lambda: summed(t))
             rows.append(dict(shape=name, tokens=tokens, chunks=chunks,
                              tiles="default" if t is None else f"{t.BLOCK_M}x{t.BLOCK_N} BK{t.BLOCK_K or 64} "
-                                                             f"w{t.num_warps} s{t.num_stages}",
+                                                             f"w{t.num_warps} s{t.num_stages} x{t.chunks_per_loop}",
+                             BLOCK_M=None if t is None else t.BLOCK_M, BLOCK_N=None if t is None else t.BLOCK_N,
+                             BLOCK_K=None if t is None else t.BLOCK_K or 64,
+                             num_warps=None if t is None else t.num_warps,
+                             num_stages=None if t is None else t.num_stages,
+                             chunks_per_loop=None if t is None else t.chunks_per_loop,
                              ms=ms, partials_and_tree_ms=old_ms, ratio=None if ms is None else ms / old_ms,
                              same_bits=None if out is None else bool(torch.equal(out, ref))))
         cell = [r for r in rows if r["shape"] == name and r["tokens"] == tokens and r["ms"]]

@@ -60,6 +60,7 @@ def _grouped_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
     PRECISION: tl.constexpr, SUMMED: tl.constexpr, BY_BITS: tl.constexpr, GATHER: tl.constexpr,
     SRC_DIV: tl.constexpr, SWIGLU: tl.constexpr, INTERPRETED: tl.constexpr,
+    AT_ONCE: tl.constexpr,
 ):
     """GATHER: output row i reads x row src[i] // SRC_DIV (the MoE layer's assignments, sorted by expert,
     read from the token rows in place). SWIGLU: w's columns are [gate | up] (N each, w 2N wide); the
@@ -104,7 +105,7 @@ def _grouped_mm_kernel(
     # -- K loop: the same BLOCK_K steps, in the same order, for every tile of every expert; SUMMED > 1:
     #    chunks 0..SUMMED-1 one after another, added in tree_sum.py's tree (matmul.k_chunk_tree) --
     acc = k_chunk_tree(x_rows, w_cols, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, False,
-                       PRECISION, SUMMED)
+                       PRECISION, SUMMED, AT_ONCE)
 
     # -- write this tile's rows of this expert --
     if SWIGLU:
@@ -191,13 +192,18 @@ SWIGLU_TILES_GPU: list[tuple[float, Tiles]] = [
     (64, Tiles(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=4)),
     (2**62, Tiles(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3)),
 ]
-# The one-kernel chunk sum's tiles before `fit_for_chunk_sum`, from `large`'s down projection with 4
-# leaves on one H200 (benchmarks/results/tune_chunk_sum_h200/): 64x128 with 3 stages took 66 and 73 us
-# at 16 and 256 tokens against 69 and 76 with 4, and at 8192 tokens 64x256 on 8 warps 794 us against
-# 865 for 128x128.
+# The one-kernel chunk sum's tiles before `fit_for_chunk_sum`, from the expert down projections of both
+# GPU presets with 4 leaves on one H200 (benchmarks/results/tune_chunk_sum_h200/; the candidate with the
+# least mean time relative to each cell's best). Chunks walked side by side (Tiles.chunks_per_loop) won
+# in most buckets: `large` at 1 token 17 us against 52, at 8192 tokens 128x128 with two chunks per loop
+# 723 us against 786 for the 64x256 tiles used before.
 CHUNK_SUM_TILES_GPU: list[tuple[float, Tiles]] = [
-    (64, Tiles(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)),
-    (2**62, Tiles(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=3)),
+    (1, Tiles(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=4, chunks_per_loop=2)),
+    (4, Tiles(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=4, chunks_per_loop=2)),
+    (16, Tiles(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)),
+    (64, Tiles(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, BLOCK_K=32, chunks_per_loop=4)),
+    (256, Tiles(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, BLOCK_K=32, chunks_per_loop=2)),
+    (2**62, Tiles(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, chunks_per_loop=2)),
 ]
 
 
@@ -231,7 +237,7 @@ def grouped_matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, offsets: torch.Te
     if tiles is not None and packed:
         raise ValueError("tiles force the one-kernel sum; packed=True asks for the packed partials")
     interpreted_default = packed if packed is not None else runtime.interpreting()
-    if tiles is None and (interpreted_default or not one_kernel_sum(chunks, x.shape[-1])):
+    if tiles is None and (interpreted_default or not one_kernel_sum(chunks, x.shape[-1], x.shape[0])):
         return tree_of(_grouped(x, w, offsets, chunks, "partials", None, packed), dtype)
     return _grouped(x, w, offsets, chunks, "summed", tiles, False, dtype)
 
@@ -336,7 +342,7 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: in
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         SUMMED=chunks if summed else 1, BY_BITS=(summed or swiglu) and round_by_bits(out.dtype),
         GATHER=rows is not None, SRC_DIV=top_k, SWIGLU=swiglu, INTERPRETED=runtime.interpreting(),
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        AT_ONCE=t.chunks_per_loop if summed else 1, num_warps=t.num_warps, num_stages=t.num_stages,
         # swiglu: no fma in the epilogue's 1 + exp(-g), nor anywhere the stock ops round twice
         enable_fp_fusion=not swiglu,
     )

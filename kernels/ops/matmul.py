@@ -52,36 +52,88 @@ def _k_range(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: tl.co
 
 
 @triton.jit
+def _k_ranges_at_once(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                      AT_ONCE: tl.constexpr):
+    """AT_ONCE (2 or 4) consecutive K chunks of K each in ONE loop, each into its own fresh accumulator,
+    then added in the tree's order ((c0 + c1) + (c2 + c3)). Each accumulator takes the same BLOCK_K steps
+    in the same order as `_k_range` would give it, so the bits are those of the chunks run one after
+    another; what changes is that the loads run ahead across all of them (one pipeline fill, not one
+    per chunk)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_ok = k < K
+        if EVEN_K:
+            k_ok = k >= 0
+        xa = x_rows + k[None, :] * stride_xk
+        wb = w_cols + k[:, None] * stride_wk
+        acc0 = tl.dot(tl.load(xa, mask=m_ok & k_ok[None, :], other=0.0),
+                      tl.load(wb, mask=n_ok & k_ok[:, None], other=0.0), acc0, input_precision=PRECISION)
+        acc1 = tl.dot(tl.load(xa + K * stride_xk, mask=m_ok & k_ok[None, :], other=0.0),
+                      tl.load(wb + K * stride_wk, mask=n_ok & k_ok[:, None], other=0.0), acc1,
+                      input_precision=PRECISION)
+        if AT_ONCE == 4:
+            acc2 = tl.dot(tl.load(xa + 2 * K * stride_xk, mask=m_ok & k_ok[None, :], other=0.0),
+                          tl.load(wb + 2 * K * stride_wk, mask=n_ok & k_ok[:, None], other=0.0), acc2,
+                          input_precision=PRECISION)
+            acc3 = tl.dot(tl.load(xa + 3 * K * stride_xk, mask=m_ok & k_ok[None, :], other=0.0),
+                          tl.load(wb + 3 * K * stride_wk, mask=n_ok & k_ok[:, None], other=0.0), acc3,
+                          input_precision=PRECISION)
+    if AT_ONCE == 4:
+        return (acc0 + acc1) + (acc2 + acc3)
+    return acc0 + acc1
+
+
+@triton.jit
 def _k_pair(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-    """Two consecutive K chunks of K each, each from a fresh accumulator, added: one pair of a tree's leaves."""
-    first = _k_range(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                     PRECISION)
-    return first + _k_range(x_rows + K * stride_xk, w_cols + K * stride_wk, m_ok, n_ok, K, stride_xk, stride_wk,
-                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
+            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, AT_ONCE: tl.constexpr):
+    """Two consecutive K chunks of K each, each from a fresh accumulator, added: one pair of a tree's leaves
+    (one after the other, or both in one loop: the same bits)."""
+    if AT_ONCE == 1:
+        first = _k_range(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                         PRECISION)
+        return first + _k_range(x_rows + K * stride_xk, w_cols + K * stride_wk, m_ok, n_ok, K, stride_xk,
+                                stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
+    return _k_ranges_at_once(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
+                             EVEN_K, PRECISION, 2)
 
 
 @triton.jit
 def k_chunk_tree(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, SUMMED: tl.constexpr):
+                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, SUMMED: tl.constexpr,
+                 AT_ONCE: tl.constexpr):
     """The tile's K chunks 0..SUMMED-1 (K each), each from a fresh accumulator, added in tree_sum.py's
     tree, pair by pair: ((c0 + c1) + (c2 + c3)) + ((c4 + c5) + (c6 + c7)). One chunk: a plain K loop.
+    AT_ONCE (Tiles.chunks_per_loop: 1, 2 or 4) chunks share one loop; the bits do not depend on it.
     The grouped GEMM runs the same steps (EVEN_K=False: its K loads are always masked)."""
     if SUMMED == 1:
         acc = _k_range(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                        PRECISION)
+    elif AT_ONCE == 4 and SUMMED >= 4:
+        dx, dw = 4 * K * stride_xk, 4 * K * stride_wk    # from one quad of K chunks to the next
+        acc = _k_ranges_at_once(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
+                                EVEN_K, PRECISION, 4)
+        if SUMMED == 8:
+            acc = acc + _k_ranges_at_once(x_rows + dx, w_cols + dw, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M,
+                                          BLOCK_N, BLOCK_K, EVEN_K, PRECISION, 4)
     else:
+        pair = 1 if AT_ONCE == 1 else 2
         dx, dw = 2 * K * stride_xk, 2 * K * stride_wk    # from one pair of K chunks to the next
         acc = _k_pair(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                      PRECISION)
+                      PRECISION, pair)
         if SUMMED >= 4:
             acc = acc + _k_pair(x_rows + dx, w_cols + dw, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N,
-                                BLOCK_K, EVEN_K, PRECISION)
+                                BLOCK_K, EVEN_K, PRECISION, pair)
         if SUMMED == 8:
             acc = acc + (_k_pair(x_rows + 2 * dx, w_cols + 2 * dw, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M,
-                                 BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
+                                 BLOCK_N, BLOCK_K, EVEN_K, PRECISION, pair)
                          + _k_pair(x_rows + 3 * dx, w_cols + 3 * dw, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M,
-                                   BLOCK_N, BLOCK_K, EVEN_K, PRECISION))
+                                   BLOCK_N, BLOCK_K, EVEN_K, PRECISION, pair))
     return acc
 
 
@@ -92,7 +144,7 @@ def _matmul_kernel(
     w2_ptr, w3_ptr, N1, N2, stride_wk2, stride_wk3,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, SUMMED: tl.constexpr, BY_BITS: tl.constexpr,
-    THREE: tl.constexpr,
+    THREE: tl.constexpr, AT_ONCE: tl.constexpr,
 ):
     """THREE: the output's N columns are those of three weights side by side, w [K, N1], w2 [K, N2] and
     w3 [K, N - N1 - N2] (N1 and N2 whole numbers of BLOCK_N, so a tile reads one weight)."""
@@ -128,7 +180,7 @@ def _matmul_kernel(
     else:
         w_cols = w_ptr + offs_n[None, :] * stride_wn
     acc = k_chunk_tree(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                       PRECISION, SUMMED)
+                       PRECISION, SUMMED, AT_ONCE)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              rounded_to(acc, out_ptr.dtype.element_ty, BY_BITS), mask=m_ok & n_ok)
 
@@ -155,6 +207,14 @@ class Tiles:
     # step only groups those steps (tune_kernels.py measured 64 and 128 bit-identical; the dense-M test
     # checks every bucket). Not under the interpreter, where a block dot is one BLAS call per row.
     BLOCK_K: int | None = None
+    # Summed chunk trees only (matmul_chunk_sum, grouped_matmul_chunk_sum): how many K chunks one loop
+    # walks side by side, each into its own accumulator (1, 2 or 4). The same steps per accumulator, so the
+    # same bits; more chunks per loop keep the loads running across them, at one more accumulator for 4.
+    chunks_per_loop: int = 1
+
+    def __post_init__(self):
+        if self.chunks_per_loop not in (1, 2, 4):
+            raise ValueError(f"chunks_per_loop must be 1, 2 or 4, got {self.chunks_per_loop!r}")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -260,41 +320,50 @@ def matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, chunks: int, dtype: torch
     _check(x, w)
     M, K = x.shape
     check_chunk_tree(chunks, K, dtype, tiles)
-    if tiles is None and not one_kernel_sum(chunks, K):
+    if tiles is None and not one_kernel_sum(chunks, K, M):
         return tree_of(matmul_partials(x, w, chunks), dtype)
     out = runtime.empty((M, w.shape[1]), x.device, dtype)
     if tiles is None:
-        tiles = tiles_for(M, w.shape[1], x.dtype == torch.float32) if runtime.interpreting() else CHUNK_SUM_TILES
+        tiles = (tiles_for(M, w.shape[1], x.dtype == torch.float32) if runtime.interpreting()
+                 else fit_for_chunk_sum(next(t for max_m, t in CHUNK_SUM_TILES if M <= max_m), chunks))
     return _launch(x, w, out, chunks, None, tiles, summed=True)
 
 
 # The chunk counts the summed kernels write out (their trees are unrolled in the kernel).
 CHUNK_SUM_LEAVES = (1, 2, 4, 8)
-# When the tree runs inside the GEMM: where the whole K (all the chunks, which one program walks in turn)
-# is at most CHUNK_SUM_MAX_K. Its launch has C times fewer programs than the partials', each C times
-# longer, but writes no fp32 partials and leaves no tree_sum to launch. On one H200, 4 chunks:
-# - `large` (attention output K = 2048, expert down K = 768): 0.25-0.72x the time of partials +
-#   tree_sum at 16 and 256 tokens, 0.50-0.90x at 8192 on the tiles in use
-#   (benchmarks/results/tune_chunk_sum_h200/); in the model, prefill 16 x 512 went from 27% to 34% of
-#   the tensor-core bound.
-# - `wide` (K = 4096 and 14336): 1.24-1.42x at 8192 tokens, and with the one-kernel form at decode sizes
-#   a captured batch-1 decode step took 3.85 ms against 3.38 with the partials, the rest of the code the
-#   same (bench_model_h200/wide_chunk_sum_in_decode/ and wide/): the few programs of a one-token GEMM
-#   each walked 64-224 serial K steps.
+# When the tree runs inside the GEMM: where the whole K (all the chunks, which one program walks) is at
+# most CHUNK_SUM_MAX_K, or the rows are at most CHUNK_SUM_MAX_ROWS. Its launch has C times fewer programs
+# than the partials', each C times longer, but writes no fp32 partials and leaves no tree_sum to launch.
+# On one H200, 4 chunks (benchmarks/results/tune_chunk_sum_h200/, on the tables below):
+# - `large` (attention output K = 2048, expert down K = 768): 0.3-0.8x the time of partials + tree_sum at
+#   1-1024 tokens, 0.78x (attention output) and 0.41x (down) at 8192.
+# - `wide` (K = 4096 and 14336): 0.35-0.97x up to 256 tokens (attention output up to 1024), but at 8192
+#   tokens the partials were faster (0.63 against 0.69 ms; 3.8 against 4.5 ms).
 CHUNK_SUM_MAX_K = 2048
-# The dense one-kernel form's tiles, for every M: 64x64 on 4 warps was the fastest candidate or within 8%
-# of it at 16 and 256 tokens, and the only one below 1x at 8192 (0.90x, attention output of `large`).
-CHUNK_SUM_TILES = Tiles(64, 64, 4, 4)
+CHUNK_SUM_MAX_ROWS = 1024
+# The dense one-kernel form's tiles by M (largest M of the bucket, Tiles), from the attention output of
+# both GPU presets (the candidate with the least mean time relative to each cell's best): small M walks
+# four chunks side by side on narrow tiles (16 or 32 rows: at 16 tokens 11 and 18 us against 36 and 27
+# for the 64x64 tiles used for every M before), 1024 rows and more two chunks on 128x64.
+CHUNK_SUM_TILES: list[tuple[float, Tiles]] = [
+    (4, Tiles(16, 128, 4, 4, chunks_per_loop=2)),
+    (16, Tiles(16, 64, 4, 4, chunks_per_loop=4)),
+    (64, Tiles(32, 64, 4, 4, 32, chunks_per_loop=4)),
+    (256, Tiles(64, 64, 4, 3, 32, chunks_per_loop=4)),
+    (1024, Tiles(128, 64, 4, 4, chunks_per_loop=2)),
+    (2**62, Tiles(128, 64, 8, 3, chunks_per_loop=2)),
+]
 # fp32 accumulator registers per thread that a summed tile may hold in all: a tree of 2^n leaves keeps
 # n + 1 accumulators alive at once (for 4: a pair's first leaf, its second, the sum so far), so a
 # 128x256 tile on 8 warps (128 registers each) would spill; 3 x 64 leaves room for the loads.
 CHUNK_SUM_ACC_REGS = 192
 
 
-def one_kernel_sum(chunks: int, K: int) -> bool:
-    """Whether a sum of `chunks` chunks over a K of K runs as one kernel (else partials + tree_sum, the
-    same bits): a tree the kernels unroll, over a K short enough for one program to walk."""
-    return chunks in CHUNK_SUM_LEAVES and K <= CHUNK_SUM_MAX_K
+def one_kernel_sum(chunks: int, K: int, M: int) -> bool:
+    """Whether a sum of `chunks` chunks over a K of K for M rows runs as one kernel (else partials +
+    tree_sum, the same bits): a tree the kernels unroll, over a K short enough for one program to walk
+    or few enough rows that the partials' extra launch and traffic cost more than the longer walk."""
+    return chunks in CHUNK_SUM_LEAVES and (K <= CHUNK_SUM_MAX_K or M <= CHUNK_SUM_MAX_ROWS)
 
 
 def tree_of(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -308,6 +377,8 @@ def fit_for_chunk_sum(t: Tiles, chunks: int) -> Tiles:
     if chunks == 1 or runtime.interpreting():
         return t
     live = chunks.bit_length()          # log2(chunks) + 1
+    if t.chunks_per_loop == 4 and chunks >= 4:
+        live += 1                       # four chunks' accumulators at once, and the sum so far past 4 leaves
     bn = t.BLOCK_N
     while bn > 32 and live * t.BLOCK_M * bn // (32 * t.num_warps) > CHUNK_SUM_ACC_REGS:
         bn //= 2
@@ -368,6 +439,6 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, chunks: int, re
         BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=block_k, GROUP_M=8, EVEN_K=K % block_k == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         SUMMED=chunks if summed else 1, BY_BITS=summed and round_by_bits(out.dtype), THREE=more is not None,
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        AT_ONCE=t.chunks_per_loop if summed else 1, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return out

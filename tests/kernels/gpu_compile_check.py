@@ -58,31 +58,35 @@ def cases():
                    "M", "N", "K", "stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_om", "stride_on",
                    "stride_oc")}, **three},
                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EVEN_K": True, "PRECISION": "tf32",
-                "SUMMED": 1, "BY_BITS": False, "THREE": n_weights == 3},
+                "SUMMED": 1, "BY_BITS": False, "THREE": n_weights == 3, "AT_ONCE": 1},
                {"num_warps": 8 if bm == 128 else 4, "num_stages": 3})
     # the row-parallel trees: on the dense one-kernel tiles (64x64, 4 warps, 4 stages), with a K that is
     # and one that is not a whole number of steps, and on a tile fit_for_chunk_sum gives
-    for summed, (bm, bn, warps, stages), even_k in ((2, (64, 64, 4, 4), True), (4, (64, 64, 4, 4), False),
-                                                    (8, (64, 64, 4, 4), True), (4, (128, 128, 8, 3), True)):
+    # (chunks walked one at a time, two or four per loop)
+    for summed, (bm, bn, warps, stages), even_k, at_once in (
+            (2, (64, 64, 4, 4), True, 1), (4, (64, 64, 4, 4), False, 1), (8, (64, 64, 4, 4), True, 1),
+            (4, (128, 128, 8, 3), True, 1), (4, (64, 64, 4, 4), False, 2), (8, (64, 64, 4, 4), True, 4)):
         for out in ("*bf16", "*fp32"):
-            yield (f"matmul chunk sum {summed} {bm}x{bn} even_k={even_k} {out}", _matmul_kernel,
+            yield (f"matmul chunk sum {summed} {bm}x{bn} even_k={even_k} x{at_once} {out}", _matmul_kernel,
                    {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": out, **{a: "i32" for a in (
                        "M", "N", "K", "stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_om", "stride_on",
                        "stride_oc")}, **three},
                    {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "EVEN_K": even_k,
-                    "PRECISION": "tf32", "SUMMED": summed, "BY_BITS": False, "THREE": False},
+                    "PRECISION": "tf32", "SUMMED": summed, "BY_BITS": False, "THREE": False, "AT_ONCE": at_once},
                    {"num_warps": warps, "num_stages": stages})
     from kernels.ops.grouped_gemm import _grouped_mm_kernel
-    for summed, bm, bn, warps, swiglu in ((1, 64, 128, 4, False), (1, 128, 256, 8, False), (4, 64, 128, 4, False),
-                                          (4, 128, 128, 8, False), (1, 64, 128, 4, True), (1, 128, 256, 8, True)):
-        yield (f"grouped {bm}x{bn} chunk sum {summed} swiglu={swiglu}", _grouped_mm_kernel,
+    for summed, bm, bn, warps, swiglu, at_once in (
+            (1, 64, 128, 4, False, 1), (1, 128, 256, 8, False, 1), (4, 64, 128, 4, False, 1),
+            (4, 128, 128, 8, False, 1), (1, 64, 128, 4, True, 1), (1, 128, 256, 8, True, 1),
+            (4, 64, 256, 8, False, 2), (4, 128, 64, 8, False, 4)):
+        yield (f"grouped {bm}x{bn} chunk sum {summed} x{at_once} swiglu={swiglu}", _grouped_mm_kernel,
                {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "row_ends_ptr": "*i32",
                 "src_ptr": "*i64" if swiglu else "*bf16", **{a: "i32" for a in (
                    "E", "N", "K", "stride_xm", "stride_xk", "stride_we", "stride_wk", "stride_wn", "stride_om",
                    "stride_on", "stride_oc")}},
                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "E_POW2": 64, "PRECISION": "tf32", "SUMMED": summed,
                 "BY_BITS": False, "GATHER": swiglu, "SRC_DIV": 8 if swiglu else 1, "SWIGLU": swiglu,
-                "INTERPRETED": False},
+                "INTERPRETED": False, "AT_ONCE": at_once},
                {"num_warps": warps, "num_stages": 3, "enable_fp_fusion": not swiglu})
     from kernels.ops.rope import _rope_and_store_kernel
     yield ("rope_and_store bf16", _rope_and_store_kernel,

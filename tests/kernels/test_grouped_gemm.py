@@ -1,16 +1,18 @@
 """Grouped expert GEMM: a token's bits do not depend on its group's size or its place in the group."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from kernels.ops.grouped_gemm import (CHUNK_SUM_TILES_GPU, SWIGLU_TILES_GPU, TILES_GPU, grouped_matmul, grouped_matmul_chunk_sum,
                                       grouped_matmul_partials, grouped_swiglu)
-from kernels.ops.matmul import CHUNK_SUM_LEAVES, fit_for_chunk_sum
+from kernels.ops.matmul import CHUNK_SUM_LEAVES, Tiles, fit_for_chunk_sum
 from kernels.ops.tree_sum import tree_sum
 from kernels.torch_backend import TorchBackend
 from tests.kernels.conftest import DEVICE, TOL, assert_same_bits, randn, rel_err
-from tests.kernels.test_matmul import integers
+from tests.kernels.test_matmul import integers, per_loop_tiles
 
 
 def _offsets(sizes: list[int]) -> torch.Tensor:
@@ -142,6 +144,24 @@ def test_chunk_sum_is_the_tree_of_the_partials(gen, dtype, chunks, values):
         grouped_matmul_chunk_sum(x, w, _offsets(sizes), chunks, dtype, tiles=TILES_GPU[0][1], packed=True)
 
 
+@pytest.mark.parametrize("per_loop", [2, 4])
+@pytest.mark.parametrize("chunks", [2, 4, 8])
+def test_chunks_per_loop_keep_the_tree_bits(gen, chunks, per_loop):
+    """The per-tile kernel with chunks walked side by side in one loop (Tiles.chunks_per_loop): the
+    tree of the partials, bit for bit, and a row's bits whatever its group."""
+    E, K, N = 4, 64, 40
+    sizes = [3, 0, 11, 6]
+    x, w = randn(gen, sum(sizes), K, dtype=torch.bfloat16), randn(gen, E, K, N, dtype=torch.bfloat16)
+    tiles = Tiles(16, 16, chunks_per_loop=per_loop)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        ref = tree_sum(grouped_matmul_partials(x, w, _offsets(sizes), chunks), out_dtype)
+        got = grouped_matmul_chunk_sum(x, w, _offsets(sizes), chunks, out_dtype, tiles=tiles, packed=False)
+        assert_same_bits(got, ref)
+        alone = grouped_matmul_chunk_sum(x[3:4], w, _offsets([0, 0, 1, 0]), chunks, out_dtype, tiles=tiles,
+                                         packed=False)
+        assert_same_bits(alone[0], got[3])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("E,K,N", [(64, 768, 2048), (8, 14336, 4096)])
 def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, E, K, N):
@@ -158,8 +178,9 @@ def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, E, K, N):
                 assert_same_bits(grouped_matmul_chunk_sum(x, w, offs, chunks, out_dtype), ref)
                 # every bucket's tiles, forced into the one-kernel form (K > 2048 defaults to partials)
                 for _, tiles in TILES_GPU + CHUNK_SUM_TILES_GPU:
-                    t = fit_for_chunk_sum(tiles, chunks)
-                    assert_same_bits(grouped_matmul_chunk_sum(x, w, offs, chunks, out_dtype, tiles=t), ref)
+                    for t in [tiles] + [per_loop_tiles(tiles, per_loop) for per_loop in (1, 2, 4)]:
+                        t = fit_for_chunk_sum(t, chunks)
+                        assert_same_bits(grouped_matmul_chunk_sum(x, w, offs, chunks, out_dtype, tiles=t), ref)
 
 
 def _swiglu_numpy(h32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

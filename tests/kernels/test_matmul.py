@@ -1,10 +1,12 @@
 """Dense matmul: a row's bits do not depend on the batch; accuracy against float64."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from kernels.ops.matmul import (CHUNK_SUM_LEAVES, TILES_GPU, Tiles, fit_for_chunk_sum, matmul, matmul_chunk_sum,
+from kernels.ops.matmul import (CHUNK_SUM_LEAVES, CHUNK_SUM_TILES, TILES_GPU, Tiles, fit_for_chunk_sum, matmul, matmul_chunk_sum,
                                 matmul_partials, matmul_three, reduction_for)
 from kernels.ops.tree_sum import tree_sum
 from tests.kernels.conftest import DEVICE, TOL, assert_same_bits, batches_with_probe, randn, rel_err
@@ -111,6 +113,15 @@ def test_partials_are_the_chunks_of_any_k_shard(gen, dtype):
         matmul_partials(x, w, 3)
 
 
+def per_loop_tiles(tiles: Tiles, per_loop: int) -> Tiles:
+    """tiles walking per_loop chunks side by side, with the fewer stages or shorter K steps that the
+    shared memory of several chunks' loads needs on the largest tiles (as the tuned tables pair them)."""
+    if per_loop == 1:
+        return dataclasses.replace(tiles, chunks_per_loop=1)
+    return dataclasses.replace(tiles, chunks_per_loop=per_loop, num_stages=2,
+                               BLOCK_K=32 if per_loop == 4 else tiles.BLOCK_K)
+
+
 def integers(gen: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
     """Small integers: exact products whose sums pass bf16's 256, so rounding ties come up often."""
     return torch.randint(-3, 4, shape, generator=gen).to(dtype=dtype, device=DEVICE)
@@ -134,6 +145,21 @@ def test_chunk_sum_is_the_tree_of_the_partials(gen, dtype, chunks, values):
     assert rel_err(got, x.double() @ w.double()) < TOL[dtype]
     with pytest.raises(ValueError, match="chunks"):
         matmul_chunk_sum(x, w, 3, dtype)          # not a power of two (it divides K)
+
+
+@pytest.mark.parametrize("per_loop", [2, 4])
+@pytest.mark.parametrize("chunks", [2, 4, 8])
+def test_chunks_per_loop_keep_the_tree_bits(gen, chunks, per_loop):
+    """Chunks walked side by side in one loop (Tiles.chunks_per_loop) give the bits of the chunks one
+    after another: the tree of the partials, fp32 and bf16 out, with a masked K loop (K = 24 per chunk)."""
+    M, K, N = 21, 192, 40
+    x, w = randn(gen, M, K, dtype=torch.bfloat16), randn(gen, K, N, dtype=torch.bfloat16)
+    tiles = Tiles(16, 16, chunks_per_loop=per_loop)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        ref = tree_sum(matmul_partials(x, w, chunks), out_dtype)
+        assert_same_bits(matmul_chunk_sum(x, w, chunks, out_dtype, tiles=tiles), ref)
+    with pytest.raises(ValueError, match="chunks_per_loop"):
+        Tiles(16, 16, chunks_per_loop=3)
 
 
 @pytest.mark.parametrize("backend", ["batch_invariant", "torch"])
@@ -169,10 +195,11 @@ def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, K, N):
         # every bucket's tiles, forced into the one-kernel form (also where K > 2048 defaults to partials)
         for out_dtype in (torch.float32, torch.bfloat16):
             ref = tree_sum(matmul_partials(x[:300], w, chunks), out_dtype)
-            for table in TILES_GPU.values():
+            for table in list(TILES_GPU.values()) + [CHUNK_SUM_TILES]:
                 for _, tiles in table:
-                    t = fit_for_chunk_sum(tiles, chunks)
-                    assert_same_bits(matmul_chunk_sum(x[:300], w, chunks, out_dtype, tiles=t), ref)
+                    for t in [tiles] + [per_loop_tiles(tiles, per_loop) for per_loop in (1, 2, 4)]:
+                        t = fit_for_chunk_sum(t, chunks)
+                        assert_same_bits(matmul_chunk_sum(x[:300], w, chunks, out_dtype, tiles=t), ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
