@@ -40,6 +40,10 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return get_backend().matmul(x, w)
 
 
+def matmul_widened(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return get_backend().matmul_widened(x, w)
+
+
 def matmul_three(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                  w3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return get_backend().matmul_three(x, w1, w2, w3)
@@ -116,7 +120,7 @@ def attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale: float) -
 
 
 __all__ = ["Backend", "BACKENDS", "available_backends", "get_backend", "register_backend", "use_backend",
-           "matmul", "matmul_three", "grouped_matmul", "grouped_swiglu", "matmul_partials",
+           "matmul", "matmul_widened", "matmul_three", "grouped_matmul", "grouped_swiglu", "matmul_partials",
            "grouped_matmul_partials", "matmul_chunk_sum", "grouped_matmul_chunk_sum", "rms_norm", "add_rms_norm",
            "softmax", "log_softmax", "top_k", "rope_and_store", "attention", "ordered_combine", "tree_sum",
            "expert_sort"]

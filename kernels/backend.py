@@ -30,6 +30,10 @@ class Backend(Protocol):
     def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [T, K] @ w [K, N] -> [T, N] in x's dtype (fp32 accumulate)."""
 
+    def matmul_widened(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """`matmul(x, w).float()`, bit for bit -> [T, N] fp32 (the logits; the batch_invariant backend
+        stores them widened from its one launch instead of converting them in a second pass)."""
+
     def matmul_three(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                      w3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x @ w1, x @ w2, x @ w3), each bitwise `matmul`'s (the batch_invariant backend launches once:
@@ -56,7 +60,7 @@ class Backend(Protocol):
     def matmul_chunk_sum(self, x: torch.Tensor, w: torch.Tensor, chunks: int, dtype: torch.dtype) -> torch.Tensor:
         """`tree_sum(matmul_partials(x, w, chunks), dtype)`, bit for bit: the K chunks' fp32 products
         added in the tree's order and rounded once -> [T, N] in `dtype` (the batch_invariant backend
-        does it in one kernel that never writes the partials where K <= 2048)."""
+        does it in one kernel that never writes the partials where that pays: matmul.one_kernel_sum)."""
 
     def grouped_matmul_chunk_sum(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int,
                                  dtype: torch.dtype) -> torch.Tensor:

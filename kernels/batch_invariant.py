@@ -19,7 +19,6 @@ import torch
 from kernels import runtime  # (importing it checks the interpreter switch came before triton: kernels/__init__.py)
 from kernels.ops.attention import attention as _attention
 from kernels.ops.combine import ordered_combine as _ordered_combine
-from kernels.ops.expert_sort import MAX_ASSIGNMENTS as EXPERT_SORT_MAX
 from kernels.ops.expert_sort import expert_sort as _expert_sort, expert_sort_torch
 from kernels.ops.grouped_gemm import grouped_matmul as _grouped_matmul
 from kernels.ops.grouped_gemm import grouped_matmul_chunk_sum as _grouped_matmul_chunk_sum
@@ -29,6 +28,7 @@ from kernels.ops.matmul import matmul as _matmul
 from kernels.ops.matmul import matmul_chunk_sum as _matmul_chunk_sum
 from kernels.ops.matmul import matmul_partials as _matmul_partials
 from kernels.ops.matmul import matmul_three as _matmul_three
+from kernels.ops.matmul import matmul_widened as _matmul_widened
 from kernels.ops.rmsnorm import add_rms_norm as _add_rms_norm
 from kernels.ops.rmsnorm import rms_norm as _rms_norm
 from kernels.ops.rope import rope_and_store as _rope_and_store, rope_and_store_torch
@@ -45,6 +45,9 @@ class BatchInvariantBackend:
 
     def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return _matmul(x, w)
+
+    def matmul_widened(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return _matmul_widened(x, w)
 
     def matmul_three(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                      w3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,9 +100,10 @@ class BatchInvariantBackend:
         return _ordered_combine(out, order, weights, dtype)
 
     def expert_sort(self, flat_experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # one kernel where launches cost (a compiled decode step); the stock form for large N, and
-        # under the interpreter, where argsort is one fast CPU call and a program is milliseconds
-        if flat_experts.is_cuda and flat_experts.shape[0] <= EXPERT_SORT_MAX:
+        # one or two launches instead of the stock form's eight or so (a decode step is made of such
+        # launches; at a prefill's 65536 assignments the argsort alone took ~60 us a layer); the stock
+        # form under the interpreter, where argsort is one fast CPU call and a program is milliseconds
+        if flat_experts.is_cuda:
             return _expert_sort(flat_experts, n_experts)
         return expert_sort_torch(flat_experts, n_experts)
 

@@ -30,6 +30,9 @@ class TorchBackend:
     def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return torch.mm(x, w)
 
+    def matmul_widened(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, w).float()
+
     def matmul_three(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                      w3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # through self.matmul, so that a backend overriding matmul (tests/lab's rowwise) gets all three

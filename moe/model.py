@@ -161,7 +161,7 @@ class MoETransformer(nn.Module):
         cache.lengths[slots] = step.kv_lens
         _, x = add_and_norm(x, pending, self.final_norm, self.cfg.norm_eps)
         head = self.embed.t() if self.lm_head is None else self.lm_head
-        return kernels.matmul(x, head).float(), routings                          # [T, V]
+        return kernels.matmul_widened(x, head), routings                          # [T, V] fp32
 
     def _check_batch(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> int:
         """Validate a ragged batch; returns its longest sequence's length."""

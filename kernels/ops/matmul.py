@@ -26,7 +26,7 @@ import functools
 import torch
 
 from kernels import runtime
-from kernels.ops.rounding import round_by_bits, rounded_to
+from kernels.ops.rounding import round_by_bits, rounded_through, rounded_to
 from kernels.ops.tree_sum import tree_sum, tree_sum_torch
 import triton  # noqa: E402  (after kernels.runtime, which may switch on the interpreter)
 import triton.language as tl  # noqa: E402
@@ -144,7 +144,7 @@ def _matmul_kernel(
     w2_ptr, w3_ptr, N1, N2, stride_wk2, stride_wk3,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, SUMMED: tl.constexpr, BY_BITS: tl.constexpr,
-    THREE: tl.constexpr, AT_ONCE: tl.constexpr,
+    THREE: tl.constexpr, AT_ONCE: tl.constexpr, WIDEN: tl.constexpr,
 ):
     """THREE: the output's N columns are those of three weights side by side, w [K, N1], w2 [K, N2] and
     w3 [K, N - N1 - N2] (N1 and N2 whole numbers of BLOCK_N, so a tile reads one weight)."""
@@ -181,8 +181,11 @@ def _matmul_kernel(
         w_cols = w_ptr + offs_n[None, :] * stride_wn
     acc = k_chunk_tree(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                        PRECISION, SUMMED, AT_ONCE)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             rounded_to(acc, out_ptr.dtype.element_ty, BY_BITS), mask=m_ok & n_ok)
+    if WIDEN:   # rounded to x's dtype as a plain launch rounds it, then stored in out's wider dtype
+        val = rounded_through(acc, x_ptr.dtype.element_ty, BY_BITS)
+    else:
+        val = rounded_to(acc, out_ptr.dtype.element_ty, BY_BITS)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, val, mask=m_ok & n_ok)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,6 +275,18 @@ def matmul(x: torch.Tensor, w: torch.Tensor, reduction: Reduction | None = None,
     return _launch(x, w, out, 1, reduction, tiles)
 
 
+def matmul_widened(x: torch.Tensor, w: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+    """`matmul(x, w).float()` bit for bit in one pass -> [M, N] fp32: the product rounded to x's dtype
+    as `matmul` rounds it, stored widened (the model's logits, whose separate conversion read and wrote
+    the whole [tokens, vocab] again). Under the interpreter, whose bf16 conversion is its own, the
+    composition runs; `fused` (a test hook) forces the one-pass kernel (exact there for fp16 and fp32)."""
+    _check(x, w)
+    if not (runtime.interpreting() if fused is None else not fused):
+        out = runtime.empty((x.shape[0], w.shape[1]), x.device, torch.float32)
+        return _launch(x, w, out, 1, None, None, widen=True)
+    return matmul(x, w).float()
+
+
 def matmul_three(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
                  tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x @ w1, x @ w2, x @ w3) in one launch, each with `matmul`'s bits: on the GPU the tiles only say
@@ -332,15 +347,17 @@ def matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, chunks: int, dtype: torch
 # The chunk counts the summed kernels write out (their trees are unrolled in the kernel).
 CHUNK_SUM_LEAVES = (1, 2, 4, 8)
 # When the tree runs inside the GEMM: where the whole K (all the chunks, which one program walks) is at
-# most CHUNK_SUM_MAX_K, or the rows are at most CHUNK_SUM_MAX_ROWS. Its launch has C times fewer programs
+# most CHUNK_SUM_MAX_K, or the rows are from CHUNK_SUM_MIN_ROWS to CHUNK_SUM_MAX_ROWS. Its launch has C times fewer programs
 # than the partials', each C times longer, but writes no fp32 partials and leaves no tree_sum to launch.
 # On one H200, 4 chunks (benchmarks/results/tune_chunk_sum_h200/, on the tables below):
 # - `large` (attention output K = 2048, expert down K = 768): 0.3-0.8x the time of partials + tree_sum at
 #   1-1024 tokens, 0.78x (attention output) and 0.41x (down) at 8192.
 # - `wide` (K = 4096 and 14336): 0.35-0.97x up to 256 tokens (attention output up to 1024), but at 8192
-#   tokens the partials were faster (0.63 against 0.69 ms; 3.8 against 4.5 ms).
+#   tokens the partials were faster (0.63 against 0.69 ms; 3.8 against 4.5 ms). Below 16 rows the sweep
+#   favoured one kernel too, but in the captured decode step of one sequence it was slower: 2.50 ms a step
+#   against 2.29 with the partials (bench_model_h200/wide_graphs/); 4 sequences came out even.
 CHUNK_SUM_MAX_K = 2048
-CHUNK_SUM_MAX_ROWS = 1024
+CHUNK_SUM_MIN_ROWS, CHUNK_SUM_MAX_ROWS = 16, 1024
 # The dense one-kernel form's tiles by M (largest M of the bucket, Tiles), from the attention output of
 # both GPU presets (the candidate with the least mean time relative to each cell's best): small M walks
 # four chunks side by side on narrow tiles (16 or 32 rows: at 16 tokens 11 and 18 us against 36 and 27
@@ -363,7 +380,7 @@ def one_kernel_sum(chunks: int, K: int, M: int) -> bool:
     """Whether a sum of `chunks` chunks over a K of K for M rows runs as one kernel (else partials +
     tree_sum, the same bits): a tree the kernels unroll, over a K short enough for one program to walk
     or few enough rows that the partials' extra launch and traffic cost more than the longer walk."""
-    return chunks in CHUNK_SUM_LEAVES and (K <= CHUNK_SUM_MAX_K or M <= CHUNK_SUM_MAX_ROWS)
+    return chunks in CHUNK_SUM_LEAVES and (K <= CHUNK_SUM_MAX_K or CHUNK_SUM_MIN_ROWS <= M <= CHUNK_SUM_MAX_ROWS)
 
 
 def tree_of(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -412,7 +429,7 @@ def _check(x: torch.Tensor, w: torch.Tensor) -> None:
 
 def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, chunks: int, reduction: Reduction | None,
             tiles: Tiles | None, summed: bool = False,
-            more: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+            more: tuple[torch.Tensor, torch.Tensor] | None = None, widen: bool = False) -> torch.Tensor:
     """Launch over `chunks` equal K chunks into out [chunks, M, N] (or [M, N] for one chunk, or for the
     chunks summed in the kernel). `more`: two further weights whose columns follow w's in out (one chunk;
     the tiles, reduction and N of the launch are then out's)."""
@@ -439,6 +456,6 @@ def _launch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, chunks: int, re
         BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=block_k, GROUP_M=8, EVEN_K=K % block_k == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         SUMMED=chunks if summed else 1, BY_BITS=summed and round_by_bits(out.dtype), THREE=more is not None,
-        AT_ONCE=t.chunks_per_loop if summed else 1, num_warps=t.num_warps, num_stages=t.num_stages,
+        AT_ONCE=t.chunks_per_loop if summed else 1, WIDEN=widen, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return out

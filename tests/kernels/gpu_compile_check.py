@@ -37,6 +37,15 @@ def cases():
     yield ("expert_sort", _expert_sort_kernel,
            {"e_ptr": "*i64", "order_ptr": "*i64", "offsets_ptr": "*i32", "N": "i32", "E": "i32"},
            {"BLOCK_I": 64, "BLOCK_J": 128}, {})
+    from kernels.ops.expert_sort import COUNT_BLOCK, COUNT_STEP, _count_kernel, _place_kernel
+    for e_pow2 in (8, 64, 256):
+        yield (f"expert_sort counts E={e_pow2}", _count_kernel,
+               {"e_ptr": "*i64", "counts_ptr": "*i32", "N": "i32", "E": "i32"},
+               {"BLOCK": COUNT_BLOCK, "STEP": COUNT_STEP, "E_POW2": e_pow2}, {})
+        yield (f"expert_sort place E={e_pow2}", _place_kernel,
+               {"e_ptr": "*i64", "counts_ptr": "*i32", "order_ptr": "*i64", "offsets_ptr": "*i32", "N": "i32",
+                "E": "i32", "n_blocks": "i32"},
+               {"BLOCK": COUNT_BLOCK, "STEP": COUNT_STEP, "E_POW2": e_pow2}, {})
     from kernels.ops.rmsnorm import _rms_norm_kernel
     from kernels.ops.softmax import _softmax_kernel
     for dt in ("*bf16", "*fp32"):
@@ -58,8 +67,15 @@ def cases():
                    "M", "N", "K", "stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_om", "stride_on",
                    "stride_oc")}, **three},
                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EVEN_K": True, "PRECISION": "tf32",
-                "SUMMED": 1, "BY_BITS": False, "THREE": n_weights == 3, "AT_ONCE": 1},
+                "SUMMED": 1, "BY_BITS": False, "THREE": n_weights == 3, "AT_ONCE": 1, "WIDEN": False},
                {"num_warps": 8 if bm == 128 else 4, "num_stages": 3})
+    yield ("matmul widened bf16 -> fp32 (the logits)", _matmul_kernel,
+           {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32", **{a: "i32" for a in (
+               "M", "N", "K", "stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_om", "stride_on",
+               "stride_oc")}, **three},
+           {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "EVEN_K": True, "PRECISION": "tf32",
+            "SUMMED": 1, "BY_BITS": False, "THREE": False, "AT_ONCE": 1, "WIDEN": True},
+           {"num_warps": 8, "num_stages": 3})
     # the row-parallel trees: on the dense one-kernel tiles (64x64, 4 warps, 4 stages), with a K that is
     # and one that is not a whole number of steps, and on a tile fit_for_chunk_sum gives
     # (chunks walked one at a time, two or four per loop)
@@ -72,7 +88,8 @@ def cases():
                        "M", "N", "K", "stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_om", "stride_on",
                        "stride_oc")}, **three},
                    {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "EVEN_K": even_k,
-                    "PRECISION": "tf32", "SUMMED": summed, "BY_BITS": False, "THREE": False, "AT_ONCE": at_once},
+                    "PRECISION": "tf32", "SUMMED": summed, "BY_BITS": False, "THREE": False, "AT_ONCE": at_once,
+                    "WIDEN": False},
                    {"num_warps": warps, "num_stages": stages})
     from kernels.ops.grouped_gemm import _grouped_mm_kernel
     for summed, bm, bn, warps, swiglu, at_once in (

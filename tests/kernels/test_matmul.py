@@ -6,8 +6,9 @@ import dataclasses
 import pytest
 import torch
 
+from kernels import runtime
 from kernels.ops.matmul import (CHUNK_SUM_LEAVES, CHUNK_SUM_TILES, TILES_GPU, Tiles, fit_for_chunk_sum, matmul, matmul_chunk_sum,
-                                matmul_partials, matmul_three, reduction_for)
+                                matmul_partials, matmul_three, matmul_widened, reduction_for)
 from kernels.ops.tree_sum import tree_sum
 from tests.kernels.conftest import DEVICE, TOL, assert_same_bits, batches_with_probe, randn, rel_err
 
@@ -246,3 +247,39 @@ def test_gpu_three_weights_are_each_matmul(gen):
         for M in (1, 16, 64, 256, 4096):
             for g, w in zip(matmul_three(x[:M], *ws), ws):
                 assert torch.equal(g, matmul(x[:M], w)), f"K={K} M={M}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_widened_is_matmul_then_float(gen, dtype):
+    """matmul_widened: matmul's rounding to x's dtype, stored as fp32, bit for bit; the one-pass kernel
+    forced where the interpreter converts as the GPU does (fp16, fp32), the composition for bf16; and
+    a row's bits whatever its batch."""
+    x, w = randn(gen, 37, 64, dtype=dtype), randn(gen, 64, 48, dtype=dtype)
+    ref = matmul(x, w).float()
+    fused = dtype != torch.bfloat16 or not runtime.interpreting()
+    got = matmul_widened(x, w, fused=fused)
+    assert got.dtype == torch.float32
+    assert_same_bits(got, ref)
+    assert_same_bits(matmul_widened(x[5:6], w, fused=fused)[0], got[5])
+    if dtype == torch.float16:   # not a plain fp32 product: the rounding to fp16 is there
+        assert not torch.equal(got, (x.float() @ w.float()))
+
+
+def test_backends_widened_logits(gen):
+    """Both backends' matmul_widened is their matmul, widened (the torch one through self.matmul)."""
+    import kernels
+    x, w = randn(gen, 9, 32, dtype=torch.bfloat16), randn(gen, 32, 24, dtype=torch.bfloat16)
+    for backend in ("batch_invariant", "torch"):
+        with kernels.use_backend(backend):
+            assert_same_bits(kernels.matmul_widened(x, w), kernels.matmul(x, w).float())
+
+
+@pytest.mark.gpu
+def test_gpu_widened_is_matmul_then_float(gen):
+    """The presets' LM heads (2048 and 4096 -> 32768) at decode and prefill row counts: the logits stored
+    widened from the launch equal matmul's bf16 output converted, bit for bit."""
+    for K in (2048, 4096):
+        w = randn(gen, K, 32768, dtype=torch.bfloat16)
+        x = randn(gen, 4096, K, dtype=torch.bfloat16)
+        for M in (1, 16, 64, 256, 4096):
+            assert torch.equal(matmul_widened(x[:M], w), matmul(x[:M], w).float()), f"K={K} M={M}"
