@@ -25,8 +25,10 @@ class KVCache:
         if self.max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {self.max_len}")
         shape = (n_slots, self.max_len, n_kv_heads or cfg.n_kv_heads, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        # one zeroed tensor per side, a view per layer: two fills instead of one per layer and side (a
+        # prefill from a fresh cache pays them in every step)
+        self.k = list(torch.zeros((cfg.n_layers, *shape), dtype=dtype, device=device).unbind(0))
+        self.v = list(torch.zeros((cfg.n_layers, *shape), dtype=dtype, device=device).unbind(0))
         self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)
         E = cfg.moe.n_experts
         self.router_counts = torch.zeros(cfg.n_layers, n_slots, E, dtype=torch.long, device=device)

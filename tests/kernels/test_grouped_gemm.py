@@ -176,11 +176,12 @@ def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, E, K, N):
             for out_dtype in (torch.float32, torch.bfloat16):
                 ref = tree_sum(grouped_matmul_partials(x, w, offs, chunks), out_dtype)
                 assert_same_bits(grouped_matmul_chunk_sum(x, w, offs, chunks, out_dtype), ref)
-                # every bucket's tiles, forced into the one-kernel form (K > 2048 defaults to partials)
-                for _, tiles in TILES_GPU + CHUNK_SUM_TILES_GPU:
-                    for t in [tiles] + [per_loop_tiles(tiles, per_loop) for per_loop in (1, 2, 4)]:
-                        t = fit_for_chunk_sum(t, chunks)
-                        assert_same_bits(grouped_matmul_chunk_sum(x, w, offs, chunks, out_dtype, tiles=t), ref)
+                # every bucket's tiles, forced into the one-kernel form (K > 2048 defaults to partials),
+                # and one tile walking 1, 2 or 4 chunks per loop
+                variants = [per_loop_tiles(Tiles(64, 128, 4, 3), per_loop) for per_loop in (1, 2, 4)]
+                for t in [tiles for _, tiles in TILES_GPU + CHUNK_SUM_TILES_GPU] + variants:
+                    t = fit_for_chunk_sum(t, chunks)
+                    assert_same_bits(grouped_matmul_chunk_sum(x, w, offs, chunks, out_dtype, tiles=t), ref)
 
 
 def _swiglu_numpy(h32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

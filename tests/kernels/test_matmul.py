@@ -196,11 +196,12 @@ def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, K, N):
         # every bucket's tiles, forced into the one-kernel form (also where K > 2048 defaults to partials)
         for out_dtype in (torch.float32, torch.bfloat16):
             ref = tree_sum(matmul_partials(x[:300], w, chunks), out_dtype)
-            for table in list(TILES_GPU.values()) + [CHUNK_SUM_TILES]:
-                for _, tiles in table:
-                    for t in [tiles] + [per_loop_tiles(tiles, per_loop) for per_loop in (1, 2, 4)]:
-                        t = fit_for_chunk_sum(t, chunks)
-                        assert_same_bits(matmul_chunk_sum(x[:300], w, chunks, out_dtype, tiles=t), ref)
+            # (and the chunk-sum table's own, and one tile walking 1, 2 or 4 chunks per loop)
+            tables = list(TILES_GPU.values()) + [CHUNK_SUM_TILES]
+            variants = [per_loop_tiles(Tiles(64, 64, 4, 4), per_loop) for per_loop in (1, 2, 4)]
+            for t in [tiles for table in tables for _, tiles in table] + variants:
+                t = fit_for_chunk_sum(t, chunks)
+                assert_same_bits(matmul_chunk_sum(x[:300], w, chunks, out_dtype, tiles=t), ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
