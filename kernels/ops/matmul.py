@@ -68,22 +68,20 @@ def _k_ranges_at_once(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         k_ok = k < K
-        if EVEN_K:
+        if EVEN_K:   # every step whole: a test the compiler folds away
             k_ok = k >= 0
+        a_ok, b_ok = m_ok & k_ok[None, :], n_ok & k_ok[:, None]
         xa = x_rows + k[None, :] * stride_xk
         wb = w_cols + k[:, None] * stride_wk
-        acc0 = tl.dot(tl.load(xa, mask=m_ok & k_ok[None, :], other=0.0),
-                      tl.load(wb, mask=n_ok & k_ok[:, None], other=0.0), acc0, input_precision=PRECISION)
-        acc1 = tl.dot(tl.load(xa + K * stride_xk, mask=m_ok & k_ok[None, :], other=0.0),
-                      tl.load(wb + K * stride_wk, mask=n_ok & k_ok[:, None], other=0.0), acc1,
+        acc0 = tl.dot(tl.load(xa, mask=a_ok, other=0.0), tl.load(wb, mask=b_ok, other=0.0), acc0,
                       input_precision=PRECISION)
+        acc1 = tl.dot(tl.load(xa + K * stride_xk, mask=a_ok, other=0.0),
+                      tl.load(wb + K * stride_wk, mask=b_ok, other=0.0), acc1, input_precision=PRECISION)
         if AT_ONCE == 4:
-            acc2 = tl.dot(tl.load(xa + 2 * K * stride_xk, mask=m_ok & k_ok[None, :], other=0.0),
-                          tl.load(wb + 2 * K * stride_wk, mask=n_ok & k_ok[:, None], other=0.0), acc2,
-                          input_precision=PRECISION)
-            acc3 = tl.dot(tl.load(xa + 3 * K * stride_xk, mask=m_ok & k_ok[None, :], other=0.0),
-                          tl.load(wb + 3 * K * stride_wk, mask=n_ok & k_ok[:, None], other=0.0), acc3,
-                          input_precision=PRECISION)
+            acc2 = tl.dot(tl.load(xa + 2 * K * stride_xk, mask=a_ok, other=0.0),
+                          tl.load(wb + 2 * K * stride_wk, mask=b_ok, other=0.0), acc2, input_precision=PRECISION)
+            acc3 = tl.dot(tl.load(xa + 3 * K * stride_xk, mask=a_ok, other=0.0),
+                          tl.load(wb + 3 * K * stride_wk, mask=b_ok, other=0.0), acc3, input_precision=PRECISION)
     if AT_ONCE == 4:
         return (acc0 + acc1) + (acc2 + acc3)
     return acc0 + acc1
