@@ -25,10 +25,11 @@ class KVCache:
         if self.max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {self.max_len}")
         shape = (n_slots, self.max_len, n_kv_heads or cfg.n_kv_heads, cfg.head_dim)
-        # one zeroed tensor per side, a view per layer: two fills instead of one per layer and side (a
-        # prefill from a fresh cache pays them in every step)
-        self.k = list(torch.zeros((cfg.n_layers, *shape), dtype=dtype, device=device).unbind(0))
-        self.v = list(torch.zeros((cfg.n_layers, *shape), dtype=dtype, device=device).unbind(0))
+        # one zeroed tensor per side, [layers, slots, positions, heads, head_dim]: two fills for a fresh
+        # cache instead of one per layer and side. `k[layer]` is a view taken at each use, so that under
+        # autograd (forward_train) each layer's in-place store is a plain write into the current tensor.
+        self.k = torch.zeros((cfg.n_layers, *shape), dtype=dtype, device=device)
+        self.v = torch.zeros((cfg.n_layers, *shape), dtype=dtype, device=device)
         self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)
         E = cfg.moe.n_experts
         self.router_counts = torch.zeros(cfg.n_layers, n_slots, E, dtype=torch.long, device=device)
