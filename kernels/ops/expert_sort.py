@@ -54,7 +54,7 @@ def _expert_sort_kernel(e_ptr, order_ptr, offsets_ptr, N, E, BLOCK_I: tl.constex
 
 
 @triton.jit
-def _count_kernel(e_ptr, counts_ptr, N, E, BLOCK: tl.constexpr, STEP: tl.constexpr, E_POW2: tl.constexpr):
+def _count_kernel(e_ptr, counts_ptr, N, BLOCK: tl.constexpr, STEP: tl.constexpr, E_POW2: tl.constexpr):
     """counts[b, e] = rows of block b (assignments b*BLOCK .. b*BLOCK + BLOCK - 1) routed to expert e."""
     b = tl.program_id(0)
     experts = tl.arange(0, E_POW2)
@@ -122,7 +122,7 @@ def expert_sort(flat_experts: torch.Tensor, n_experts: int, by_counts: bool | No
         e_pow2 = runtime.next_pow2(n_experts)
         n_blocks = max(runtime.cdiv(N, COUNT_BLOCK), 1)
         counts = runtime.empty((n_blocks, e_pow2), flat_experts.device, torch.int32)
-        _count_kernel[(n_blocks,)](e, counts, N, n_experts, BLOCK=COUNT_BLOCK, STEP=COUNT_STEP, E_POW2=e_pow2)
+        _count_kernel[(n_blocks,)](e, counts, N, BLOCK=COUNT_BLOCK, STEP=COUNT_STEP, E_POW2=e_pow2)
         _place_kernel[(n_blocks,)](e, counts, order, offsets, N, n_experts, n_blocks, BLOCK=COUNT_BLOCK,
                                    STEP=COUNT_STEP, E_POW2=e_pow2)
         return order, offsets

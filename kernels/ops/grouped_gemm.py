@@ -103,7 +103,7 @@ def _grouped_mm_kernel(
     w_cols = w_ptr + e.to(tl.int64) * stride_we + w_n[None, :] * stride_wn
 
     # -- K loop: the same BLOCK_K steps, in the same order, for every tile of every expert; SUMMED > 1:
-    #    chunks 0..SUMMED-1 one after another, added in tree_sum.py's tree (matmul.k_chunk_tree) --
+    #    chunks 0..SUMMED-1 (AT_ONCE of them side by side), added in tree_sum.py's tree (matmul.k_chunk_tree) --
     acc = k_chunk_tree(x_rows, w_cols, row_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, False,
                        PRECISION, SUMMED, AT_ONCE)
 

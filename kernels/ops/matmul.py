@@ -279,7 +279,8 @@ def matmul_widened(x: torch.Tensor, w: torch.Tensor, fused: bool | None = None) 
     the whole [tokens, vocab] again). Under the interpreter, whose bf16 conversion is its own, the
     composition runs; `fused` (a test hook) forces the one-pass kernel (exact there for fp16 and fp32)."""
     _check(x, w)
-    if not (runtime.interpreting() if fused is None else not fused):
+    use_kernel = not runtime.interpreting() if fused is None else fused
+    if use_kernel:
         out = runtime.empty((x.shape[0], w.shape[1]), x.device, torch.float32)
         return _launch(x, w, out, 1, None, None, widen=True)
     return matmul(x, w).float()
@@ -328,8 +329,8 @@ def matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, chunks: int, dtype: torch
                      tiles: Tiles | None = None) -> torch.Tensor:
     """`tree_sum(matmul_partials(x, w, chunks), dtype)` bit for bit -> [M, N] in `dtype`; chunks: a power
     of two. Where it pays (`one_kernel_sum`), in one kernel that never writes the partials: each program
-    computes its tile's chunks one after another, adds them in the tree's order in registers and rounds
-    once. `tiles` (a test hook) forces the one-kernel form with those tiles."""
+    computes its tile's chunks (one after another, or `Tiles.chunks_per_loop` side by side), adds them in
+    the tree's order in registers and rounds once. `tiles` (a test hook) forces the one-kernel form with those tiles."""
     _check(x, w)
     M, K = x.shape
     check_chunk_tree(chunks, K, dtype, tiles)
@@ -345,8 +346,9 @@ def matmul_chunk_sum(x: torch.Tensor, w: torch.Tensor, chunks: int, dtype: torch
 # The chunk counts the summed kernels write out (their trees are unrolled in the kernel).
 CHUNK_SUM_LEAVES = (1, 2, 4, 8)
 # When the tree runs inside the GEMM: where the whole K (all the chunks, which one program walks) is at
-# most CHUNK_SUM_MAX_K, or the rows are from CHUNK_SUM_MIN_ROWS to CHUNK_SUM_MAX_ROWS. Its launch has C times fewer programs
-# than the partials', each C times longer, but writes no fp32 partials and leaves no tree_sum to launch.
+# most CHUNK_SUM_MAX_K, or the rows are from CHUNK_SUM_MIN_ROWS to CHUNK_SUM_MAX_ROWS. Its launch has C
+# times fewer programs than the partials', each C times longer, but writes no fp32 partials and leaves no
+# tree_sum to launch.
 # On one H200, 4 chunks (benchmarks/results/tune_chunk_sum_h200/, on the tables below):
 # - `large` (attention output K = 2048, expert down K = 768): 0.3-0.8x the time of partials + tree_sum at
 #   1-1024 tokens, 0.78x (attention output) and 0.41x (down) at 8192.
@@ -354,6 +356,8 @@ CHUNK_SUM_LEAVES = (1, 2, 4, 8)
 #   tokens the partials were faster (0.63 against 0.69 ms; 3.8 against 4.5 ms). Below 16 rows the sweep
 #   favoured one kernel too, but in the captured decode step of one sequence it was slower: 2.50 ms a step
 #   against 2.29 with the partials (bench_model_h200/wide_graphs/); 4 sequences came out even.
+#   The grouped form counts rows as tokens x top_k: `wide`'s down projection takes it from 8 to 512
+#   tokens (512 itself was not in the sweep; 256 was, at 0.85x of the partials).
 CHUNK_SUM_MAX_K = 2048
 CHUNK_SUM_MIN_ROWS, CHUNK_SUM_MAX_ROWS = 16, 1024
 # The dense one-kernel form's tiles by M (largest M of the bucket, Tiles), from the attention output of
@@ -378,7 +382,8 @@ def one_kernel_sum(chunks: int, K: int, M: int) -> bool:
     """Whether a sum of `chunks` chunks over a K of K for M rows runs as one kernel (else partials +
     tree_sum, the same bits): a tree the kernels unroll, over a K short enough for one program to walk
     or few enough rows that the partials' extra launch and traffic cost more than the longer walk."""
-    return chunks in CHUNK_SUM_LEAVES and (K <= CHUNK_SUM_MAX_K or CHUNK_SUM_MIN_ROWS <= M <= CHUNK_SUM_MAX_ROWS)
+    short_k = K <= CHUNK_SUM_MAX_K
+    return chunks in CHUNK_SUM_LEAVES and (short_k or CHUNK_SUM_MIN_ROWS <= M <= CHUNK_SUM_MAX_ROWS)
 
 
 def tree_of(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -40,7 +40,7 @@ def cases():
     from kernels.ops.expert_sort import COUNT_BLOCK, COUNT_STEP, _count_kernel, _place_kernel
     for e_pow2 in (8, 64, 256):
         yield (f"expert_sort counts E={e_pow2}", _count_kernel,
-               {"e_ptr": "*i64", "counts_ptr": "*i32", "N": "i32", "E": "i32"},
+               {"e_ptr": "*i64", "counts_ptr": "*i32", "N": "i32"},
                {"BLOCK": COUNT_BLOCK, "STEP": COUNT_STEP, "E_POW2": e_pow2}, {})
         yield (f"expert_sort place E={e_pow2}", _place_kernel,
                {"e_ptr": "*i64", "counts_ptr": "*i32", "order_ptr": "*i64", "offsets_ptr": "*i32", "N": "i32",

@@ -1,6 +1,6 @@
 """The expert sort kernels give the stock argsort + searchsorted result exactly (stable order, group
-ends) for any assignment count (one launch up to its bound, two above) and any expert count, and the model's logits do not
-change when its dropless layers use it."""
+ends) for any assignment count (one launch up to its bound, two above) and any expert count, and the
+model's logits do not change when its dropless layers use it."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +17,8 @@ from tests.conftest import random_prompts, tiny_config
 from tests.kernels.conftest import DEVICE
 
 
-def assert_same_sort(flat: torch.Tensor, n_experts: int) -> None:
-    order, offsets = expert_sort(flat, n_experts)
+def assert_same_sort(flat: torch.Tensor, n_experts: int, by_counts: bool | None = None) -> None:
+    order, offsets = expert_sort(flat, n_experts, by_counts=by_counts)
     ref_order, ref_offsets = expert_sort_torch(flat, n_experts)
     assert order.dtype == torch.int64 and offsets.dtype == torch.int32
     assert torch.equal(order, ref_order) and torch.equal(offsets, ref_offsets)
@@ -38,15 +38,15 @@ def test_ties_keep_token_order_and_empty_experts(gen):
     assert_same_sort(torch.randint(0, 8, (64,), generator=gen).to(DEVICE)[::2], 8)   # strided input
 
 
-@pytest.mark.parametrize("N, E", [(1, 1), (37, 8), (1023, 3), (1025, 64), (3000, 129), (MAX_ASSIGNMENTS + 5, 16)])
+@pytest.mark.parametrize("N, E", [(0, 4), (1, 1), (1500, 1), (37, 8), (1023, 3), (2048, 5), (1025, 64), (3000, 129),
+                                  (MAX_ASSIGNMENTS + 5, 16)])
 def test_counting_sort_equals_stock_form(gen, N, E):
-    """The two-launch counting sort (forced below its bound): blocks of 1024 assignments, a last block
-    cut short, more experts than a power of two, and a skewed expert distribution."""
+    """The two-launch counting sort (forced below its bound): no assignment, one expert, blocks of 1024
+    assignments whole or with a last block cut short, more experts than a power of two, and a skewed
+    expert distribution."""
     flat = torch.randint(0, E, (N,), generator=gen).to(DEVICE)
     for f in (flat, flat.to(torch.int32), torch.where(flat % 3 == 0, flat, 0)):
-        order, offsets = expert_sort(f, E, by_counts=True)
-        ref_order, ref_offsets = expert_sort_torch(f, E)
-        assert torch.equal(order, ref_order) and torch.equal(offsets, ref_offsets)
+        assert_same_sort(f, E, by_counts=True)
 
 
 def test_bad_inputs_raise():

@@ -1,8 +1,6 @@
 """Grouped expert GEMM: a token's bits do not depend on its group's size or its place in the group."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -176,7 +174,8 @@ def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, E, K, N):
             for out_dtype in (torch.float32, torch.bfloat16):
                 ref = tree_sum(grouped_matmul_partials(x, w, offs, chunks), out_dtype)
                 assert_same_bits(grouped_matmul_chunk_sum(x, w, offs, chunks, out_dtype), ref)
-                # every bucket's tiles, forced into the one-kernel form (K > 2048 defaults to partials),
+                # every bucket's tiles, forced into the one-kernel form (also where the default writes
+                # partials: K > 2048 outside 16-1024 rows),
                 # and one tile walking 1, 2 or 4 chunks per loop
                 variants = [per_loop_tiles(Tiles(64, 128, 4, 3), per_loop) for per_loop in (1, 2, 4)]
                 for t in [tiles for _, tiles in TILES_GPU + CHUNK_SUM_TILES_GPU] + variants:

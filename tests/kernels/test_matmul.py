@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from kernels import runtime
-from kernels.ops.matmul import (CHUNK_SUM_LEAVES, CHUNK_SUM_TILES, TILES_GPU, Tiles, fit_for_chunk_sum, matmul, matmul_chunk_sum,
-                                matmul_partials, matmul_three, matmul_widened, reduction_for)
+from kernels.ops.matmul import (CHUNK_SUM_LEAVES, CHUNK_SUM_TILES, TILES_GPU, Tiles, fit_for_chunk_sum, matmul,
+                                matmul_chunk_sum, matmul_partials, matmul_three, matmul_widened, reduction_for)
 from kernels.ops.tree_sum import tree_sum
 from tests.kernels.conftest import DEVICE, TOL, assert_same_bits, batches_with_probe, randn, rel_err
 
@@ -148,12 +148,14 @@ def test_chunk_sum_is_the_tree_of_the_partials(gen, dtype, chunks, values):
         matmul_chunk_sum(x, w, 3, dtype)          # not a power of two (it divides K)
 
 
+@pytest.mark.parametrize("K", [192, 256])
 @pytest.mark.parametrize("per_loop", [2, 4])
 @pytest.mark.parametrize("chunks", [2, 4, 8])
-def test_chunks_per_loop_keep_the_tree_bits(gen, chunks, per_loop):
+def test_chunks_per_loop_keep_the_tree_bits(gen, chunks, per_loop, K):
     """Chunks walked side by side in one loop (Tiles.chunks_per_loop) give the bits of the chunks one
-    after another: the tree of the partials, fp32 and bf16 out, with a masked K loop (K = 24 per chunk)."""
-    M, K, N = 21, 192, 40
+    after another: the tree of the partials, fp32 and bf16 out, with a masked K loop (K = 192: chunks of
+    24-96) and whole K steps (K = 256: chunks of 32-128, the EVEN_K loads)."""
+    M, N = 21, 40
     x, w = randn(gen, M, K, dtype=torch.bfloat16), randn(gen, K, N, dtype=torch.bfloat16)
     tiles = Tiles(16, 16, chunks_per_loop=per_loop)
     for out_dtype in (torch.float32, torch.bfloat16):
@@ -161,6 +163,22 @@ def test_chunks_per_loop_keep_the_tree_bits(gen, chunks, per_loop):
         assert_same_bits(matmul_chunk_sum(x, w, chunks, out_dtype, tiles=tiles), ref)
     with pytest.raises(ValueError, match="chunks_per_loop"):
         Tiles(16, 16, chunks_per_loop=3)
+
+
+def test_one_kernel_form_and_its_accumulators(monkeypatch):
+    """Where the tree runs inside the GEMM (K <= 2048, or 16-1024 rows) and how far fit_for_chunk_sum cuts
+    a tile: four chunks per loop hold one accumulator more (4 leaves: 4 live, 8 leaves: 5)."""
+    from kernels.ops import matmul as mm
+    assert mm.one_kernel_sum(4, 2048, 8192) and mm.one_kernel_sum(8, 768, 1)
+    assert [mm.one_kernel_sum(4, 4096, m) for m in (15, 16, 1024, 1025)] == [False, True, True, False]
+    assert not mm.one_kernel_sum(16, 768, 64)          # a tree the kernels do not unroll
+    monkeypatch.setattr(mm.runtime, "interpreting", lambda: False)
+    wide = Tiles(128, 128, 8, 3, chunks_per_loop=2)     # 3 live x 64 registers: fits 192 as it is
+    assert fit_for_chunk_sum(wide, 4).BLOCK_N == 128
+    assert fit_for_chunk_sum(dataclasses.replace(wide, chunks_per_loop=4), 4).BLOCK_N == 64    # 4 live
+    assert fit_for_chunk_sum(dataclasses.replace(wide, chunks_per_loop=4), 8).BLOCK_N == 64    # 5 x 32
+    assert fit_for_chunk_sum(wide, 8).BLOCK_N == 64                                            # 4 x 32
+    assert fit_for_chunk_sum(wide, 1) == wide
 
 
 @pytest.mark.parametrize("backend", ["batch_invariant", "torch"])
@@ -193,7 +211,8 @@ def test_gpu_chunk_sum_is_the_tree_of_the_partials(gen, K, N):
             got = matmul_chunk_sum(x[:m], w, chunks, torch.bfloat16)
             assert_same_bits(got, tree_sum(matmul_partials(x[:m], w, chunks), torch.bfloat16))
             assert_same_bits(got[-1:], matmul_chunk_sum(x[m - 1:m], w, chunks, torch.bfloat16))
-        # every bucket's tiles, forced into the one-kernel form (also where K > 2048 defaults to partials)
+        # every bucket's tiles, forced into the one-kernel form (also where the default writes partials:
+        # K > 2048 outside 16-1024 rows)
         for out_dtype in (torch.float32, torch.bfloat16):
             ref = tree_sum(matmul_partials(x[:300], w, chunks), out_dtype)
             # (and the chunk-sum table's own, and one tile walking 1, 2 or 4 chunks per loop)
@@ -253,8 +272,9 @@ def test_gpu_three_weights_are_each_matmul(gen):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
 def test_widened_is_matmul_then_float(gen, dtype):
     """matmul_widened: matmul's rounding to x's dtype, stored as fp32, bit for bit; the one-pass kernel
-    forced where the interpreter converts as the GPU does (fp16, fp32), the composition for bf16; and
-    a row's bits whatever its batch."""
+    forced where the interpreter converts as the GPU does (fp16, fp32), and a row's bits whatever its
+    batch. bf16 on the CPU runs the composition, so there it checks the plumbing only (the bf16 kernel,
+    the model's case, is the GPU test's)."""
     x, w = randn(gen, 37, 64, dtype=dtype), randn(gen, 64, 48, dtype=dtype)
     ref = matmul(x, w).float()
     fused = dtype != torch.bfloat16 or not runtime.interpreting()
@@ -267,7 +287,8 @@ def test_widened_is_matmul_then_float(gen, dtype):
 
 
 def test_backends_widened_logits(gen):
-    """Both backends' matmul_widened is their matmul, widened (the torch one through self.matmul)."""
+    """Both backends' matmul_widened is their matmul, widened (the torch one through self.matmul): the
+    plumbing (bf16 on the CPU is the composition on both)."""
     import kernels
     x, w = randn(gen, 9, 32, dtype=torch.bfloat16), randn(gen, 32, 24, dtype=torch.bfloat16)
     for backend in ("batch_invariant", "torch"):
