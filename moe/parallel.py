@@ -21,7 +21,7 @@ Where the ranks' results meet, the backend decides how (`Backend.ordered_collect
 - `batch_invariant`: a row-parallel matmul (attention output, expert and shared-expert down
   projections) sums its K axis as a balanced tree over `cfg.reduce_chunks` equal chunks. Rank r owns a
   subtree (chunks r*C/W .. (r+1)*C/W - 1) and sums it in fp32 in the same tree shape
-  (`kernels.matmul_chunk_sum`: inside the GEMM where the rank's K is at most 2048); the rest of the
+  (`kernels.matmul_chunk_sum`: inside the GEMM where that pays, `kernels.ops.matmul.one_kernel_sum`); the rest of the
   tree runs across ranks (`cross_rank_sum`: an all-gather of the ranks' fp32 subtree sums for small
   sums; for large ones an all-to-all of fp32 pieces, the additions in tree order, an all-gather of the
   rounded pieces): the same additions in the same order on 1, 2 or 4 ranks, and one device runs the

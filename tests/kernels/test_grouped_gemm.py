@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.ops.grouped_gemm import (CHUNK_SUM_TILES_GPU, SWIGLU_TILES_GPU, TILES_GPU, grouped_matmul, grouped_matmul_chunk_sum,
-                                      grouped_matmul_partials, grouped_swiglu)
+from kernels.ops.grouped_gemm import (CHUNK_SUM_TILES_GPU, SWIGLU_TILES_GPU, TILES_GPU, grouped_matmul,
+                                      grouped_matmul_chunk_sum, grouped_matmul_partials, grouped_swiglu)
 from kernels.ops.matmul import CHUNK_SUM_LEAVES, Tiles, fit_for_chunk_sum
 from kernels.ops.tree_sum import tree_sum
 from kernels.torch_backend import TorchBackend
