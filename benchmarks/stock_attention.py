@@ -4,8 +4,9 @@ batch-invariant Triton attention (kernels/ops/attention.py), on one GPU.
 Each cell is a batch over one shared KV cache of 256 slots x 7936 positions (H=32, Hkv=8, Dh=128, bf16;
 just under 2**31 elements per tensor, the most that flex's int32 key offsets reach), its sequences in scattered
 slots, as a serving engine's cache holds them: decode (B sequences of one
-query at context C: B = 1, 16, 64, 256; C = 1024, 7936) and prefill from an empty slot (1 x 4096 and
-16 x 512 tokens). Every candidate's output is first compared with sdpa_gather's (rel_err, max_abs; the Triton kernel's
+query at context C: B = 1, 16, 64, 256; C = 1024, 7936), prefill from an empty slot (1 x 4096 and
+16 x 512 tokens) and a serving engine's mixed step (one 1280-token prompt from an empty slot among B =
+8, 40, 63 decodes at context 1280). Every candidate's output is first compared with sdpa_gather's (rel_err, max_abs; the Triton kernel's
 where sdpa_gather runs out of memory: column reference); then
 `triton.testing.do_bench` times the call as the backend makes it (ms: median, host launches included)
 and, for the candidates a CUDA graph can capture, `do_bench_cudagraph` times it replayed (graph_ms: what
@@ -16,7 +17,7 @@ Kernels: the KERNELS of kernels/stock_attention.py ("varlen" where this torch of
 (SDPA straight on the cache for a batch whose slots are 0..B-1 and lengths equal, no mask: a bound that
 no ragged batch reaches through SDPA) and "triton" (the batch-invariant kernel).
 
-    python -m benchmarks.stock_attention --out DIR [--only decode|prefill] [--kernels flex,triton,...]
+    python -m benchmarks.stock_attention --out DIR [--only decode|prefill|mixed] [--kernels flex,triton,...]
 
 Writes DIR/stock_attention.json (command, GPU, versions, rows, fastest stock kernel per cell) and
 DIR/stock_attention.csv (one row per cell and kernel); with --only, stock_attention_decode.* etc.
@@ -45,19 +46,29 @@ H, HKV, DH, DTYPE = 32, 8, 128, torch.bfloat16
 N_SLOTS, CACHE_LEN = 256, 7936           # under flex's 2**31 elements per tensor; a multiple of varlen's pages
 DECODE = [(b, c) for c in (1024, CACHE_LEN) for b in (1, 16, 64, 256)]
 PREFILL = [(1, 4096), (16, 512)]
-STOCK = ["flex", "sdpa_gather", "varlen", "flex_plan", "sdpa_ideal"]
+MIXED = [(8, 1280), (40, 1280), (63, 1280)]      # a serving engine's mixed step: B decodes + one prompt
+STOCK = ["flex", "split", "sdpa_gather", "varlen", "flex_plan", "sdpa_ideal"]
+UNCAPTURED = ("sdpa_gather", "split")     # they read lengths back to the host: not captured, not graph-timed
 
 
 def make_cell(kind: str, B: int, n: int, k: torch.Tensor, v: torch.Tensor, gen: torch.Generator) -> dict:
-    """Index tensors and queries of one cell: decode (B x one query at context n) or prefill (B x n
-    queries from position 0), in B distinct slots drawn at random."""
-    slots = torch.randperm(N_SLOTS, generator=gen)[:B]
+    """Index tensors and queries of one cell: decode (B x one query at context n), prefill (B x n
+    queries from position 0) or mixed (one n-token prompt from position 0, then B decodes at context
+    n), in distinct slots drawn at random."""
     n_q = 1 if kind == "decode" else n
+    if kind == "mixed":
+        slots = torch.randperm(N_SLOTS, generator=gen)[:B + 1]
+        cu = torch.cat([torch.zeros(1), n + torch.arange(B + 1)]).to(torch.int32)
+        kv = torch.full((B + 1,), n, dtype=torch.int32)
+        q = torch.randn(n + B, H, DH, generator=gen).to(DEVICE, DTYPE)
+        return dict(q=q, k=k, v=v, cu=cu.to(DEVICE), kv=kv.to(DEVICE), slots=slots.to(DEVICE, torch.int32),
+                    n_q=n_q, n=n, B=B, kind=kind)
+    slots = torch.randperm(N_SLOTS, generator=gen)[:B]
     q = torch.randn(B * n_q, H, DH, generator=gen).to(DEVICE, DTYPE)
     cu = torch.arange(B + 1, dtype=torch.int32) * n_q
     kv = torch.full((B,), n, dtype=torch.int32)
     return dict(q=q, k=k, v=v, cu=cu.to(DEVICE), kv=kv.to(DEVICE), slots=slots.to(DEVICE, torch.int32),
-                n_q=n_q, n=n, B=B)
+                n_q=n_q, n=n, B=B, kind=kind)
 
 
 def call_for(name: str, c: dict) -> Optional[Callable[[], torch.Tensor]]:
@@ -67,6 +78,11 @@ def call_for(name: str, c: dict) -> Optional[Callable[[], torch.Tensor]]:
         return lambda: sa.flex_paged_attention(q, k, v, cu, kv, slots, scale, compiled=DEVICE == "cuda")
     if name == "sdpa_gather":        # as the backend calls it: max_q, max_k read back from the GPU
         return lambda: sa.sdpa_gather_attention(q, k, v, cu, kv, slots, scale)
+    if name == "split":              # as the backend calls it in a step's first layer (its plan built)
+        def split() -> torch.Tensor:
+            sa._last_split = None
+            return sa.split_attention(q, k, v, cu, kv, slots, scale)
+        return split
     if name == "varlen":
         if not sa.varlen_available(k):
             return None
@@ -78,6 +94,8 @@ def call_for(name: str, c: dict) -> Optional[Callable[[], torch.Tensor]]:
             qc[p.row_chunk, p.row_offset] = q
             return qc
         return plan
+    if name == "sdpa_ideal" and c["kind"] == "mixed":
+        return None
     if name == "sdpa_ideal":        # slots 0..B-1 in batch order: row b reads slot b
         B, n, n_q = c["B"], c["n"], c["n_q"]
         ks, vs = k[:B, :n].transpose(1, 2), v[:B, :n].transpose(1, 2)        # [B, Hkv, n, Dh], strided
@@ -129,7 +147,7 @@ def bench_cell(kind: str, B: int, n: int, names: list[str], k, v, gen) -> list[d
                 row["reference"] = refs[ideal][0]
                 row["rel_err"], row["max_abs"] = compare(out, refs[ideal][1])
             row["ms"] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-            if name != "sdpa_gather":                      # the others have no host sync to capture
+            if name not in UNCAPTURED:                      # the others have no host sync to capture
                 try:
                     row["graph_ms"] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
                 except Exception as e:  # a kernel that cannot be captured is reported, not timed
@@ -169,7 +187,7 @@ def fastest(rows: list[dict]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for stock_attention.json and .csv")
-    ap.add_argument("--only", choices=["decode", "prefill"], action="append")
+    ap.add_argument("--only", choices=["decode", "prefill", "mixed"], action="append")
     ap.add_argument("--kernels", default=",".join(STOCK + ["triton"]),
                     help="comma-separated, from " + ",".join(STOCK + ["triton"]))
     args = ap.parse_args()
@@ -179,9 +197,10 @@ def main() -> None:
     gen = torch.Generator().manual_seed(int(time.time()))
     k = torch.randn(N_SLOTS, CACHE_LEN, HKV, DH, device=DEVICE, dtype=DTYPE)
     v = torch.randn_like(k)
-    kinds = args.only or ["decode", "prefill"]
+    kinds = args.only or ["decode", "prefill", "mixed"]
     cells = [("decode", b, c) for b, c in DECODE if "decode" in kinds] + \
-            [("prefill", b, n) for b, n in PREFILL if "prefill" in kinds]
+            [("prefill", b, n) for b, n in PREFILL if "prefill" in kinds] + \
+            [("mixed", b, n) for b, n in MIXED if "mixed" in kinds]
     rows: list[dict] = []
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "stock_attention" + "".join("_" + k for k in args.only or []))

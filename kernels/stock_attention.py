@@ -53,7 +53,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from kernels.checks import check_attention_indices
 
-KERNELS = ("flex", "sdpa_gather", "varlen")
+KERNELS = ("flex", "split", "sdpa_gather", "varlen")
 DEFAULT: Optional[str] = None     # None: `kernel_for` decides per call; else one of KERNELS for every call
 CHUNK_LENS = (1, 4, 16, 128)      # query rows per chunk; below 128 flex runs its decoding kernel
 KV_BLOCK = 128                    # keys per BlockMask block (flex's default tile of keys)
@@ -274,6 +274,76 @@ def flex_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 # ---------------------------------------------------------------------------------------------------
+# split: decode rows through flex, each prefill sequence through SDPA on its own slot
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """A mixed step cut in two: its decode sequences (one query each) as a sub-batch for flex, device
+    tensors built once per step; its prefill sequences as host ints (first row, queries, kv_len, slot)."""
+    decode_rows: torch.Tensor      # [Bd] the query row of each decode sequence
+    decode_cu: torch.Tensor        # [Bd + 1] 0, 1, .., Bd
+    decode_kv: torch.Tensor        # [Bd]
+    decode_slots: torch.Tensor     # [Bd]
+    prefill: tuple[tuple[int, int, int, int], ...]
+
+
+_last_split: Optional[tuple[tuple, SplitPlan]] = None
+
+
+def split_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor, n_rows: int,
+               n_slots: int, cache_len: int) -> SplitPlan:
+    """The step's SplitPlan, built (and its indices checked) on the first layer's call and reused by the
+    others, as the flex plan is (`_shared_plans`): two host reads per step, not per layer."""
+    global _last_split
+    key = (cu_seqlens_q, kv_lens, slots, *(t._version for t in (cu_seqlens_q, kv_lens, slots)),
+           n_rows, n_slots, cache_len)
+    if _last_split is not None and all(a is b if isinstance(a, torch.Tensor) else a == b
+                                       for a, b in zip(_last_split[0], key)):
+        return _last_split[1]
+    check_attention_indices(cu_seqlens_q, kv_lens, slots, n_rows, n_slots, cache_len)
+    cu = cu_seqlens_q.long()
+    starts, q_lens = cu[:-1], cu[1:] - cu[:-1]
+    rows = torch.stack([starts, q_lens, kv_lens.long(), slots.long()]).tolist()   # one transfer
+    seqs = list(zip(*rows))
+    decode = [b for b, (_, n, _, _) in enumerate(seqs) if n == 1]
+    dec = torch.tensor(decode, dtype=torch.long, device=kv_lens.device)
+    plan = SplitPlan(decode_rows=starts[dec], decode_cu=torch.arange(len(decode) + 1, dtype=torch.int32,
+                                                                     device=kv_lens.device),
+                     decode_kv=kv_lens[dec], decode_slots=slots[dec],
+                     prefill=tuple(s for s in seqs if s[1] > 1))
+    _last_split = (key, plan)
+    return plan
+
+
+def split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """The "split" candidate, for a mixed step: the decode rows in one flex call (the decode step's own
+    kernel: no compile beyond the decode steps'; sdpa_gather where flex cannot read the cache), and each
+    prefill sequence in one F.scaled_dot_product_attention call over a view of its slot (no copy, no
+    padding to the longest sequence; causal, lower-right aligned: its queries are its last positions).
+    Reads the batch's lengths back to the host once per step (`split_plan`): eager steps only."""
+    H, Hkv = q.shape[1], k_cache.shape[2]
+    plan = split_plan(cu_seqlens_q, kv_lens, slots, q.shape[0], k_cache.shape[0], k_cache.shape[1])
+    out = q.new_empty(q.shape)
+    if plan.decode_rows.numel():
+        q_dec = q[plan.decode_rows]
+        args = (q_dec, k_cache, v_cache, plan.decode_cu, plan.decode_kv, plan.decode_slots, scale)
+        use_flex = flex_fits(k_cache) and flex_fits(v_cache) and q.dtype in FLEX_DTYPES and q.shape[-1] >= 16
+        out[plan.decode_rows] = flex_paged_attention(*args) if use_flex else sdpa_gather_attention(*args)
+    for row, n, kv, slot in plan.prefill:
+        qs = q[row:row + n].transpose(0, 1)[None]                             # [1, H, n, Dh]
+        ks, vs = (c[slot, :kv].transpose(0, 1)[None] for c in (k_cache, v_cache))   # [1, Hkv, kv, Dh]
+        # a fresh prompt (n == kv) is causal from the top left; a later chunk needs an explicit mask
+        mask = None if n == kv else torch.ones(n, kv, dtype=torch.bool, device=q.device).tril(kv - n)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           enable_gqa=H != Hkv)
+        out[row:row + n] = o[0].transpose(0, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # sdpa_gather and varlen
 # ---------------------------------------------------------------------------------------------------
 
@@ -364,10 +434,11 @@ def kernel_for(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         return DEFAULT
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
     decode = n_seqs is None or q.shape[0] == n_seqs
-    if (decode and q.is_cuda and q.dtype in FLEX_DTYPES and q.shape[-1] >= 16 and not needs_grad
-            and flex_fits(k_cache) and flex_fits(v_cache)):
+    if not (q.is_cuda and q.dtype in FLEX_DTYPES and q.shape[-1] >= 16 and not needs_grad):
+        return "sdpa_gather"
+    if decode and flex_fits(k_cache) and flex_fits(v_cache):
         return "flex"
-    return "sdpa_gather"
+    return "split" if not decode else "sdpa_gather"
 
 
 def stock_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -394,6 +465,8 @@ def stock_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return q.new_empty(q.shape)
     if kernel == "flex":
         return flex_paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale)
+    if kernel == "split":
+        return split_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale)
     if kernel == "varlen":
         return varlen_paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale)
     return sdpa_gather_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale,

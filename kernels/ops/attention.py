@@ -95,7 +95,7 @@ def _block_step(q, k_base, v_base, n0, kv_len, q_pos, m_s, l_s, o_s, qk_scale, D
     return m_new, l_s, o_s
 
 
-@triton.jit(do_not_specialize_on_alignment=["B"])
+@triton.jit(do_not_specialize=["B"])   # B == 1 would compile a kernel of its own (it only bounds loops)
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, ws_ptr, counts_ptr, cu_q_ptr, kv_lens_ptr, slots_ptr,
     B, qk_scale, n_split_slots, stride_qt, stride_qh, stride_cs, stride_cl, stride_ch,
@@ -368,6 +368,13 @@ FOLD_BLOCK_M, FOLD_BLOCK_M_PREFILL = 64, 128
 # Rows the split schedule's last program folds at a time (GPU): four splits of 16 rows are in flight.
 FOLD_ROWS = 16
 
+# Lanes of the in-kernel tile map (tile_map.py), at least: a power of two >= the batch's sequences is a
+# compile-time size, so each power of two compiled a kernel of its own (~1.5-2.4 s each on an H200, two
+# schedules each: most of a serving run's first-use compiles). One kernel for every batch up to 64
+# sequences; the wider scan is a few loads and a 64-lane cumsum per program. Which program takes which
+# tile is all it decides, never a row's arithmetic, so the bits are the same.
+MIN_SEQ_LANES = 64
+
 # The interpreter's packed schedule: PACKED_TILES tiles of PACKED_BLOCK_M rows per program. Small tiles
 # waste little on decode (G useful rows per tile); many tiles per program keep the program count low.
 PACKED_BLOCK_M, PACKED_TILES = 16, 128
@@ -460,7 +467,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_
         B, scale * LOG2E, n_split_slots, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         G=G, FOLD=fold, SPLIT=split, HEAD_D=Dh, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        B_POW2=runtime.next_pow2(B), FOLD_ROWS=min(block_m, FOLD_ROWS),
+        B_POW2=max(MIN_SEQ_LANES, runtime.next_pow2(B)), FOLD_ROWS=min(block_m, FOLD_ROWS),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=8 if block_m >= 128 else 4, num_stages=GPU_STAGES,
         # no mul+add contraction by the compiler: the masked and unmasked block steps (and the split

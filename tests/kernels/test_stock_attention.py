@@ -175,6 +175,32 @@ def test_sdpa_gather_and_cpu_backend_match_reference(gen, case):
     assert rel_err(TorchBackend().attention(q, k, v, *meta, 0.3), ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_split_matches_reference(gen, case):
+    """Decode rows through flex (eager here), each prefill sequence through SDPA on its slot: fresh
+    prompts (n == kv_len), later chunks (n < kv_len), empty sequences, two sequences on one slot."""
+    q, k, v, meta, seqs, _ = _batch(gen, case)
+    out = sa.stock_attention(q, k, v, *meta, 0.3, kernel="split")
+    assert out.shape == q.shape and rel_err(out, _reference(q, k, v, seqs, 0.3)) < TOL[torch.float32]
+
+
+def test_split_plan_is_read_once_per_step(gen, monkeypatch):
+    """The layers of a step share one split plan (one check and one host read); new or rewritten index
+    tensors get a new one."""
+    q, k, v, (cu, kv, slots), seqs, _ = _batch(gen, "mixed")
+    checks = []
+    real = sa.check_attention_indices
+    monkeypatch.setattr(sa, "check_attention_indices", lambda *a: checks.append(1) or real(*a))
+    monkeypatch.setattr(sa, "_last_split", None)
+    first = sa.split_attention(q, k, v, cu, kv, slots, 0.3)
+    assert torch.equal(first, sa.split_attention(q, k, v, cu, kv, slots, 0.3)) and len(checks) == 1
+    kv.add_(0)
+    sa.split_attention(q, k, v, cu, kv, slots, 0.3)
+    assert len(checks) == 2
+    with pytest.raises(ValueError, match="kv_lens"):
+        sa.split_attention(q, k, v, cu, kv - 2, slots, 0.3)
+
+
 def test_chunk_count_bounds_every_split_of_the_rows(gen):
     for _ in range(300):
         B = int(torch.randint(1, 40, (), generator=gen))
@@ -281,12 +307,13 @@ def _gpu_batch(gen, name, H=32, Hkv=8, Dh=128, dtype=torch.bfloat16, L=None):
 def test_gpu_flex_compiled_matches_reference(gen, name, dtype):
     q, k, v, meta, seqs = _gpu_batch(gen, name, dtype=dtype)
     assert sa.kernel_for(q, k, v) == "flex"
-    # by default: flex for a decode step (one query per sequence), gather + SDPA for the others
+    # by default: flex for a decode step (one query per sequence), split for the others
     B = meta[1].shape[0]
-    assert sa.kernel_for(q, k, v, n_seqs=B) == ("flex" if q.shape[0] == B else "sdpa_gather")
+    assert sa.kernel_for(q, k, v, n_seqs=B) == ("flex" if q.shape[0] == B else "split")
     scale = q.shape[-1] ** -0.5
-    out = sa.stock_attention(q, k, v, *meta, scale, kernel="flex")
-    assert rel_err(out, _reference(q, k, v, seqs, scale)) < TOL[dtype]
+    ref = _reference(q, k, v, seqs, scale)
+    for kernel in ("flex", "split"):
+        assert rel_err(sa.stock_attention(q, k, v, *meta, scale, kernel=kernel), ref) < TOL[dtype], kernel
 
 
 def _capture_without_sync(run):
