@@ -15,22 +15,31 @@ batch-invariant Triton kernel, and checks each one's output first):
     query sequence whose 128-row blocks would straddle up to 128 decode sequences and visit all of their
     keys, lets flex use its decoding kernel (QC < 128: the G heads of a query share one tile and the
     keys are split across programs) and its prefill kernel (QC = 128: causal blocks of one sequence).
+  * "split": for prefill and mixed steps. The decode rows go to flex as a sub-batch (the decode steps'
+    compiled kernels, so nothing more to compile), the prefill sequences to F.scaled_dot_product_attention,
+    one call per shape (queries, kv_len) over a view of the slot (or a gathered copy of the slots of
+    several sequences of that shape), causal without a mask for a fresh prompt, so SDPA can take its
+    flash / cuDNN kernels. Nothing is padded to the batch's longest sequence. It reads the lengths back
+    to the host once per step (a sync), so it cannot be captured.
   * "sdpa_gather": the batch's cache rows gathered into [B, max_k] (a copy of K and V in every layer)
-    and one masked F.scaled_dot_product_attention call (cuDNN, memory-efficient or math kernel). It
-    reads max_q and max_k back to the host: a sync, so it cannot be captured.
+    and one masked F.scaled_dot_product_attention call (cuDNN, memory-efficient or math kernel) over the
+    batch padded to its longest query run. It reads max_q and max_k back to the host: a sync, so it
+    cannot be captured. In a serving engine's mixed step (one 1280-token prompt among 40 decodes) each
+    decode sequence is padded to the prompt's 1280 queries (benchmarks/results/stock_attention/).
   * "varlen": torch.nn.attention.varlen.varlen_attn (FlashAttention-2 varlen) with the cache as pages
     of `VARLEN_PAGE` positions and a block table: in place and sync-free. Offered only where the
     installed torch has its `block_table` and `seqused_k` arguments, and the cache length is a multiple
     of the page.
-Default (`kernel_for`): "flex" on a CUDA device for forward-only decode steps in fp16/bf16/fp32 with Dh >= 16
-(Triton's smallest dot) over a cache whose slots lie end to end (`flex_fits`); "sdpa_gather"
-otherwise (prefill and mixed steps, which run eagerly and where it was faster; the CPU, float64
-references, autograd: flex is built here without its backward block lists). flex is the default
-because it alone meets every need of a captured decode step (in place, no sync, any cache length,
-GQA) with nothing newer than the BlockMask API; varlen's paged arguments exist only in recent torch
-builds and need L % 256 == 0. Which candidate is fastest is measured by benchmarks/stock_attention.py
-on the GPU; its results (benchmarks/results/stock_attention/) are the record to read before changing
-`DEFAULT`.
+Default (`kernel_for`), on a CUDA device for forward-only steps in fp16/bf16/fp32 with Dh >= 16
+(Triton's smallest dot): "flex" for decode steps over a cache whose slots lie end to end (`flex_fits`),
+"split" for prefill and mixed steps; "sdpa_gather" otherwise (the CPU, float64 references, autograd:
+flex is built here without its backward block lists). flex is the decode default because it alone meets
+every need of a captured decode step (in place, no sync, any cache length, GQA) with nothing newer than
+the BlockMask API; varlen's paged arguments exist only in recent torch builds and need L % 256 == 0.
+Prefill and mixed steps run eagerly, and their shapes change every step: flex would compile a kernel
+per (QC, C) shape, seconds each, where "split" compiles nothing. Which candidate is fastest is measured
+by benchmarks/stock_attention.py on the GPU; its results (benchmarks/results/stock_attention/) are the
+record to read before changing `DEFAULT`.
 
 Compiled shapes: flex's compiled kernels depend on (QC, C, keys read, dtype, H, Hkv, Dh); the keys read
 are S*L, or a window's n_slots*L (every window of a cache has the same length). QC is one of
@@ -278,14 +287,25 @@ def flex_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 # ---------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class PrefillGroup:
+    """Prefill sequences of one shape: n queries each (the last of kv_len positions) in these slots."""
+    n: int
+    kv_len: int
+    slots: list[int]
+    rows: list[int]                       # each sequence's first query row
+    slot_index: Optional[torch.Tensor]    # [g] slots on the device, row_index [g * n] its query rows
+    row_index: Optional[torch.Tensor]     # (both None for a group of one: its slot is read as a view)
+
+
+@dataclass(frozen=True)
 class SplitPlan:
-    """A mixed step cut in two: its decode sequences (one query each) as a sub-batch for flex, device
-    tensors built once per step; its prefill sequences as host ints (first row, queries, kv_len, slot)."""
+    """A mixed step cut in two: its decode sequences (one query each) as a sub-batch for flex, and its
+    prefill sequences grouped by shape; device tensors built once per step."""
     decode_rows: torch.Tensor      # [Bd] the query row of each decode sequence
     decode_cu: torch.Tensor        # [Bd + 1] 0, 1, .., Bd
     decode_kv: torch.Tensor        # [Bd]
     decode_slots: torch.Tensor     # [Bd]
-    prefill: tuple[tuple[int, int, int, int], ...]
+    prefill: tuple[PrefillGroup, ...]
 
 
 _last_split: Optional[tuple[tuple, SplitPlan]] = None
@@ -302,16 +322,25 @@ def split_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.T
                                        for a, b in zip(_last_split[0], key)):
         return _last_split[1]
     check_attention_indices(cu_seqlens_q, kv_lens, slots, n_rows, n_slots, cache_len)
+    dev = kv_lens.device
     cu = cu_seqlens_q.long()
     starts, q_lens = cu[:-1], cu[1:] - cu[:-1]
-    rows = torch.stack([starts, q_lens, kv_lens.long(), slots.long()]).tolist()   # one transfer
-    seqs = list(zip(*rows))
+    seqs = list(zip(*torch.stack([starts, q_lens, kv_lens.long(), slots.long()]).tolist()))  # one transfer
     decode = [b for b, (_, n, _, _) in enumerate(seqs) if n == 1]
-    dec = torch.tensor(decode, dtype=torch.long, device=kv_lens.device)
-    plan = SplitPlan(decode_rows=starts[dec], decode_cu=torch.arange(len(decode) + 1, dtype=torch.int32,
-                                                                     device=kv_lens.device),
-                     decode_kv=kv_lens[dec], decode_slots=slots[dec],
-                     prefill=tuple(s for s in seqs if s[1] > 1))
+    shapes: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for row, n, kv, slot in seqs:
+        if n > 1:
+            shapes.setdefault((n, kv), []).append((row, slot))
+    groups = []
+    for (n, kv), members in shapes.items():
+        rows, group_slots = [r for r, _ in members], [s for _, s in members]
+        one = len(members) == 1
+        groups.append(PrefillGroup(n, kv, group_slots, rows,
+                                   None if one else torch.tensor(group_slots, device=dev),
+                                   None if one else torch.tensor([r + i for r in rows for i in range(n)], device=dev)))
+    dec = torch.tensor(decode, dtype=torch.long, device=dev)
+    plan = SplitPlan(decode_rows=starts[dec], decode_cu=torch.arange(len(decode) + 1, dtype=torch.int32, device=dev),
+                     decode_kv=kv_lens[dec], decode_slots=slots[dec], prefill=tuple(groups))
     _last_split = (key, plan)
     return plan
 
@@ -319,11 +348,14 @@ def split_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.T
 def split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
                     scale: float) -> torch.Tensor:
-    """The "split" candidate, for a mixed step: the decode rows in one flex call (the decode step's own
-    kernel: no compile beyond the decode steps'; sdpa_gather where flex cannot read the cache), and each
-    prefill sequence in one F.scaled_dot_product_attention call over a view of its slot (no copy, no
-    padding to the longest sequence; causal, lower-right aligned: its queries are its last positions).
-    Reads the batch's lengths back to the host once per step (`split_plan`): eager steps only."""
+    """The "split" candidate, for prefill and mixed steps: the decode rows in one flex call (the decode
+    step's own kernel: nothing to compile beyond the decode steps'; sdpa_gather where flex cannot read the
+    cache), and the prefill sequences in one F.scaled_dot_product_attention call per shape (queries,
+    kv_len): a sequence alone reads a view of its slot, several of one shape read a gathered copy of
+    their slots, none is padded to the longest. Causal, lower-right aligned (the queries are the last
+    positions): a fresh prompt (queries == kv_len) without a mask, so SDPA may pick its flash kernels; a
+    later chunk with one. Reads the batch's lengths back to the host once per step (`split_plan`), so
+    only for eager steps."""
     H, Hkv = q.shape[1], k_cache.shape[2]
     plan = split_plan(cu_seqlens_q, kv_lens, slots, q.shape[0], k_cache.shape[0], k_cache.shape[1])
     out = q.new_empty(q.shape)
@@ -332,14 +364,22 @@ def split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         args = (q_dec, k_cache, v_cache, plan.decode_cu, plan.decode_kv, plan.decode_slots, scale)
         use_flex = flex_fits(k_cache) and flex_fits(v_cache) and q.dtype in FLEX_DTYPES and q.shape[-1] >= 16
         out[plan.decode_rows] = flex_paged_attention(*args) if use_flex else sdpa_gather_attention(*args)
-    for row, n, kv, slot in plan.prefill:
-        qs = q[row:row + n].transpose(0, 1)[None]                             # [1, H, n, Dh]
-        ks, vs = (c[slot, :kv].transpose(0, 1)[None] for c in (k_cache, v_cache))   # [1, Hkv, kv, Dh]
-        # a fresh prompt (n == kv) is causal from the top left; a later chunk needs an explicit mask
+    for g in plan.prefill:
+        n, kv = g.n, g.kv_len
+        if g.slot_index is None:
+            qs = q[g.rows[0]:g.rows[0] + n][None]                                 # [1, n, H, Dh]
+            ks, vs = (c[g.slots[0], :kv][None] for c in (k_cache, v_cache))      # [1, kv, Hkv, Dh]
+        else:
+            qs = q[g.row_index].view(-1, n, H, q.shape[2])                        # [g, n, H, Dh]
+            ks, vs = (c[g.slot_index, :kv] for c in (k_cache, v_cache))           # [g, kv, Hkv, Dh]
         mask = None if n == kv else torch.ones(n, kv, dtype=torch.bool, device=q.device).tril(kv - n)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                           enable_gqa=H != Hkv)
-        out[row:row + n] = o[0].transpose(0, 1)
+        o = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
+                                           attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           enable_gqa=H != Hkv).transpose(1, 2)   # [g, n, H, Dh]
+        if g.slot_index is None:
+            out[g.rows[0]:g.rows[0] + n] = o[0]
+        else:
+            out[g.row_index] = o.reshape(-1, H, q.shape[2])
     return out
 
 
@@ -425,11 +465,10 @@ def flex_fits(cache: torch.Tensor) -> bool:
 
 def kernel_for(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                n_seqs: Optional[int] = None) -> str:
-    """The candidate a call runs by default (module docstring): `DEFAULT` if set, else flex where it
-    applies, sdpa_gather elsewhere. Given n_seqs, flex only for a decode step (one query per sequence:
-    q.shape[0] == n_seqs, known from shapes), the step a CUDA graph captures. Prefill and mixed steps run
-    eagerly, where gather + SDPA (cuDNN) was the faster call on an H200 (16 x 512 prefill: 1.0 ms against
-    flex's 2.5 ms, host time included) and compiles nothing per batch shape."""
+    """The candidate a call runs by default (module docstring): `DEFAULT` if set, else flex for a decode
+    step, split for prefill and mixed steps (on CUDA, forward only), sdpa_gather elsewhere. Given n_seqs,
+    a decode step is one query per sequence (q.shape[0] == n_seqs, known from shapes): the step a CUDA
+    graph captures. Without n_seqs the call is taken for a decode step."""
     if DEFAULT is not None:
         return DEFAULT
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))

@@ -24,6 +24,7 @@ CASES = {
     "long_prefill_chunk": (3, 45, 8, [(30, 43, 2)]),
     "empty_sequence": (4, 18, 4, [(3, 9, 1), (0, 4, 0), (2, 2, 3)]),
     "shared_slot": (6, 20, 16, [(1, 1, 5), (1, 1, 5), (4, 10, 0)]),   # decode graphs' padding sequences
+    "same_shapes": (6, 37, 8, [(9, 9, 1), (1, 20, 0), (4, 30, 2), (9, 9, 4), (4, 30, 5)]),  # split groups them
 }
 
 
@@ -177,8 +178,9 @@ def test_sdpa_gather_and_cpu_backend_match_reference(gen, case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_split_matches_reference(gen, case):
-    """Decode rows through flex (eager here), each prefill sequence through SDPA on its slot: fresh
-    prompts (n == kv_len), later chunks (n < kv_len), empty sequences, two sequences on one slot."""
+    """Decode rows through flex (eager here), prefill sequences through SDPA, one call per shape: fresh
+    prompts (n == kv_len), later chunks (n < kv_len), empty sequences, two sequences on one slot,
+    sequences of one shape apart in the batch (same_shapes)."""
     q, k, v, meta, seqs, _ = _batch(gen, case)
     out = sa.stock_attention(q, k, v, *meta, 0.3, kernel="split")
     assert out.shape == q.shape and rel_err(out, _reference(q, k, v, seqs, 0.3)) < TOL[torch.float32]
