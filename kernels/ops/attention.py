@@ -95,7 +95,7 @@ def _block_step(q, k_base, v_base, n0, kv_len, q_pos, m_s, l_s, o_s, qk_scale, D
     return m_new, l_s, o_s
 
 
-@triton.jit(do_not_specialize=["B"])   # B == 1 would compile a kernel of its own (it only bounds loops)
+@triton.jit(do_not_specialize_on_alignment=["B"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, ws_ptr, counts_ptr, cu_q_ptr, kv_lens_ptr, slots_ptr,
     B, qk_scale, n_split_slots, stride_qt, stride_qh, stride_cs, stride_cl, stride_ch,

@@ -32,7 +32,7 @@ MAX_ASSIGNMENTS = 4096
 COUNT_BLOCK, COUNT_STEP = 1024, 128
 
 
-@triton.jit(do_not_specialize=["N"])   # N only masks: no kernel per N % 16
+@triton.jit
 def _expert_sort_kernel(e_ptr, order_ptr, offsets_ptr, N, E, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     pid = tl.program_id(0)
     i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -53,7 +53,7 @@ def _expert_sort_kernel(e_ptr, order_ptr, offsets_ptr, N, E, BLOCK_I: tl.constex
     tl.store(offsets_ptr + ids, ends, mask=ids < E)
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit
 def _count_kernel(e_ptr, counts_ptr, N, BLOCK: tl.constexpr, STEP: tl.constexpr, E_POW2: tl.constexpr):
     """counts[b, e] = rows of block b (assignments b*BLOCK .. b*BLOCK + BLOCK - 1) routed to expert e."""
     b = tl.program_id(0)
@@ -66,7 +66,7 @@ def _count_kernel(e_ptr, counts_ptr, N, BLOCK: tl.constexpr, STEP: tl.constexpr,
     tl.store(counts_ptr + b * E_POW2 + experts, count)
 
 
-@triton.jit(do_not_specialize=["N", "n_blocks"])
+@triton.jit
 def _place_kernel(e_ptr, counts_ptr, order_ptr, offsets_ptr, N, E, n_blocks, BLOCK: tl.constexpr,
                   STEP: tl.constexpr, E_POW2: tl.constexpr):
     """Block b writes each of its assignments i at rank(i) (module docstring); block 0 also writes the

@@ -135,7 +135,7 @@ def k_chunk_tree(x_rows, w_cols, m_ok, n_ok, K, stride_xk, stride_wk, BLOCK_M: t
     return acc
 
 
-@triton.jit(do_not_specialize=["M"])   # M only masks rows: M == 1 (decode) or M % 16 need no kernel of their own
+@triton.jit(do_not_specialize_on_alignment=["M"])
 def _matmul_kernel(
     x_ptr, w_ptr, out_ptr, M, N, K,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_oc,

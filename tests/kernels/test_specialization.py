@@ -7,8 +7,9 @@ at several token counts whose row counts fall in different classes. Block shapes
 row count under the interpreter, so every kernel must ask for the same variants at each count (tree_sum
 keeps its element count specialized on purpose, and picks its block by size: left out), except that the
 matmul keeps one row apart (a batch-1 decode's GEMV). The GPU attention
-kernel runs only by its test hook here (the interpreter's own schedule is another kernel): at two
-sequence counts of one power of two, since its B_POW2 block adds a variant per power of two by design."""
+kernel runs only by its test hook here (the interpreter's own schedule is another kernel): at sequence
+counts from 2 to 64, which share one tile map of MIN_SEQ_LANES lanes (a larger batch adds a variant per
+power of two, by design: its lanes must cover every sequence)."""
 from __future__ import annotations
 
 import collections
@@ -91,16 +92,16 @@ def test_row_counts_compile_no_new_variant():
 
 @pytest.mark.parametrize("schedule", ["fold", "split"])
 def test_sequence_counts_compile_no_new_attention_variant(gen, schedule):
-    """The GPU attention kernel (run here by its fold and split schedules) at 17 and 32 decoding
-    sequences: one power of two (its B_POW2 block), sequence counts of two classes, one variant."""
+    """The GPU attention kernel (run here by its fold and split schedules) at 3, 17 and 32 decoding
+    sequences: powers of two 4 and 32 below its MIN_SEQ_LANES, counts of two classes, one variant."""
     from kernels.ops.attention import attention
     S, L, Hkv, G, Dh = 32, 40, 1, 2, 16
     k, v = (torch.randn(S, L, Hkv, Dh, generator=gen) for _ in range(2))
     seen_by_count = {}
-    for B in (17, 32):
+    for B in (3, 17, 32):
         q = torch.randn(B, Hkv * G, Dh, generator=gen)
         cu, kv = torch.arange(B + 1, dtype=torch.int32), torch.randint(1, L + 1, (B,), generator=gen).int()
         with recorded_variants() as seen:
             attention(q, k, v, cu, kv, torch.randperm(S, generator=gen)[:B].int(), Dh ** -0.5, schedule=schedule)
         seen_by_count[B] = seen["_attention_kernel"]
-    assert seen_by_count[17] == seen_by_count[32]
+    assert seen_by_count[3] == seen_by_count[17] == seen_by_count[32]
