@@ -60,10 +60,11 @@ case $part in
     # `wide` (K = 4096 and 14336), a 1280-token prompt so decode attends over >= 1280 keys, and a load
     # that swings between an empty and a full batch (1-64 requests) every 100 steps. Router topk, so
     # only arithmetic can move the answer; both backends. `probe`: 100 runs (serve_wide_probe/).
-    # `repro`: REPRO_RUNS runs (serve_wide/), default 300; REPRO_RUNS=1000 is the published count: 233 s
-    # on a fresh H200 with CUDA-graph decode (289 vs 1 distinct; benchmarks/results/gpu_serve_wide/).
-    # sdpa_backends.txt says which fused SDPA kernels accept the stock backend's masked GQA call (cuDNN's
-    # did, and ran: benchmarks/results/profiles/). Each cell's steps and seconds are in the summary.
+    # `repro`: REPRO_RUNS runs (serve_wide/), default 300; REPRO_RUNS=1000 is the published count: 154 s
+    # on a fresh H200 with CUDA-graph decode, 98 s run again there (520 vs 1 distinct;
+    # benchmarks/results/gpu_serve_wide/). sdpa_backends.txt says which fused SDPA kernels accept the
+    # masked GQA call of the stock `sdpa_gather` candidate (the stock default before `split`, which
+    # calls SDPA per prompt shape without a mask). Each cell's steps and seconds are in the summary.
     python3 - <<'PY' 2>&1 | tee "$out/sdpa_backends.txt"
 import torch
 from torch.backends import cuda

@@ -13,7 +13,8 @@ and, for the candidates a CUDA graph can capture, `do_bench_cudagraph` times it 
 a captured decode step pays). first_call_s is the first call's wall time (flex: its compile).
 
 Kernels: the KERNELS of kernels/stock_attention.py ("varlen" where this torch offers it), "flex_plan"
-(flex's block lists and query chunks alone, without the kernel: its share of "flex"), "sdpa_ideal"
+(flex's block lists and query chunks alone, without the kernel: what a step pays once, not per layer),
+"split_plan" (the same for "split": the lengths read back and the sub-batch's index tensors), "sdpa_ideal"
 (SDPA straight on the cache for a batch whose slots are 0..B-1 and lengths equal, no mask: a bound that
 no ragged batch reaches through SDPA) and "triton" (the batch-invariant kernel).
 
@@ -47,8 +48,9 @@ N_SLOTS, CACHE_LEN = 256, 7936           # under flex's 2**31 elements per tenso
 DECODE = [(b, c) for c in (1024, CACHE_LEN) for b in (1, 16, 64, 256)]
 PREFILL = [(1, 4096), (16, 512)]
 MIXED = [(8, 1280), (40, 1280), (63, 1280)]      # a serving engine's mixed step: B decodes + one prompt
-STOCK = ["flex", "split", "sdpa_gather", "varlen", "flex_plan", "sdpa_ideal"]
-UNCAPTURED = ("sdpa_gather", "split")     # they read lengths back to the host: not captured, not graph-timed
+STOCK = ["flex", "split", "sdpa_gather", "varlen", "flex_plan", "split_plan", "sdpa_ideal"]
+PLANS = ("flex_plan", "split_plan")          # plan building alone: no attention output to check
+UNCAPTURED = ("sdpa_gather", "split", "split_plan")   # they read lengths back to the host: not graph-timed
 
 
 def make_cell(kind: str, B: int, n: int, k: torch.Tensor, v: torch.Tensor, gen: torch.Generator) -> dict:
@@ -78,11 +80,13 @@ def call_for(name: str, c: dict) -> Optional[Callable[[], torch.Tensor]]:
         return lambda: sa.flex_paged_attention(q, k, v, cu, kv, slots, scale, compiled=DEVICE == "cuda")
     if name == "sdpa_gather":        # as the backend calls it: max_q, max_k read back from the GPU
         return lambda: sa.sdpa_gather_attention(q, k, v, cu, kv, slots, scale)
-    if name == "split":              # as the backend calls it in a step's first layer (its plan built)
-        def split() -> torch.Tensor:
+    if name == "split":              # as a step's layers call it, the step's plan built once (as flex's is)
+        return lambda: sa.split_attention(q, k, v, cu, kv, slots, scale)
+    if name == "split_plan":         # that plan alone: the lengths read back, the sub-batch indices built
+        def plan() -> sa.SplitPlan:
             sa._last_split = None
-            return sa.split_attention(q, k, v, cu, kv, slots, scale)
-        return split
+            return sa.split_plan(cu, kv, slots, q.shape[0], N_SLOTS, CACHE_LEN)
+        return plan
     if name == "varlen":
         if not sa.varlen_available(k):
             return None
@@ -141,7 +145,7 @@ def bench_cell(kind: str, B: int, n: int, names: list[str], k, v, gen) -> list[d
             out = fn()
             torch.cuda.synchronize()
             row["first_call_s"] = time.time() - t0
-            if name != "flex_plan":     # no attention output to check
+            if name not in PLANS:
                 ideal = name == "sdpa_ideal"
                 refs[ideal] = refs[ideal] if ideal in refs else reference(c, ideal)
                 row["reference"] = refs[ideal][0]
