@@ -36,8 +36,8 @@ The matmul's M and the GPU attention kernel's B drop only the multiple-of-16 cla
 (`do_not_specialize_on_alignment`) and keep the value 1 apart: without it a captured batch-1 decode
 step of the `wide` preset took 3.38 ms instead of 2.83 on an H200 (two variants per tile, not three).
 Counts that mask the contiguous axis of a large load (tree_sum's M, expert_sort's N) stay specialized.
-Tiles chosen by the row count (matmul, grouped GEMM) and attention's B_POW2 (one variant per power of
-two of B) still add variants, by design.
+Tiles chosen by the row count (matmul, grouped GEMM) and attention's B_POW2 (at least MIN_SEQ_LANES = 64
+lanes, then one variant per power of two of B) still add variants, by design.
 """
 from __future__ import annotations
 

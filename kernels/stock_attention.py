@@ -20,7 +20,8 @@ batch-invariant Triton kernel, and checks each one's output first):
     one call per shape (queries, kv_len) over a view of the slot (or a gathered copy of the slots of
     several sequences of that shape), causal without a mask for a fresh prompt, so SDPA can take its
     flash / cuDNN kernels. Nothing is padded to the batch's longest sequence. It reads the lengths back
-    to the host once per step (a sync), so it cannot be captured.
+    to the host once per step (its check's read and its own: two syncs a step, not a layer), so it
+    cannot be captured.
   * "sdpa_gather": the batch's cache rows gathered into [B, max_k] (a copy of K and V in every layer)
     and one masked F.scaled_dot_product_attention call (cuDNN, memory-efficient or math kernel) over the
     batch padded to its longest query run. It reads max_q and max_k back to the host: a sync, so it
@@ -37,9 +38,11 @@ flex is built here without its backward block lists). flex is the decode default
 every need of a captured decode step (in place, no sync, any cache length, GQA) with nothing newer than
 the BlockMask API; varlen's paged arguments exist only in recent torch builds and need L % 256 == 0.
 Prefill and mixed steps run eagerly, and their shapes change every step: flex would compile a kernel
-per (QC, C) shape, seconds each, where "split" compiles nothing. Per call on an H200, its step plan built
-once: 0.28-0.35 ms against flex's 0.44-0.67 and sdpa_gather's 0.83-7.6 at 1 x 4096, 16 x 512 and a
-1280-token prompt among 40 or 63 decodes; flex only at 8 decodes (0.20 against 0.41). Which candidate is fastest is measured
+per (QC, C) shape, seconds each, where "split" compiles nothing. Per call on an H200 (eager), its step
+plan built once: 0.28-0.35 ms against flex's 0.44-0.67 and sdpa_gather's 0.83-7.6 at 1 x 4096, 16 x 512
+and a 1280-token prompt among 40 or 63 decodes; flex only at 8 decodes (0.21 against 0.41). A step pays
+its plan once, not per layer: 0.25-0.38 ms (1.76 at 16 x 512 while it built the row index in Python),
+plus the decode sub-batch's flex plan. Which candidate is fastest is measured
 by benchmarks/stock_attention.py on the GPU; its results (benchmarks/results/stock_attention/) are the
 record to read before changing `DEFAULT`.
 
@@ -297,6 +300,7 @@ class PrefillGroup:
     rows: list[int]                       # each sequence's first query row
     slot_index: Optional[torch.Tensor]    # [g] slots on the device, row_index [g * n] its query rows
     row_index: Optional[torch.Tensor]     # (both None for a group of one: its slot is read as a view)
+    mask: Optional[torch.Tensor]          # [n, kv_len] lower-right causal (None for a fresh prompt)
 
 
 @dataclass(frozen=True)
@@ -307,6 +311,7 @@ class SplitPlan:
     decode_cu: torch.Tensor        # [Bd + 1] 0, 1, .., Bd
     decode_kv: torch.Tensor        # [Bd]
     decode_slots: torch.Tensor     # [Bd]
+    decode_max_kv: int             # the longest decode kv_len (sdpa_gather's bound, where flex cannot run)
     prefill: tuple[PrefillGroup, ...]
 
 
@@ -316,8 +321,13 @@ _last_split: Optional[tuple[tuple, SplitPlan]] = None
 def split_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor, n_rows: int,
                n_slots: int, cache_len: int) -> SplitPlan:
     """The step's SplitPlan, built (and its indices checked) on the first layer's call and reused by the
-    others, as the flex plan is (`_shared_plans`): two host reads per step, not per layer."""
+    others, as the flex plan is (`_shared_plans`): two host reads per step (the check's and the
+    lengths'), not per layer. Not inside a CUDA graph capture: the plan is the host's copy of the step's
+    lengths, which a replay would not update."""
     global _last_split
+    if kv_lens.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise ValueError("kernel 'split' reads the batch's lengths back to the host, so it cannot run inside a "
+                         "CUDA graph capture; use 'flex' (the default for a captured decode step)")
     key = (cu_seqlens_q, kv_lens, slots, *(t._version for t in (cu_seqlens_q, kv_lens, slots)),
            n_rows, n_slots, cache_len)
     if _last_split is not None and all(a is b if isinstance(a, torch.Tensor) else a == b
@@ -338,11 +348,15 @@ def split_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.T
         rows, group_slots = [r for r, _ in members], [s for _, s in members]
         one = len(members) == 1
         row_index = None if one else (torch.tensor(rows)[:, None] + torch.arange(n)).flatten().to(dev)
+        # a fresh prompt (n == kv) is causal from the top left (SDPA's is_causal); a later chunk's queries
+        # are the last n of kv positions, so its mask is aligned to the bottom right
+        mask = None if n == kv else torch.ones(n, kv, dtype=torch.bool, device=dev).tril(kv - n)
         groups.append(PrefillGroup(n, kv, group_slots, rows,
-                                   None if one else torch.tensor(group_slots, device=dev), row_index))
+                                   None if one else torch.tensor(group_slots, device=dev), row_index, mask))
     dec = torch.tensor(decode, dtype=torch.long, device=dev)
     plan = SplitPlan(decode_rows=starts[dec], decode_cu=torch.arange(len(decode) + 1, dtype=torch.int32, device=dev),
-                     decode_kv=kv_lens[dec], decode_slots=slots[dec], prefill=tuple(groups))
+                     decode_kv=kv_lens[dec], decode_slots=slots[dec],
+                     decode_max_kv=max((seqs[b][2] for b in decode), default=0), prefill=tuple(groups))
     _last_split = (key, plan)
     return plan
 
@@ -357,7 +371,7 @@ def split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     their slots, none is padded to the longest. Causal, lower-right aligned (the queries are the last
     positions): a fresh prompt (queries == kv_len) without a mask, so SDPA may pick its flash kernels; a
     later chunk with one. Reads the batch's lengths back to the host once per step (`split_plan`), so
-    only for eager steps."""
+    only for eager steps: a CUDA graph capture is refused."""
     H, Hkv = q.shape[1], k_cache.shape[2]
     plan = split_plan(cu_seqlens_q, kv_lens, slots, q.shape[0], k_cache.shape[0], k_cache.shape[1])
     out = q.new_empty(q.shape)
@@ -365,7 +379,8 @@ def split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q_dec = q[plan.decode_rows]
         args = (q_dec, k_cache, v_cache, plan.decode_cu, plan.decode_kv, plan.decode_slots, scale)
         use_flex = flex_fits(k_cache) and flex_fits(v_cache) and q.dtype in FLEX_DTYPES and q.shape[-1] >= 16
-        out[plan.decode_rows] = flex_paged_attention(*args) if use_flex else sdpa_gather_attention(*args)
+        out[plan.decode_rows] = (flex_paged_attention(*args) if use_flex
+                                 else sdpa_gather_attention(*args, max_q=1, max_k=plan.decode_max_kv))
     for g in plan.prefill:
         n, kv = g.n, g.kv_len
         if g.slot_index is None:
@@ -374,9 +389,8 @@ def split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         else:
             qs = q[g.row_index].view(-1, n, H, q.shape[2])                        # [g, n, H, Dh]
             ks, vs = (c[g.slot_index, :kv] for c in (k_cache, v_cache))           # [g, kv, Hkv, Dh]
-        mask = None if n == kv else torch.ones(n, kv, dtype=torch.bool, device=q.device).tril(kv - n)
         o = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
-                                           attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           attn_mask=g.mask, is_causal=g.mask is None, scale=scale,
                                            enable_gqa=H != Hkv).transpose(1, 2)   # [g, n, H, Dh]
         if g.slot_index is None:
             out[g.rows[0]:g.rows[0] + n] = o[0]
@@ -486,9 +500,10 @@ def stock_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor, scale: float,
                     kernel: Optional[str] = None) -> torch.Tensor:
     """`Backend.attention` on stock kernels: `kernel` (one of KERNELS) or the default (`kernel_for`).
-    Index values are checked where that costs no extra sync: for host index tensors, and for sdpa_gather
-    (which reads values back anyway). flex and varlen on a GPU read none (a captured step cannot), and
-    flex clamps its indices so that bad values give wrong rows, not out-of-bounds reads."""
+    Index values are checked where that costs no extra sync: for host index tensors, for sdpa_gather
+    (which reads values back anyway) and by split's plan once per step (its own read). flex and varlen
+    on a GPU read none (a captured step cannot), and flex clamps its indices so that bad values give
+    wrong rows, not out-of-bounds reads."""
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or q.shape[2] != k_cache.shape[3]:
         raise ValueError(f"q must be [Tq, H, Dh] and k_cache, v_cache [S, L, Hkv, Dh] of one shape, got "
                          f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")

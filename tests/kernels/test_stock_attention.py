@@ -289,6 +289,7 @@ GPU_BATCHES = {   # (S, L, sequences); L = 1000 is no multiple of the 128-key bl
     "prefill_mixed": (8, 1000, [(300, 700, 5), (1, 1000, 0), (1, 37, 3), (64, 999, 6), (1, 129, 1)]),
     "decode": (8, 1000, [(1, 1000, 7), (1, 1, 2), (1, 513, 0), (1, 999, 4), (1, 128, 6)]),
     "small_chunks": (8, 1000, [(3, 200, 1), (1, 1000, 0), (9, 640, 7), (2, 2, 3)]),
+    "same_shapes": (8, 1000, [(300, 300, 1), (1, 1000, 0), (64, 999, 6), (300, 300, 5), (64, 999, 2)]),
 }
 
 
@@ -316,6 +317,18 @@ def test_gpu_flex_compiled_matches_reference(gen, name, dtype):
     ref = _reference(q, k, v, seqs, scale)
     for kernel in ("flex", "split"):
         assert rel_err(sa.stock_attention(q, k, v, *meta, scale, kernel=kernel), ref) < TOL[dtype], kernel
+
+
+@pytest.mark.gpu
+def test_gpu_split_refuses_capture(gen):
+    """split's plan is the host's copy of the step's lengths, which a replay would not update: a capture
+    that forces it is refused, even with a plan built eagerly for the same index tensors."""
+    q, k, v, meta, _ = _gpu_batch(gen, "prefill_mixed")
+    sa.stock_attention(q, k, v, *meta, 0.1, kernel="split")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="capture"):
+        with torch.cuda.graph(graph):
+            sa.stock_attention(q, k, v, *meta, 0.1, kernel="split")
 
 
 def _capture_without_sync(run):
