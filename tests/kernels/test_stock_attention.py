@@ -414,3 +414,25 @@ def test_flex_plan_is_built_once_per_step_and_rebuilt_when_the_indices_change(ge
     kv_other.sub_(0)                      # an in-place write bumps the version: rebuilt
     sa.flex_paged_attention(q, k, v, cu, kv_other, slots, 0.3, compiled=False)
     assert len(built) == 4
+
+
+def test_model_step_with_split_matches_the_default(make_model, gen, monkeypatch):
+    """The stock model's mixed step with split forced (decode rows, fresh prompts of one shape, a chunk
+    after cached context) against the same step on the CPU default, sdpa_gather: the model's cache, slots
+    and positions reach split as they reach the others."""
+    import kernels
+    from moe.model import cu_seqlens_of
+    model = make_model()
+    V = model.cfg.vocab_size
+    tok = lambda n: torch.randint(0, V, (n,), generator=gen).tolist()
+    first = [tok(6), tok(9), tok(4)]                                  # slots 0-2: earlier steps
+    step = [tok(1), tok(7), tok(7), tok(1), tok(7)]                   # decode, chunk, fresh, decode, fresh
+    slots_step = torch.tensor([0, 1, 3, 2, 4])
+    logits = {}
+    with kernels.use_backend("torch"):
+        for kernel in (None, "split"):
+            monkeypatch.setattr(sa, "DEFAULT", kernel)
+            cache = model.new_cache(5, 32)
+            model(*cu_seqlens_of(first), cache, torch.tensor([0, 1, 2]))
+            logits[kernel] = model(*cu_seqlens_of(step), cache, slots_step)[0]
+    torch.testing.assert_close(logits["split"], logits[None], rtol=1e-4, atol=1e-4)
