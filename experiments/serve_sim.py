@@ -20,8 +20,10 @@ On a GPU the engine's decode steps run as CUDA graphs padded to bucket sizes whe
 captured (`serve.graphs`: auto). Padding puts the real requests in a larger batch, a variance source
 of its own for stock kernels: `serve.graphs=[off,on]` runs each configuration both ways.
 
-Per configuration it saves cells/<router>-<backend>-<graphs>.json (skipped when re-run in the same directory),
-then results.json, distinct_completions.csv and distinct_completions.png.
+Per configuration it saves cells/<router>-<backend>-<graphs>.json (skipped when re-run in the same directory)
+and steps/<router>-<backend>-<graphs>.csv (every engine step: kind, requests, tokens, wall seconds), then
+results.json, distinct_completions.csv, distinct_completions.png and step_times.png (each step's wall
+time: where first-use compiles, prefill and captured decode steps spend the run).
 
 Sharded over several GPUs (one process each; `serve.layout`: experts ep or tp, attention tp):
 
@@ -29,6 +31,8 @@ Sharded over several GPUs (one process each; `serve.layout`: experts ep or tp, a
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
 import math
 import random
 import time
@@ -137,6 +141,36 @@ def plot_distinct(cells: list[dict], max_new_tokens: int, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def steps_csv(out: Path, point: dict) -> Path:
+    """Where a configuration's per-step record goes (named as its cell file)."""
+    return out / "steps" / ("-".join(map(str, point.values())) + ".csv")
+
+
+def plot_step_times(out: Path, grid: list[dict], path: Path) -> Optional[Path]:
+    """One panel per configuration: each engine step's wall time against its index, graph and eager steps
+    apart (log scale: first-use compiles stand out as spikes)."""
+    found = [(p, steps_csv(out, p)) for p in grid if steps_csv(out, p).exists()]
+    if not found:
+        return None
+    fig, axes = plt.subplots(len(found), 1, figsize=(10, 2.4 * len(found) + 0.6), squeeze=False, sharex=True)
+    for ax, (point, csv_path) in zip(axes[:, 0], found):
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for kind, color in (("eager", "#DD8452"), ("graph", "#4C72B0")):
+            mine = [r for r in rows if r["kind"] == kind]
+            total = sum(float(r["seconds"]) for r in mine)
+            ax.scatter([int(r["step"]) for r in mine], [1e3 * float(r["seconds"]) for r in mine], s=4,
+                       color=color, label=f"{kind}: {len(mine)} steps, {total:.1f} s")
+        ax.set_yscale("log")
+        ax.set_ylabel("wall ms")
+        ax.set_title(" / ".join(map(str, point.values())), fontsize=9)
+        ax.legend(fontsize=8, loc="upper right")
+    axes[-1, 0].set_xlabel("engine step")
+    fig.suptitle("Each serving step's wall time (graph: all-decode steps, CUDA graphs on a GPU; eager: "
+                 "prefill or mixed)", fontsize=9)
+    return save_figure(fig, path)
+
+
 def longest_request(serve: DictConfig) -> int:
     """Tokens the longest request can hold: its prompt and every generated token (the KV cache needs one
     fewer: the last token is never fed back)."""
@@ -159,6 +193,9 @@ def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
         start = time.perf_counter()
         engine.run(every)
         seconds = time.perf_counter() - start
+        steps_csv(out, point).parent.mkdir(parents=True, exist_ok=True)
+        write_csv(steps_csv(out, point), [dict(step=i, **dataclasses.asdict(r))
+                                          for i, r in enumerate(engine.times.steps)])
         return dict(**summarize([r.generated for r in copies]), graphs_used=engine.graphs is not None,
                     engine=load_record(engine.batch_sizes, serve.max_slots, seconds, engine.times.as_dict()))
 
@@ -175,6 +212,7 @@ def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
                     earliest_divergence=min((v["first_divergence"] for v in c["variants"][1:]), default=None))
                for c in cells])
     plot_distinct(cells, serve.max_new_tokens, out / "distinct_completions.png")
+    plot_step_times(out, grid, out / "step_times.png")
     return results
 
 

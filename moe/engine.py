@@ -37,6 +37,16 @@ class TokenRoutes:
     margin: torch.Tensor
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """One engine step: its kind (graph or eager, as in StepTimes), the requests in its batch, the tokens
+    it processed and its wall time."""
+    kind: str
+    requests: int
+    tokens: int
+    seconds: float
+
+
 @dataclass
 class StepTimes:
     """Where a serving run's wall time went, per kind of step: `graph` steps (every request decoding:
@@ -45,16 +55,28 @@ class StepTimes:
     spent recording a bucket's graph on its first use (its warm-up compiles kernels too). A step that
     emits a token ends in a host read of it, so its wall time includes its GPU work; one that only
     prefills leaves its GPU work to the next step, also eager. Admitting and freeing requests between
-    steps is in neither kind."""
+    steps is in neither kind. `steps` keeps every step's own record (`StepRecord`), in order."""
     graph_steps: int = 0
     graph_seconds: float = 0.0
     eager_steps: int = 0
     eager_seconds: float = 0.0
     eager_tokens: int = 0
     capture_seconds: float = 0.0
+    steps: list[StepRecord] = field(default_factory=list)
+
+    def record(self, graphed: bool, requests: int, tokens: int, seconds: float) -> None:
+        if graphed:
+            self.graph_steps += 1
+            self.graph_seconds += seconds
+        else:
+            self.eager_steps += 1
+            self.eager_seconds += seconds
+            self.eager_tokens += tokens
+        self.steps.append(StepRecord("graph" if graphed else "eager", requests, tokens, seconds))
 
     def as_dict(self) -> dict:
-        return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+        """The totals (the per-step records are `steps`)."""
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items() if k != "steps"}
 
 
 @dataclass
@@ -214,14 +236,7 @@ class Engine:
         for b in emitting:
             if batch[b].temperature != 0.0:
                 batch[b].generated.append(self._sample(batch[b], logits[cu[b + 1] - 1]))
-        seconds = time.perf_counter() - start
-        if graphed:
-            self.times.graph_steps += 1
-            self.times.graph_seconds += seconds
-        else:
-            self.times.eager_steps += 1
-            self.times.eager_seconds += seconds
-            self.times.eager_tokens += cu[-1]
+        self.times.record(graphed, len(batch), cu[-1], time.perf_counter() - start)
 
     @staticmethod
     def _sample(r: Request, logits: torch.Tensor) -> int:

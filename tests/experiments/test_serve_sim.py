@@ -1,5 +1,6 @@
 """The serving simulation: traffic as designed, long prompts within the model's max_seq_len, and the
 record of how the running batch varied."""
+import csv
 import random
 
 import pytest
@@ -59,7 +60,17 @@ def test_long_prompts_run_and_record_the_load(tmp_path):
     assert cell["runs"] == 4 and all(len(v["completion"]) == 4 for v in cell["variants"])
     record = cell["engine"]
     assert record["steps"] == sum(record["batch_size_steps"].values()) > 0
-    assert (tmp_path / "distinct_completions.png").exists()
+    assert (tmp_path / "distinct_completions.png").exists() and (tmp_path / "step_times.png").exists()
+    # one row a step, in order, adding up to the cell's totals by kind
+    with open(tmp_path / "steps" / "topk-torch-auto.csv", newline="") as f:
+        steps = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in steps] == list(range(record["steps"]))
+    times = record["step_times"]
+    for kind in ("graph", "eager"):
+        mine = [r for r in steps if r["kind"] == kind]
+        assert len(mine) == times[f"{kind}_steps"]
+        assert sum(float(r["seconds"]) for r in mine) == pytest.approx(times[f"{kind}_seconds"], abs=2e-3)
+    assert sum(int(r["tokens"]) for r in steps if r["kind"] == "eager") == times["eager_tokens"]
 
 
 def test_requests_longer_than_max_seq_len_are_refused(tmp_path):
