@@ -6,8 +6,8 @@ just under 2**31 elements per tensor, the most that flex's int32 key offsets rea
 slots, as a serving engine's cache holds them: decode (B sequences of one
 query at context C: B = 1, 16, 64, 256; C = 1024, 7936), prefill from an empty slot (1 x 4096 and
 16 x 512 tokens) and a serving engine's mixed step (one 1280-token prompt from an empty slot among B =
-8, 40, 63 decodes at context 1280). Every candidate's output is first compared with sdpa_gather's (rel_err, max_abs; the Triton kernel's
-where sdpa_gather runs out of memory: column reference); then
+8, 40, 63 decodes at context 1280). Every candidate's output is first compared with sdpa_gather's
+(rel_err, max_abs; the Triton kernel's where sdpa_gather runs out of memory: column reference); then
 `triton.testing.do_bench` times the call as the backend makes it (ms: median, host launches included)
 and, for the candidates a CUDA graph can capture, `do_bench_cudagraph` times it replayed (graph_ms: what
 a captured decode step pays). first_call_s is the first call's wall time (flex: its compile).

@@ -354,7 +354,8 @@ def split_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.T
         groups.append(PrefillGroup(n, kv, group_slots, rows,
                                    None if one else torch.tensor(group_slots, device=dev), row_index, mask))
     dec = torch.tensor(decode, dtype=torch.long, device=dev)
-    plan = SplitPlan(decode_rows=starts[dec], decode_cu=torch.arange(len(decode) + 1, dtype=torch.int32, device=dev),
+    plan = SplitPlan(decode_rows=starts[dec],
+                     decode_cu=torch.arange(len(decode) + 1, dtype=torch.int32, device=dev),
                      decode_kv=kv_lens[dec], decode_slots=slots[dec],
                      decode_max_kv=max((seqs[b][2] for b in decode), default=0), prefill=tuple(groups))
     _last_split = (key, plan)
@@ -370,8 +371,8 @@ def split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     kv_len): a sequence alone reads a view of its slot, several of one shape read a gathered copy of
     their slots, none is padded to the longest. Causal, lower-right aligned (the queries are the last
     positions): a fresh prompt (queries == kv_len) without a mask, so SDPA may pick its flash kernels; a
-    later chunk with one. Reads the batch's lengths back to the host once per step (`split_plan`), so
-    only for eager steps: a CUDA graph capture is refused."""
+    later chunk with one. Reads the batch's lengths back to the host once per step (`split_plan`: with
+    its index check, two reads a step), so only for eager steps: a CUDA graph capture is refused."""
     H, Hkv = q.shape[1], k_cache.shape[2]
     plan = split_plan(cu_seqlens_q, kv_lens, slots, q.shape[0], k_cache.shape[0], k_cache.shape[1])
     out = q.new_empty(q.shape)
