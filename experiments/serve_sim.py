@@ -50,7 +50,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from lab.compositions import random_prompt  # noqa: E402
 from lab.distributed import is_main, layout_named  # noqa: E402
 from moe.engine import Engine, Request, poisson  # noqa: E402
-from lab.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
+from lab.hydra_utils import (CONFIG_DIR, cell_name, router_backend_grid, run_cells, run_dir, write_csv,  # noqa: E402
+                             write_json)
 from lab.plot import save_figure  # noqa: E402
 from moe import MoETransformer, pretrained_config  # noqa: E402
 
@@ -143,7 +144,7 @@ def plot_distinct(cells: list[dict], max_new_tokens: int, path: Path) -> Path:
 
 def steps_csv(out: Path, point: dict) -> Path:
     """Where a configuration's per-step record goes (named as its cell file)."""
-    return out / "steps" / ("-".join(map(str, point.values())) + ".csv")
+    return out / "steps" / (cell_name(point) + ".csv")
 
 
 def plot_step_times(out: Path, grid: list[dict], path: Path) -> Optional[Path]:
@@ -193,7 +194,6 @@ def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
         start = time.perf_counter()
         engine.run(every)
         seconds = time.perf_counter() - start
-        steps_csv(out, point).parent.mkdir(parents=True, exist_ok=True)
         write_csv(steps_csv(out, point), [dict(step=i, **dataclasses.asdict(r))
                                           for i, r in enumerate(engine.times.steps)])
         return dict(**summarize([r.generated for r in copies]), graphs_used=engine.graphs is not None,

@@ -222,15 +222,25 @@ def flex_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Te
 _last_plan: Optional[tuple[tuple, tuple[FlexPlan, ...]]] = None
 
 
+def _step_key(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor, *rest) -> tuple:
+    """What names a step's plan: its index tensors by identity and version counter (an in-place write
+    bumps it), and the call's other arguments."""
+    return (cu_seqlens_q, kv_lens, slots, *(t._version for t in (cu_seqlens_q, kv_lens, slots)), *rest)
+
+
+def _same_step(cached: Optional[tuple], key: tuple) -> bool:
+    """Whether a cached (key, plan) was built for this key: the same tensors (`is`), equal other values."""
+    return cached is not None and len(cached[0]) == len(key) and all(
+        a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(cached[0], key))
+
+
 def _shared_plans(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor, *shape,
                   windows: tuple[FlexWindow, ...]) -> tuple[FlexPlan, ...]:
     """One plan per window, built once per step (see above)."""
     global _last_plan
     capturing = kv_lens.is_cuda and torch.cuda.is_current_stream_capturing()
-    key = (cu_seqlens_q, kv_lens, slots, *(t._version for t in (cu_seqlens_q, kv_lens, slots)), capturing,
-           *shape, windows)
-    if _last_plan is not None and len(_last_plan[0]) == len(key) and all(
-            a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(_last_plan[0], key)):
+    key = _step_key(cu_seqlens_q, kv_lens, slots, capturing, *shape, windows)
+    if _same_step(_last_plan, key):
         return _last_plan[1]
     plans = tuple(flex_plan(cu_seqlens_q, kv_lens, slots, *shape, window=w) for w in windows)
     _last_plan = (key, plans)
@@ -328,10 +338,8 @@ def split_plan(cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.T
     if kv_lens.is_cuda and torch.cuda.is_current_stream_capturing():
         raise ValueError("kernel 'split' reads the batch's lengths back to the host, so it cannot run inside a "
                          "CUDA graph capture; use 'flex' (the default for a captured decode step)")
-    key = (cu_seqlens_q, kv_lens, slots, *(t._version for t in (cu_seqlens_q, kv_lens, slots)),
-           n_rows, n_slots, cache_len)
-    if _last_split is not None and all(a is b if isinstance(a, torch.Tensor) else a == b
-                                       for a, b in zip(_last_split[0], key)):
+    key = _step_key(cu_seqlens_q, kv_lens, slots, n_rows, n_slots, cache_len)
+    if _same_step(_last_split, key):
         return _last_split[1]
     check_attention_indices(cu_seqlens_q, kv_lens, slots, n_rows, n_slots, cache_len)
     dev = kv_lens.device
@@ -379,8 +387,7 @@ def split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if plan.decode_rows.numel():
         q_dec = q[plan.decode_rows]
         args = (q_dec, k_cache, v_cache, plan.decode_cu, plan.decode_kv, plan.decode_slots, scale)
-        use_flex = flex_fits(k_cache) and flex_fits(v_cache) and q.dtype in FLEX_DTYPES and q.shape[-1] >= 16
-        out[plan.decode_rows] = (flex_paged_attention(*args) if use_flex
+        out[plan.decode_rows] = (flex_paged_attention(*args) if flex_runs(q, k_cache, v_cache)
                                  else sdpa_gather_attention(*args, max_q=1, max_k=plan.decode_max_kv))
     for g in plan.prefill:
         n, kv = g.n, g.kv_len
@@ -480,6 +487,12 @@ def flex_fits(cache: torch.Tensor) -> bool:
     return end_to_end and bool(flex_windows(cache.shape))
 
 
+def flex_runs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Can flex run this call: fp16/bf16/fp32, Dh >= 16 (Triton's smallest dot), a cache it reads
+    (`flex_fits`). (Compiled on CUDA, eagerly on the CPU.)"""
+    return q.dtype in FLEX_DTYPES and q.shape[-1] >= 16 and flex_fits(k_cache) and flex_fits(v_cache)
+
+
 def kernel_for(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                n_seqs: Optional[int] = None) -> str:
     """The candidate a call runs by default (module docstring): `DEFAULT` if set, else flex for a decode
@@ -492,9 +505,9 @@ def kernel_for(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     decode = n_seqs is None or q.shape[0] == n_seqs
     if not (q.is_cuda and q.dtype in FLEX_DTYPES and q.shape[-1] >= 16 and not needs_grad):
         return "sdpa_gather"
-    if decode and flex_fits(k_cache) and flex_fits(v_cache):
-        return "flex"
-    return "split" if not decode else "sdpa_gather"
+    if not decode:
+        return "split"
+    return "flex" if flex_runs(q, k_cache, v_cache) else "sdpa_gather"
 
 
 def stock_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -5,9 +5,9 @@ This is what an ordinary serving stack runs, batch-variance included; the ablati
 the `batch_invariant` backend. Each op is written the way production code writes it (one batched call),
 not rewritten to be invariant. On a GPU a decode step reads no value back to the host, so it can be
 captured in a CUDA graph (moe/graphs.py); prefill and mixed steps, which run eagerly, read the batch's
-lengths back once per step for their attention (the "split" candidate), and autograd and fp64 take a
-syncing attention fallback. Index values are checked where they are host tensors. Attention is kernels/stock_attention.py: its docstring says which kernel
-runs and why.
+lengths back once per step for their attention (the "split" candidate, with its index check: two reads),
+and autograd and fp64 take a syncing attention fallback. Index values are checked where they are host
+tensors. Attention is kernels/stock_attention.py: its docstring says which kernel runs and why.
 """
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ def run_cells(cfg: DictConfig, out: Path, grid: list[dict], measure: Callable[[M
     cells run in that many worker processes (the Triton interpreter is single-threaded). Under a
     process group (torchrun, lab/distributed.py) every rank runs every cell with its shard of the model
     (`layout`), none is skipped, and rank 0 writes."""
-    path = lambda point: out / "cells" / ("-".join(map(str, point.values())) + ".json")
+    path = lambda point: out / "cells" / (cell_name(point) + ".json")
     fingerprint = config_fingerprint(cfg)
     if dist.is_initialized():  # several ranks run every cell together; rank 0 writes (lab/distributed.py)
         return [_run_cell(cfg, p, measure, path(p), fingerprint, layout=layout)
@@ -135,6 +135,11 @@ def run_cells(cfg: DictConfig, out: Path, grid: list[dict], measure: Callable[[M
         for p in tqdm(todo, desc=desc, unit="cell"):
             _run_cell(cfg, p, measure, path(p), fingerprint)
     return [json.loads(path(p).read_text()) for p in grid]
+
+
+def cell_name(point: dict) -> str:
+    """A grid point's file name stem, its values in order: e.g. topk-torch-auto."""
+    return "-".join(map(str, point.values()))
 
 
 def config_fingerprint(cfg: DictConfig) -> str:
@@ -176,8 +181,10 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
+    """(On rank 0 only, as write_json; nothing for no rows.)"""
     if not rows or not is_main():
         return
+    path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)

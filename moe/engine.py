@@ -55,28 +55,21 @@ class StepTimes:
     spent recording a bucket's graph on its first use (its warm-up compiles kernels too). A step that
     emits a token ends in a host read of it, so its wall time includes its GPU work; one that only
     prefills leaves its GPU work to the next step, also eager. Admitting and freeing requests between
-    steps is in neither kind. `steps` keeps every step's own record (`StepRecord`), in order."""
-    graph_steps: int = 0
-    graph_seconds: float = 0.0
-    eager_steps: int = 0
-    eager_seconds: float = 0.0
-    eager_tokens: int = 0
+    steps is in neither kind. `steps` keeps every step's own record (`StepRecord`), in order; the totals
+    by kind are summed from it."""
     capture_seconds: float = 0.0
     steps: list[StepRecord] = field(default_factory=list)
 
     def record(self, graphed: bool, requests: int, tokens: int, seconds: float) -> None:
-        if graphed:
-            self.graph_steps += 1
-            self.graph_seconds += seconds
-        else:
-            self.eager_steps += 1
-            self.eager_seconds += seconds
-            self.eager_tokens += tokens
         self.steps.append(StepRecord("graph" if graphed else "eager", requests, tokens, seconds))
 
     def as_dict(self) -> dict:
-        """The totals (the per-step records are `steps`)."""
-        return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items() if k != "steps"}
+        """The totals: steps and seconds by kind, the eager steps' tokens, the graph recording."""
+        graph = [r for r in self.steps if r.kind == "graph"]
+        eager = [r for r in self.steps if r.kind == "eager"]
+        return dict(graph_steps=len(graph), graph_seconds=round(sum(r.seconds for r in graph), 3),
+                    eager_steps=len(eager), eager_seconds=round(sum(r.seconds for r in eager), 3),
+                    eager_tokens=sum(r.tokens for r in eager), capture_seconds=round(self.capture_seconds, 3))
 
 
 @dataclass

@@ -372,8 +372,8 @@ FOLD_ROWS = 16
 # compile-time size, so each power of two compiled a kernel of its own (~1.5-2.4 s each on an H200, two
 # schedules each: most of a serving run's first-use compiles). One kernel for every batch of 2 to 64
 # sequences (one sequence keeps its own, B == 1 being specialized); the wider scan is a few loads and a
-# 64-lane cumsum per program. Which program takes which
-# tile is all it decides, never a row's arithmetic, so the bits are the same.
+# 64-lane cumsum per program. Which program takes which tile is all it decides, never a row's
+# arithmetic, so the bits are the same.
 MIN_SEQ_LANES = 64
 
 # The interpreter's packed schedule: PACKED_TILES tiles of PACKED_BLOCK_M rows per program. Small tiles
