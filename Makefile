@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m experiments.ablate
+	$(PY) -m detmoe.experiments.ablate
 
 test: $(STAMP)
 	$(PY) -m pytest -q

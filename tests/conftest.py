@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-import moe
+from detmoe import moe
 
 CPU_BLAS_REASON = "stock fp32 torch.mm is batch-invariant on this CPU (its BLAS): no stock variance to measure"
 

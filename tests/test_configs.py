@@ -8,10 +8,10 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-import kernels
-import moe
-from lab.hydra_utils import model_config, router_group, router_group_options
-from moe.routers import Router, register_router, registry
+from detmoe import kernels
+from detmoe import moe
+from detmoe.lab.hydra_utils import model_config, router_group, router_group_options
+from detmoe.moe.routers import Router, register_router, registry
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -1,6 +1,6 @@
 """Bits across GPU models: the fingerprints of benchmarks/fingerprints.py recomputed on this GPU and compared
-with benchmarks/results/fingerprints.json (gpu); on the CPU, the pieces they are made of: the hash, the
-portable weights, the fixed prompts, and a dry run under Triton's interpreter."""
+with benchmarks/results/fingerprints/recorded/fingerprints.json (gpu); on the CPU, the pieces they are made
+of: the hash, the portable weights, the fixed prompts, and a dry run under Triton's interpreter."""
 import hashlib
 import json
 import struct
@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-import moe
+from detmoe import moe
 from benchmarks import fingerprints as fp
 
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"   # of b"" (FIPS 180-4)
@@ -126,7 +126,8 @@ def test_recorded_inputs_and_weights_are_this_machines():
 
 @pytest.mark.gpu
 def test_fingerprints_match_the_recorded_file():
-    """Every fingerprint of benchmarks/results/fingerprints.json, recomputed on this GPU, bit for bit."""
+    """Every fingerprint of benchmarks/results/fingerprints/recorded/fingerprints.json, recomputed on this GPU,
+    bit for bit."""
     assert fp.RESULTS.exists(), (f"{fp.RESULTS} is missing: record it with `python -m benchmarks.fingerprints` "
                                  "on a GPU (then this test compares every other GPU with it)")
     recorded = json.loads(fp.RESULTS.read_text())

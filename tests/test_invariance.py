@@ -9,10 +9,10 @@ invariant on this CPU is asserted by tests/experiments/test_ablate.py and tests/
 import pytest
 import torch
 
-import kernels
-import moe
-from lab.compositions import Composition
-from moe.engine import Engine, Request
+from detmoe import kernels
+from detmoe import moe
+from detmoe.lab.compositions import Composition
+from detmoe.moe.engine import Engine, Request
 from tests.conftest import random_prompts, tiny_config
 
 

@@ -6,9 +6,9 @@ import json
 import pytest
 from hydra import compose, initialize_config_dir
 
-from experiments.ablate import STOCK_INVARIANT, extra_cell_points, judge_claims, run_ablation
-from lab.hydra_utils import CONFIG_DIR
-from lab.plot import FIGURES, plot_run
+from detmoe.experiments.ablate import STOCK_INVARIANT, extra_cell_points, judge_claims, run_ablation
+from detmoe.lab.hydra_utils import CONFIG_DIR
+from detmoe.lab.plot import FIGURES, plot_run
 from tests.lab.fake_cells import factorial_cells
 
 TINY = ["router.names=[topk,capacity]", "combines=[ordered]", "dtypes=[float32]",
@@ -97,11 +97,11 @@ def test_extra_cells_refuse_bad_entries(entry, match):
 def test_a_cell_with_padded_decode_steps_keeps_invariant_routing_at_zero(seed):
     """graphs=true: every composition's decode steps run padded to a bucket (eagerly on a CPU); with the
     batch_invariant kernels and topk, the probe still diverges nowhere."""
-    import kernels
-    from experiments.ablate import run_cell
-    from lab.compositions import make_compositions, make_probes
+    from detmoe import kernels
+    from detmoe.experiments.ablate import run_cell
+    from detmoe.lab.compositions import make_compositions, make_probes
     from tests.conftest import tiny_config as tiny_model_config
-    import moe
+    from detmoe import moe
     model = moe.MoETransformer(tiny_model_config("topk"))
     V = model.cfg.vocab_size
     probes = make_probes(1, V, 3, 8, seed)

@@ -3,8 +3,8 @@ own), the figures of a single run, and the device-dependent claims judged on the
 measurement of which stock kernels vary."""
 import json
 
-from experiments.collect import collect
-from lab.plot import FIGURES
+from detmoe.experiments.collect import collect
+from detmoe.lab.plot import FIGURES
 from tests.lab.fake_cells import factorial_cells
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from experiments import probe_variance as pv
+from detmoe.experiments import probe_variance as pv
 
 
 def test_cuda_needs_a_gpu():

@@ -2,8 +2,8 @@
 import pytest
 from hydra import compose, initialize_config_dir
 
-from lab.hydra_utils import CONFIG_DIR
-from experiments.rl_consistency import run_rl_consistency
+from detmoe.lab.hydra_utils import CONFIG_DIR
+from detmoe.experiments.rl_consistency import run_rl_consistency
 
 
 @pytest.mark.parametrize("router", ["topk", "sequence_capacity"])
@@ -34,7 +34,7 @@ def test_stock_kernels_differ_only_by_rounding(tmp_path, seed):
 def test_sampler_arrivals_are_poisson_and_low_load_does_not_hang():
     import random
 
-    from moe.engine import poisson
+    from detmoe.moe.engine import poisson
     rng = random.Random(0)
     draws = [poisson(rng, 0.3) for _ in range(4000)]
     assert abs(sum(draws) / len(draws) - 0.3) < 0.05 and max(draws) >= 1

@@ -6,10 +6,10 @@ import random
 import pytest
 from hydra import compose, initialize_config_dir
 
-from lab.compositions import random_prompt
-from moe.engine import poisson
-from lab.hydra_utils import CONFIG_DIR
-from experiments.serve_sim import arrival_rates, make_traffic, run_serve_sim
+from detmoe.lab.compositions import random_prompt
+from detmoe.moe.engine import poisson
+from detmoe.lab.hydra_utils import CONFIG_DIR
+from detmoe.experiments.serve_sim import arrival_rates, make_traffic, run_serve_sim
 
 
 def config(*overrides):

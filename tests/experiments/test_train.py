@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-import moe
-from moe.trained import CHECKPOINT, load_trained_model
-from lab.stdlib_text import load_corpus
-from experiments.train import TrainConfig, load_balancing_loss, train
+from detmoe import moe
+from detmoe.moe.trained import CHECKPOINT, load_trained_model
+from detmoe.lab.stdlib_text import load_corpus
+from detmoe.experiments.train import TrainConfig, load_balancing_loss, train
 
 SMALL = TrainConfig(steps=4, batch_size=2, seq_len=24, eval_every=2, val_windows=3, warmup=2, max_bytes=300_000)
 
@@ -66,7 +66,7 @@ def test_train_yaml_mirrors_train_config():
 
     import yaml
 
-    from lab.hydra_utils import CONFIG_DIR
+    from detmoe.lab.hydra_utils import CONFIG_DIR
     data = yaml.safe_load((Path(CONFIG_DIR) / "train.yaml").read_text())
     assert data["train"] == dataclasses.asdict(TrainConfig())
     assert data["defaults"][0] == {"model": "trained"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import runtime
+from detmoe.kernels import runtime
 from tests.conftest import draw_seed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

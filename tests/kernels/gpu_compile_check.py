@@ -12,8 +12,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import kernels  # noqa: F401  (TRITON_INTERPRET=0 in the environment: the kernels are compiled-mode)
-from kernels import runtime
+from detmoe import kernels  # noqa: F401  (TRITON_INTERPRET=0 in the environment: the kernels are compiled-mode)
+from detmoe.kernels import runtime
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -26,9 +26,9 @@ def compile_one(fn, signature: dict, constexprs: dict, **options) -> None:
 
 def cases():
     """(name, kernel, signature, constexprs, options): the constexpr values each launcher uses on the GPU."""
-    from kernels.ops.combine import _ordered_combine_kernel
-    from kernels.ops.expert_sort import _expert_sort_kernel
-    from kernels.ops.tree_sum import _tree_sum_kernel
+    from detmoe.kernels.ops.combine import _ordered_combine_kernel
+    from detmoe.kernels.ops.expert_sort import _expert_sort_kernel
+    from detmoe.kernels.ops.tree_sum import _tree_sum_kernel
     for n in (1, 2, 4, 8, 16):
         for out in ("*bf16", "*fp16", "*fp32"):
             yield (f"tree_sum n={n} {out}", _tree_sum_kernel,
@@ -37,7 +37,7 @@ def cases():
     yield ("expert_sort", _expert_sort_kernel,
            {"e_ptr": "*i64", "order_ptr": "*i64", "offsets_ptr": "*i32", "N": "i32", "E": "i32"},
            {"BLOCK_I": 64, "BLOCK_J": 128}, {})
-    from kernels.ops.expert_sort import COUNT_BLOCK, COUNT_STEP, _count_kernel, _place_kernel
+    from detmoe.kernels.ops.expert_sort import COUNT_BLOCK, COUNT_STEP, _count_kernel, _place_kernel
     for e_pow2 in (8, 64, 256):
         yield (f"expert_sort counts E={e_pow2}", _count_kernel,
                {"e_ptr": "*i64", "counts_ptr": "*i32", "N": "i32"},
@@ -46,8 +46,8 @@ def cases():
                {"e_ptr": "*i64", "counts_ptr": "*i32", "order_ptr": "*i64", "offsets_ptr": "*i32", "N": "i32",
                 "E": "i32", "n_blocks": "i32"},
                {"BLOCK": COUNT_BLOCK, "STEP": COUNT_STEP, "E_POW2": e_pow2}, {})
-    from kernels.ops.rmsnorm import _rms_norm_kernel
-    from kernels.ops.softmax import _softmax_kernel
+    from detmoe.kernels.ops.rmsnorm import _rms_norm_kernel
+    from detmoe.kernels.ops.softmax import _softmax_kernel
     for dt in ("*bf16", "*fp32"):
         for residual in (False, True):
             yield (f"rms_norm {dt} residual={residual}", _rms_norm_kernel,
@@ -58,7 +58,7 @@ def cases():
             yield (f"softmax log={log} {dt}", _softmax_kernel,
                    {"x_ptr": dt, "out_ptr": "*fp32", "T": "i32", "N": "i32", "stride_xt": "i32", "stride_ot": "i32"},
                    {"LOG": log, "ROWS": 1, "BLOCK_N": 1024}, {})
-    from kernels.ops.matmul import _matmul_kernel
+    from detmoe.kernels.ops.matmul import _matmul_kernel
     three = {"w2_ptr": "*bf16", "w3_ptr": "*bf16", **{a: "i32" for a in ("N1", "N2", "stride_wk2", "stride_wk3")}}
     for (bm, bn, bk), n_weights in itertools.product(((64, 128, 64), (128, 256, 64)), (1, 3)):
         # a decode-sized and a prefill-sized tile, one weight or three side by side
@@ -91,7 +91,7 @@ def cases():
                     "PRECISION": "tf32", "SUMMED": summed, "BY_BITS": False, "THREE": False, "AT_ONCE": at_once,
                     "WIDEN": False},
                    {"num_warps": warps, "num_stages": stages})
-    from kernels.ops.grouped_gemm import _grouped_mm_kernel
+    from detmoe.kernels.ops.grouped_gemm import _grouped_mm_kernel
     for summed, bm, bn, warps, swiglu, at_once in (
             (1, 64, 128, 4, False, 1), (1, 128, 256, 8, False, 1), (4, 64, 128, 4, False, 1),
             (4, 128, 128, 8, False, 1), (1, 64, 128, 4, True, 1), (1, 128, 256, 8, True, 1),
@@ -105,7 +105,7 @@ def cases():
                 "BY_BITS": False, "GATHER": swiglu, "SRC_DIV": 8 if swiglu else 1, "SWIGLU": swiglu,
                 "INTERPRETED": False, "AT_ONCE": at_once},
                {"num_warps": warps, "num_stages": 3, "enable_fp_fusion": not swiglu})
-    from kernels.ops.rope import _rope_and_store_kernel
+    from detmoe.kernels.ops.rope import _rope_and_store_kernel
     yield ("rope_and_store bf16", _rope_and_store_kernel,
            {**{p: "*bf16" for p in ("q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_cache_ptr", "v_cache_ptr")},
             "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slots_ptr": "*i64", "pos_ptr": "*i64", **{a: "i32" for a in (
@@ -113,7 +113,7 @@ def cases():
                 "stride_ot", "stride_oh", "stride_cs", "stride_cl", "stride_ch")}},
            {"H": 16, "HKV": 4, "H_POW2": 16, "HKV_POW2": 4, "HALF": 64, "ROWS": 1, "BY_BITS": False},
            {"enable_fp_fusion": False})
-    from kernels.ops.top_k import _top_k_kernel
+    from detmoe.kernels.ops.top_k import _top_k_kernel
     for n_pow2 in (8, 64, 256):
         yield (f"top_k N={n_pow2}", _top_k_kernel,
                {"x_ptr": "*fp32", "idx_ptr": "*i64", "val_ptr": "*fp32", **{a: "i32" for a in (

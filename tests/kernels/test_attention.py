@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.ops.attention import attention, schedules, tiles
-from kernels.torch_backend import TorchBackend
+from detmoe.kernels.ops.attention import attention, schedules, tiles
+from detmoe.kernels.torch_backend import TorchBackend
 from tests.kernels.conftest import DEVICE, TOL, randn, rel_err
 
 
@@ -100,7 +100,7 @@ def test_gpu_prefill_equals_decode(gen, ctx, dtype):
 def test_split_schedule_counters_and_repeats(gen):
     """The split schedule's arrival counters are back at zero after every launch, so a second launch
     folds exactly like the first (a counter left behind would make the wrong program fold)."""
-    from kernels.ops import attention as attention_module
+    from detmoe.kernels.ops import attention as attention_module
     _, _, split = tiles()
     k, v = _cache(gen, 2, 3 * split + 5, 2, 16, torch.float32)
     seqs = [(3, 3 * split + 5, 1), (1, split + 2, 0)]

@@ -8,11 +8,12 @@ import dataclasses
 import pytest
 import torch
 
-import kernels
-import moe
-from kernels.batch_invariant import BatchInvariantBackend
-from kernels.ops.expert_sort import MAX_ASSIGNMENTS, expert_sort, expert_sort_torch
-from moe import cu_seqlens_of
+from detmoe import kernels
+from detmoe import moe
+from detmoe.kernels.batch_invariant import BatchInvariantBackend
+from detmoe.kernels.ops.expert_sort import MAX_ASSIGNMENTS, expert_sort
+from detmoe.kernels.torch_backend import expert_sort_torch
+from detmoe.moe import cu_seqlens_of
 from tests.conftest import random_prompts, tiny_config
 from tests.kernels.conftest import DEVICE
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.ops.grouped_gemm import (CHUNK_SUM_TILES_GPU, SWIGLU_TILES_GPU, TILES_GPU, grouped_matmul,
+from detmoe.kernels.ops.grouped_gemm import (CHUNK_SUM_TILES_GPU, SWIGLU_TILES_GPU, TILES_GPU, grouped_matmul,
                                       grouped_matmul_chunk_sum, grouped_matmul_partials, grouped_swiglu)
-from kernels.ops.matmul import CHUNK_SUM_LEAVES, Tiles, fit_for_chunk_sum
-from kernels.ops.tree_sum import tree_sum
-from kernels.torch_backend import TorchBackend
+from detmoe.kernels.ops.matmul import CHUNK_SUM_LEAVES, Tiles, fit_for_chunk_sum
+from detmoe.kernels.ops.tree_sum import tree_sum
+from detmoe.kernels.torch_backend import TorchBackend
 from tests.kernels.conftest import DEVICE, TOL, assert_same_bits, randn, rel_err
 from tests.kernels.test_matmul import integers, per_loop_tiles
 
@@ -227,7 +227,7 @@ def test_swiglu_reads_the_assignments_rows_and_rounds_as_torch(gen, dtype):
 def test_gpu_swiglu_is_the_composition(gen, E, K, F_, S):
     """The fused kernel gives the stock composition's bits (gathered rows, one grouped GEMM, torch's silu
     and product) at the presets' expert shapes, for decode and prefill token counts and every tile bucket."""
-    from kernels.ops.grouped_gemm import grouped_swiglu_torch
+    from detmoe.kernels.torch_backend import grouped_swiglu_torch
     w = randn(gen, E, K, 2 * F_, dtype=torch.bfloat16) / 8
     for T in (1, 16, 256, 4096):
         x = randn(gen, T, K, dtype=torch.bfloat16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.ops.rmsnorm import add_rms_norm, rms_norm
+from detmoe.kernels.ops.rmsnorm import add_rms_norm, rms_norm
 from tests.kernels.conftest import TOL, assert_same_bits, batches_with_probe, randn, rel_err
 
 SIZES = [1, 2, 3, 7, 13, 64, 67, 300]

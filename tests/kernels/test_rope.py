@@ -1,13 +1,13 @@
-"""The fused RoPE + cache store (kernels/ops/rope.py): the stock form's bits (q returned, k and v in their
+"""The fused RoPE + cache store (detmoe/kernels/ops/rope.py): the stock form's bits (q returned, k and v in their
 cache cells, nothing else written), for every float dtype, on fresh random data; and the stock form's
 rotation of q and k together equals each alone (the layer rotates their concatenation)."""
 import pytest
 import torch
 
-import kernels
-from kernels.ops.rope import rope_and_store
-from kernels.ops.rope import rope_and_store_torch, rope_torch
-from moe.attention import rope_tables
+from detmoe import kernels
+from detmoe.kernels.ops.rope import rope_and_store
+from detmoe.kernels.torch_backend import rope_and_store_torch, rope_torch
+from detmoe.moe.attention import rope_tables
 from tests.kernels.conftest import DEVICE, assert_same_bits, randn
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.ops.softmax import log_softmax, softmax
+from detmoe.kernels.ops.softmax import log_softmax, softmax
 from tests.kernels.conftest import batches_with_probe, randn, rel_err
 
 SIZES = [1, 2, 3, 7, 13, 64, 67, 300]

@@ -1,7 +1,7 @@
 """Compiled variants: a kernel must not be compiled again because a step has a different number of rows.
 
 Triton compiles a kernel once per class of each int argument's value (1, a multiple of 16, other; see
-kernels/runtime.py). Under the interpreter nothing is compiled, so the test computes the key Triton's JIT
+detmoe/kernels/runtime.py). Under the interpreter nothing is compiled, so the test computes the key Triton's JIT
 would look its binary up by, with Triton's own specialization function, for every launch of a model step
 at several token counts whose row counts fall in different classes. Block shapes do not depend on the
 row count under the interpreter, so every kernel must ask for the same variants at each count (tree_sum
@@ -19,9 +19,9 @@ import inspect
 import pytest
 import torch
 
-import kernels
-import moe
-from kernels import runtime
+from detmoe import kernels
+from detmoe import moe
+from detmoe.kernels import runtime
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(not runtime.interpreting(), reason="counts launches under the interpreter")
@@ -94,7 +94,7 @@ def test_row_counts_compile_no_new_variant():
 def test_sequence_counts_compile_no_new_attention_variant(gen, schedule):
     """The GPU attention kernel (run here by its fold and split schedules) at 3, 17 and 32 decoding
     sequences: powers of two 4 and 32 below its MIN_SEQ_LANES, counts of two classes, one variant."""
-    from kernels.ops.attention import attention
+    from detmoe.kernels.ops.attention import attention
     S, L, Hkv, G, Dh = 32, 40, 1, 2, 16
     k, v = (torch.randn(S, L, Hkv, Dh, generator=gen) for _ in range(2))
     seen_by_count = {}

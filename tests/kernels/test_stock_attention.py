@@ -1,4 +1,4 @@
-"""Stock attention (kernels/stock_attention.py) against a per-sequence float64 reference, on ragged
+"""Stock attention (detmoe/kernels/stock_attention.py) against a per-sequence float64 reference, on ragged
 batches that mix prefill chunks and decode tokens over scattered slots.
 
 On the CPU flex runs eagerly, which applies mask_mod to every key and ignores the block lists; so the
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import stock_attention as sa
-from kernels.torch_backend import TorchBackend
+from detmoe.kernels import stock_attention as sa
+from detmoe.kernels.torch_backend import TorchBackend
 from tests.kernels.conftest import DEVICE, TOL, randn, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -270,7 +270,7 @@ def test_flex_fits_views_of_slots_end_to_end_with_a_slot_within_int32_offsets():
 
 
 def test_autograd_reaches_queries_and_cache(gen):
-    """Training runs the torch backend with autograd (moe/model.py forward_train): gradients flow."""
+    """Training runs the torch backend with autograd (detmoe/moe/model.py forward_train): gradients flow."""
     q, k, v, meta, seqs, _ = _batch(gen, "mixed")
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
     assert sa.kernel_for(q, k, v) == "sdpa_gather"
@@ -420,8 +420,8 @@ def test_model_step_with_split_matches_the_default(make_model, gen, monkeypatch)
     """The stock model's mixed step with split forced (decode rows, fresh prompts of one shape, a chunk
     after cached context) against the same step on the CPU default, sdpa_gather: the model's cache, slots
     and positions reach split as they reach the others."""
-    import kernels
-    from moe.model import cu_seqlens_of
+    from detmoe import kernels
+    from detmoe.moe.model import cu_seqlens_of
     model = make_model()
     V = model.cfg.vocab_size
     tok = lambda n: torch.randint(0, V, (n,), generator=gen).tolist()

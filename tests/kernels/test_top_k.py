@@ -1,11 +1,11 @@
-"""kernels/ops/top_k.py: the first k columns of a stable descending sort and their values, exactly as
+"""detmoe/kernels/ops/top_k.py: the first k columns of a stable descending sort and their values, exactly as
 the stock form gives them, with many ties, -inf and NaN in the rows, on fresh random data."""
 import pytest
 import torch
 
-import kernels
-from kernels.ops.top_k import top_k
-from kernels.ops.top_k import top_k_torch
+from detmoe import kernels
+from detmoe.kernels.ops.top_k import top_k
+from detmoe.kernels.torch_backend import top_k_torch
 from tests.kernels.conftest import DEVICE
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels.torch_backend import TorchBackend, grouped_mm_masked
+from detmoe.kernels.torch_backend import TorchBackend, grouped_mm_masked
 from tests.kernels.conftest import DEVICE, randn
 
 SIZES = [[3, 0, 5, 1], [0, 0, 7, 0], [1, 1, 1, 1], [0, 4, 0, 9]]   # rows per group, empty groups included

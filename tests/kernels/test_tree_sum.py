@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.ops.tree_sum import tree_sum, tree_sum_torch
+from detmoe import kernels
+from detmoe.kernels.ops.tree_sum import tree_sum
+from detmoe.kernels.torch_backend import tree_sum_torch
 from tests.kernels.conftest import DEVICE, assert_same_bits
 
 def random_partials(gen: torch.Generator, n: int, *shape: int) -> torch.Tensor:

@@ -1,8 +1,8 @@
-"""Ablation cells with chosen numbers, shaped like experiments/ablate.py's records, for tests of the
+"""Ablation cells with chosen numbers, shaped like detmoe/experiments/ablate.py's records, for tests of the
 figures, the report and the claims that need no model run."""
 from __future__ import annotations
 
-from lab.attribution import CAUSES
+from detmoe.lab.attribution import CAUSES
 
 
 def fake_cell(router: str = "topk", backend: str = "torch", combine: str = "ordered", dtype: str = "float32",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.torch_backend import TorchBackend
+from detmoe.kernels.torch_backend import TorchBackend
 
 
 class RowwiseBackend(TorchBackend):

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-import kernels
-import moe
-from lab.attribution import attribute_divergence
-from moe.engine import Engine, Request, TokenRoutes
+from detmoe import kernels
+from detmoe import moe
+from detmoe.lab.attribution import attribute_divergence
+from detmoe.moe.engine import Engine, Request, TokenRoutes
 from tests.conftest import random_prompts, tiny_config
 from tests.lab.rowwise_backend import PerturbedRowwiseBackend, RowwiseBackend
 

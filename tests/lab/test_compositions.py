@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import random
 
-from lab.compositions import MODES, make_compositions
-from moe.engine import Engine
+from detmoe.lab.compositions import MODES, make_compositions
+from detmoe.moe.engine import Engine
 from tests.conftest import tiny_config
-import moe
+from detmoe import moe
 
 
 def test_modes_and_sizes_cycle():

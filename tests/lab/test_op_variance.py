@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from lab import op_variance as ov
+from detmoe.lab import op_variance as ov
 
 TINY = ov.ProbeSizes(mm_k=(8,), mm_n=(4,), grouped=((8, 4),), n_experts=2, heads=1, head_dim=4, context=8,
                      row_len=16, max_batch=6, runs=3, index_add_rows=16)

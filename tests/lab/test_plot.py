@@ -4,7 +4,7 @@ import json
 import matplotlib.pyplot as plt
 import pytest
 
-from lab.plot import (FIGURES, draw_by_batch_size, draw_causes, draw_heatmap, draw_margins, plot_run,
+from detmoe.lab.plot import (FIGURES, draw_by_batch_size, draw_causes, draw_heatmap, draw_margins, plot_run,
                       setting_label)
 from tests.lab.fake_cells import factorial_cells
 

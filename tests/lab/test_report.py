@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from experiments.ablate import judge_claims
-from lab.plot import FIGURES, plot_run
-from lab.report import write_report
+from detmoe.experiments.ablate import judge_claims
+from detmoe.lab.plot import FIGURES, plot_run
+from detmoe.lab.report import write_report
 from tests.lab.fake_cells import factorial_cells
 
 CONFIG = dict(
@@ -48,7 +48,7 @@ def test_report_holds_settings_claims_cells_and_figures(tmp_path):
 
 def test_report_rebuilds_from_the_command_line(tmp_path):
     saved_run(tmp_path)
-    done = subprocess.run([sys.executable, "-m", "lab.report", str(tmp_path)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "detmoe.lab.report", str(tmp_path)], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == str(tmp_path / "report.md")
     assert (tmp_path / "report.md").read_text().startswith(f"# Variance ablation: {tmp_path.name}")

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from lab.stock_variance import count_versions, stock_kernel_versions
-from moe import ModelConfig
+from detmoe.lab.stock_variance import count_versions, stock_kernel_versions
+from detmoe.moe import ModelConfig
 
 OPS = ["matmul", "grouped_matmul", "rms_norm", "softmax", "attention"]
 

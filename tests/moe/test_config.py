@@ -1,7 +1,7 @@
 """Bad configs fail early, naming the field and what is allowed."""
 import pytest
 
-import moe
+from detmoe import moe
 
 
 @pytest.mark.parametrize("kw, field", [

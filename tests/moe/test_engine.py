@@ -2,8 +2,8 @@
 requests it refuses."""
 import pytest
 
-import moe
-from moe.engine import Engine, Request
+from detmoe import moe
+from detmoe.moe.engine import Engine, Request
 from tests.conftest import random_prompts, tiny_config
 
 

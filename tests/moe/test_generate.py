@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import moe
-from moe.generate import sample_next
+from detmoe import moe
+from detmoe.moe.generate import sample_next
 from tests.conftest import random_prompts
 
 

@@ -1,13 +1,13 @@
-"""Decode graphs (moe/graphs.py): the padded static-buffer step gives each real request the bits of the
+"""Decode graphs (detmoe/moe/graphs.py): the padded static-buffer step gives each real request the bits of the
 eager, unpadded step with the batch_invariant backend (on the CPU the step runs eagerly with the same
 buffers; the GPU test below captures and replays it), and it refuses what it cannot capture."""
 import pytest
 import torch
 
-import kernels
-import moe
-from moe.engine import Engine, Request
-from moe.graphs import BUCKETS, DecodeGraphs, bucket_for
+from detmoe import kernels
+from detmoe import moe
+from detmoe.moe.engine import Engine, Request
+from detmoe.moe.graphs import BUCKETS, DecodeGraphs, bucket_for
 from tests.conftest import random_prompts
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import moe
+from detmoe import moe
 
 
 def reference_moe(layer: moe.MoELayer, x: torch.Tensor, routing: moe.Routing) -> torch.Tensor:

@@ -4,7 +4,7 @@ the bitwise claims live in tests/kernels and tests/test_invariance.py."""
 import pytest
 import torch
 
-from moe import cu_seqlens_of
+from detmoe.moe import cu_seqlens_of
 from tests.conftest import random_prompts
 
 ATOL = 2e-5

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels
-import moe
-from moe.engine import Engine, Request
+from detmoe import kernels
+from detmoe import moe
+from detmoe.moe.engine import Engine, Request
 from tests.conftest import random_prompts, tiny_config
 
 CASTS = {  # name -> (dtype the model is built in, the cast, dtype it ends in)

@@ -1,4 +1,4 @@
-"""Tensor- and expert-parallel models (moe/parallel.py) over gloo: CPU processes, Triton's interpreter.
+"""Tensor- and expert-parallel models (detmoe/moe/parallel.py) over gloo: CPU processes, Triton's interpreter.
 
 With the batch_invariant backend a sharded model gives the single-process model's logits and greedy
 completions bitwise, alone and inside ragged batches (prefill, decode, mixed and chunked steps), on the
@@ -20,13 +20,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import kernels
-import moe
-from lab.compositions import Composition
-from lab.distributed import layout_named
-from moe.engine import Engine, Request
-from moe import parallel
-from moe.parallel import Layout, Shard, shard_model, shards_of
+from detmoe import kernels
+from detmoe import moe
+from detmoe.lab.compositions import Composition
+from detmoe.lab.distributed import layout_named
+from detmoe.moe.engine import Engine, Request
+from detmoe.moe import parallel
+from detmoe.moe.parallel import Layout, Shard, shard_model, shards_of
 from tests.conftest import random_prompts
 
 
@@ -88,7 +88,7 @@ def _worker(rank: int, world: int, port: int, seed: int, experts: str, ep_runs: 
                 assert got.generated == alone.generated, comp and comp.mode
                 assert torch.equal(got.token_logits(), alone.token_logits()), comp and comp.mode
             assert moe.generate(sharded, prompts, 3) == moe.generate(single, prompts, 3)
-            # decode steps padded to a bucket (moe/graphs.py; eager on a CPU) under the layout: same tokens
+            # decode steps padded to a bucket (detmoe/moe/graphs.py; eager on a CPU) under the layout: same tokens
             if ep_runs == "device":
                 assert moe.generate(sharded, prompts, 3, graphs=True) == moe.generate(single, prompts, 3)
             if experts == "ep":   # a bucket too large to place its rows without a host sync is refused
@@ -254,7 +254,7 @@ def test_shard_along_two_dims():
 def test_checkpoint_slices_of_a_two_dim_shard(fused):
     """moe.from_pretrained's slice reading: per-expert gate and up tensors (or the whole fused one), read
     in the pieces that fall in each rank's 2-D block, fill exactly `Shard.take` of the full weight."""
-    from moe.pretrained import _rank_parts
+    from detmoe.moe.pretrained import _rank_parts
     E, D, F = 4, 3, 6
     full = torch.randn(E, D, 2 * F)
     placed = [((), full)] if fused else [((e, slice(None), slice(h * F, (h + 1) * F)), full[e, :, h * F:(h + 1) * F])
@@ -319,15 +319,15 @@ def _app_worker(rank: int, world: int, port: int, app: str, overrides: list[str]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     from hydra import compose, initialize_config_dir
-    from experiments.ablate import run_ablation
-    from experiments.rl_consistency import run_rl_consistency
-    from experiments.serve_sim import run_serve_sim
-    from lab.hydra_utils import CONFIG_DIR
+    from detmoe.experiments.ablate import run_ablation
+    from detmoe.experiments.rl_consistency import run_rl_consistency
+    from detmoe.experiments.serve_sim import run_serve_sim
+    from detmoe.lab.hydra_utils import CONFIG_DIR
     run = dict(ablate=run_ablation, rl_consistency=run_rl_consistency, serve_sim=run_serve_sim)[app]
     try:
         with initialize_config_dir(CONFIG_DIR, version_base=None):
             cfg = compose(app, overrides=overrides)
-        run(cfg, Path(out_dir))                      # the process group starts inside (lab/distributed.py)
+        run(cfg, Path(out_dir))                      # the process group starts inside (detmoe/lab/distributed.py)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

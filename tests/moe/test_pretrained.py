@@ -11,10 +11,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import kernels  # noqa: E402
-import moe  # noqa: E402
-from lab.attribution import attribute_divergence  # noqa: E402
-from moe.engine import Engine, Request  # noqa: E402
+from detmoe import kernels  # noqa: E402
+from detmoe import moe  # noqa: E402
+from detmoe.lab.attribution import attribute_divergence  # noqa: E402
+from detmoe.moe.engine import Engine, Request  # noqa: E402
 
 COMMON = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=2)
@@ -142,12 +142,12 @@ def test_ablation_core_on_a_loaded_model(saved):
 
 
 def test_ablation_app_takes_a_pretrained_folder(saved, tmp_path):
-    """`python -m experiments.ablate pretrained=<folder>`: every cell's model is the checkpoint's, its
+    """`python -m detmoe.experiments.ablate pretrained=<folder>`: every cell's model is the checkpoint's, its
     vocabulary sets the probes', and the routers still swap."""
     from hydra import compose, initialize_config_dir
 
-    from experiments.ablate import run_ablation
-    from lab.hydra_utils import CONFIG_DIR
+    from detmoe.experiments.ablate import run_ablation
+    from detmoe.lab.hydra_utils import CONFIG_DIR
 
     folder, _ = saved["qwen3_moe"]
     with initialize_config_dir(CONFIG_DIR, version_base=None):

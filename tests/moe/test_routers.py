@@ -7,9 +7,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import moe
-from moe.routers import Router, check_positive, expert_capacity, register_router, registry
-from moe.routing import Routing
+from detmoe import moe
+from detmoe.moe.routers import Router, check_positive, expert_capacity, register_router, registry
+from detmoe.moe.routing import Routing
 from tests.conftest import tiny_config
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels
-import moe
-from kernels.torch_backend import TorchBackend
+from detmoe import kernels
+from detmoe import moe
+from detmoe.kernels.torch_backend import TorchBackend
 from tests.conftest import random_prompts, tiny_config
 
 aten = torch.ops.aten
@@ -99,8 +99,8 @@ def test_sequence_capacity_router_alone_counts_its_sequences_once(seed):
 
 def test_sync_free_replacements_equal_what_they_replace(seed):
     """Each sync-free form gives exactly the result of the op it replaced, on random data."""
-    from moe.routers.base import rank_in_queue
-    from moe.routers.sequence_capacity import _dense_ids
+    from detmoe.moe.routers.base import rank_in_queue
+    from detmoe.moe.routers.sequence_capacity import _dense_ids
     for _ in range(20):
         labels = torch.randint(-5, 40, (int(torch.randint(1, 60, ())),))
         assert torch.equal(_dense_ids(labels), torch.unique(labels, return_inverse=True)[1])
