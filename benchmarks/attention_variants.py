@@ -1,6 +1,6 @@
 """Attention tile variants on one GPU: do they keep the bits, and what do they cost against SDPA?
 
-For each variant (module constants of kernels/ops/attention.py set for the run) the script checks, on
+For each variant (module constants of detmoe/kernels/ops/attention.py set for the run) the script checks, on
 fresh random data, that decode equals prefill bitwise for both schedules at several positions and batch
 sizes, that a split-schedule prefill chunk equals the prefill, that a repeated launch gives the same bits,
 and that the split schedule's arrival counters are back at zero; then it times bench_kernels' attention
@@ -8,21 +8,24 @@ cells. A variant that moves bits could not be an M- or batch-dependent choice.
 
     python -m benchmarks.attention_variants OUT_DIR [name,name,...]   # ~2.5 min on an H100
 
-Writes OUT_DIR/variants.json (per variant: settings, bit mismatches, geometric mean, cells).
-benchmarks/results/attention_variants/ holds the run that chose the defaults.
+Writes OUT_DIR/variants.json (the run's record: command, GPU, versions, date, git commit; per variant:
+settings, bit mismatches, geometric mean, cells) and OUT_DIR/meta.json (the record, detmoe/lab/run_meta.py).
+benchmarks/results/kernels/attention_variants/ holds the runs that chose the defaults.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shlex
 import sys
 import time
 
 import torch
 
-from benchmarks import bench_kernels as bk  # noqa: E402  (kernels before triton: see kernels/runtime.py)
-import kernels.ops.attention as A  # noqa: E402
+from benchmarks import bench_kernels as bk  # noqa: E402  (kernels before triton: see detmoe/kernels/runtime.py)
+import detmoe.kernels.ops.attention as A  # noqa: E402
+from detmoe.lab.run_meta import run_meta, write_meta  # noqa: E402
 
 VARIANTS = {
     "base": {},                                   # the defaults
@@ -75,6 +78,8 @@ def main() -> None:
         sys.exit("attention_variants needs a CUDA GPU")
     out_dir = sys.argv[1]
     os.makedirs(out_dir, exist_ok=True)
+    meta = run_meta(command="python -m benchmarks.attention_variants " + shlex.join(sys.argv[1:]), device="cuda")
+    write_meta(out_dir, meta)
     results = {}
     only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(VARIANTS)
     for name in only:
@@ -97,8 +102,7 @@ def main() -> None:
         print(f"== {name} {VARIANTS[name]}: bits mismatches {bad}, attention geo {geo:.3f} "
               f"({time.time() - t0:.0f}s)", flush=True)
         with open(os.path.join(out_dir, "variants.json"), "w") as f:
-            json.dump(dict(command="python " + " ".join(sys.argv), gpu=torch.cuda.get_device_name(),
-                           results=results), f, indent=1)
+            json.dump(dict(meta, results=results), f, indent=1)
 
 
 if __name__ == "__main__":

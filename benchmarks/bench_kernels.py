@@ -1,8 +1,9 @@
 """Benchmark the batch-invariant kernels against their stock peers on one GPU.
 
 Medians of `triton.testing.do_bench`, ours and stock in the same run, ratio = ours / stock (lower is
-better; < 1 means ours is faster). Writes bench_kernels[_TAG].csv and .json (with the command line and the
-GPU name) to --out (default benchmarks/results/, where git keeps the earlier runs).
+better; < 1 means ours is faster). Writes bench_kernels[_TAG].csv and .json (with the run's record:
+command, GPU, torch and triton versions, date, git commit) and meta.json (that record, detmoe/lab/run_meta.py)
+to --out (default benchmarks/results/kernels/bench_kernels/, where git keeps the earlier runs).
 
     python -m benchmarks.bench_kernels                    # all three tables
     python -m benchmarks.bench_kernels --only matmul --quick
@@ -15,6 +16,7 @@ import importlib
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from typing import Callable
@@ -22,9 +24,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels.ops.attention import attention  # noqa: E402  (kernels before triton: see kernels/runtime.py)
-from kernels.ops.grouped_gemm import grouped_matmul  # noqa: E402
-from kernels.ops.matmul import matmul  # noqa: E402
+from detmoe.kernels.ops.attention import attention  # noqa: E402  (kernels before triton: see detmoe/kernels/runtime.py)
+from detmoe.kernels.ops.grouped_gemm import grouped_matmul  # noqa: E402
+from detmoe.kernels.ops.matmul import matmul  # noqa: E402
+from detmoe.lab.run_meta import run_meta, write_meta  # noqa: E402
 import triton  # noqa: E402
 
 MATMUL_KN = [(4096, 4096), (4096, 14336), (14336, 4096), (2048, 768), (2048, 151936)]
@@ -125,9 +128,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["matmul", "grouped", "attention"], action="append")
     ap.add_argument("--quick", action="store_true", help="fewer matmul M values")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kernels",
+                                                  "bench_kernels"))
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=INT",
-                    help="override a module constant for this run, e.g. kernels.ops.attention.FOLD_BLOCK_M=128 "
+                    help="override a module constant for this run, e.g. "
+                         "detmoe.kernels.ops.attention.FOLD_BLOCK_M=128 "
                          "(to compare kernel variants; the defaults are what the backend runs)")
     ap.add_argument("--tag", default="", help="added to the output file names: bench_kernels_TAG.csv")
     args = ap.parse_args()
@@ -135,6 +140,7 @@ def main() -> None:
         name, value = item.split("=")
         module, attr = name.rsplit(".", 1)
         setattr(importlib.import_module(module), attr, int(value))
+    meta = run_meta(command="python -m benchmarks.bench_kernels " + shlex.join(sys.argv[1:]), device="cuda")
     torch.manual_seed(int(time.time()))
     rows: list[dict] = []
     tables = args.only or ["grouped", "attention", "matmul"]
@@ -153,8 +159,8 @@ def main() -> None:
         wr.writeheader()
         wr.writerows(rows)
     with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
-        json.dump(dict(command=" ".join(sys.argv), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                       triton=triton.__version__, summary=summary, rows=rows), f, indent=1)
+        json.dump(dict(meta, summary=summary, rows=rows), f, indent=1)
+    write_meta(args.out, meta)
 
 
 if __name__ == "__main__":

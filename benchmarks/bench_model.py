@@ -21,8 +21,9 @@ bucket; --graphs); prefill eagerly. Per cell:
 
 A decode cell whose cache and stock-attention copies do not fit the free GPU memory is skipped, and the
 row says why; a variant that fails (a capture refused, out of memory) keeps its row with the error.
-Writes to --out: bench_model.json and .csv (every cell, the measured bounds, device, torch and triton
-versions), bench_model_roofline.png (fraction of the bound vs batch size, a panel per preset and
+Writes to --out: bench_model.json and .csv (every cell, the measured bounds, the run's record: command,
+device, torch and triton versions, date, git commit), meta.json (that record, detmoe/lab/run_meta.py),
+bench_model_roofline.png (fraction of the bound vs batch size, a panel per preset and
 context) and bench_model_summary.txt (printed too: batch_invariant / torch wall per cell, their
 geometric mean, the fractions of the bound).
 
@@ -31,7 +32,7 @@ geometric mean, the fractions of the bound).
 profiles those cases instead (torch.profiler, both backends, the eager step of the benchmark, at
 --context, default 1024, and --prefill-len, default 256): per backend the host and kernel time per
 step, kernel launches and host-sync events per step, and the top kernels by total GPU time, in
-DIR/profile_<preset>_<mode>_B<B>.txt (printed) with a Chrome trace beside it.
+DIR/profile_<preset>_<mode>_B<B>.txt (printed) with a Chrome trace beside it, and DIR/meta.json.
 
 `--device cpu` runs the same benchmark on the CPU (kernels under Triton's interpreter: a smoke run of a
 tiny preset; the timings and bounds are the CPU's and say nothing about a GPU).
@@ -47,6 +48,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import shlex
 import statistics
 import sys
 from functools import partial
@@ -55,15 +57,16 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-import kernels
-import moe
+from detmoe import kernels
+from detmoe import moe
 from benchmarks.bench_report import geomean, plot, ratios, summary_text, write_csv
+from detmoe.lab.run_meta import run_meta, write_meta
 from benchmarks.bench_steps import Shape, build_model, decode_inputs, decode_step, prefill_inputs, shape_of
 from benchmarks.bench_timing import ROUNDS, Settings, failure, free_memory, measure, time_ms
 from benchmarks.profile_step import parse_case, profile_case
 from benchmarks.roofline import (GiB, DeviceBounds, StepCost, assignments, experts_hit, fraction_of_bound,
                                  measure_device_bounds, step_cost)
-from moe import MoETransformer
+from detmoe.moe import MoETransformer
 
 GRAPH_MODES = {"on": ("on",), "off": ("off",), "both": ("off", "on")}
 
@@ -232,11 +235,9 @@ def run(presets: Sequence[str], batch_sizes: Sequence[int], contexts: Sequence[i
         bounds = measure_device_bounds(dev, lambda fn: time_ms(fn, dev))
     else:
         bounds = measure_device_bounds(dev, lambda fn: time_ms(fn, dev), copy_bytes=64 << 20, mm_n=512)
-    import triton
-    meta = dict(command=command, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                torch=torch.__version__, triton=triton.__version__, bounds=dataclasses.asdict(bounds),
-                gc_off=gc_off, rounds=rounds, graphs=graphs, gpu_time=gpu_time,
-                decode_graphs_available=hasattr(moe, "DecodeGraphs"))
+    record = run_meta(command=command, device=dev)
+    meta = dict(record, bounds=dataclasses.asdict(bounds), gc_off=gc_off, rounds=rounds, graphs=graphs,
+                gpu_time=gpu_time, decode_graphs_available=hasattr(moe, "DecodeGraphs"))
     print(f"{meta['device']}: HBM {bounds.hbm_bytes_per_s / 1e9:.0f} GB/s, bf16 matmul "
           f"{bounds.matmul_flops_per_s / 1e12:.3g} TFLOP/s, measured ({bounds.how})", flush=True)
     if gc_off:
@@ -253,6 +254,7 @@ def run(presets: Sequence[str], batch_sizes: Sequence[int], contexts: Sequence[i
     summary = summary_text(rows, meta)
     print("\n" + summary, flush=True)
     out.mkdir(parents=True, exist_ok=True)
+    write_meta(out, record)
     (out / "bench_model.json").write_text(json.dumps(dict(meta=meta, rows=rows, ratios=rat, summary=summary),
                                                      indent=2))
     write_csv(out / "bench_model.csv", rows, meta)
@@ -278,7 +280,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="timing rounds, variants alternating")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="cpu: a smoke run (Triton's interpreter), timings meaningless for a GPU")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/model_step/bench_model"))
     ap.add_argument("--profile", nargs="+", type=parse_case, default=[], metavar="PRESET:MODE:B",
                     help="profile these cases (e.g. large:decode:256) instead of running the benchmark")
     ap.add_argument("--no-gpu-time", action="store_true",
@@ -292,7 +294,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_model needs a CUDA GPU (--device cpu runs a smoke run on the CPU)")
+    command = "python -m benchmarks.bench_model " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.profile:
+        write_meta(args.out, run_meta(command=command, device=args.device))
         for preset, mode, B in args.profile:
             print(profile_case(preset, mode, B, args.prefill_len or 256, args.context or 1024, args.device,
                                args.out), flush=True)
@@ -301,7 +305,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     contexts = [args.context] if args.context is not None else args.contexts
     prefill = ([(B, args.prefill_len) for B in args.batch_sizes] if args.prefill_len is not None
                else args.prefill_shapes)
-    command = "python -m benchmarks.bench_model " + " ".join(sys.argv[1:] if argv is None else argv)
     run(args.presets, args.batch_sizes, contexts, prefill, args.graphs, args.rounds, args.device, args.out,
         command, args.gc_off, not args.no_gpu_time)
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-import kernels
+from detmoe import kernels
 from benchmarks.bench_steps import shape_of
 
 BACKEND_NAMES = {"torch": "stock kernels (torch)", "batch_invariant": "batch-invariant kernels"}
@@ -40,7 +40,8 @@ def geomean(xs: Sequence[float]) -> Optional[float]:
 
 def summary_text(rows: list[dict], meta: dict) -> str:
     b = meta["bounds"]
-    lines = [f"bench_model on {meta['device']} (torch {meta['torch']}, triton {meta['triton']})",
+    commit = f", commit {meta['git_commit']}" if meta.get("git_commit") else ""
+    lines = [f"bench_model on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}{commit})",
              f"measured in this run: HBM {b['hbm_bytes_per_s'] / 1e9:.0f} GB/s, bf16 matmul "
              f"{b['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s ({b['how']})",
              "fraction of bound = bound time / wall time: decode against the HBM bound (bytes / bandwidth), "
@@ -79,7 +80,8 @@ def summary_text(rows: list[dict], meta: dict) -> str:
 def write_csv(path: Path, rows: list[dict], meta: dict) -> None:
     b = meta["bounds"]
     common = dict(hbm_GBps=b["hbm_bytes_per_s"] / 1e9, bf16_TFLOPs=b["matmul_flops_per_s"] / 1e12,
-                  device=meta["device"], torch=meta["torch"], triton=meta["triton"])
+                  device=meta["device"], torch=meta["torch"], triton=meta["triton"],
+                  git_commit=meta.get("git_commit") or "")
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[*CSV_FIELDS, *common])
         w.writeheader()

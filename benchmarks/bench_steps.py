@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from moe import KVCache, ModelConfig, MoETransformer
+from detmoe.moe import KVCache, ModelConfig, MoETransformer
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-import kernels
+from detmoe import kernels
 from benchmarks.roofline import DeviceBounds
 
 # Steps of small models and at small batch are host-bound (ms of Python per step, a few samples per

@@ -1,13 +1,14 @@
 """Do the batch-invariant kernels give the same bits on another GPU? SHA-256 fingerprints of the model's
 fp32 logits for fixed configs and prompts, recorded once and recomputed on any GPU (tests/test_fingerprints.py).
 
-    python -m benchmarks.fingerprints --out benchmarks/results/fingerprints.json
+    python -m benchmarks.fingerprints --out benchmarks/results/fingerprints/recorded/fingerprints.json
 
 For each case of CASES (a preset, a dtype), under `kernels.use_backend("batch_invariant")`: a ragged
 prefill of PROMPT_LENS tokens in one step, the decode step after it (one fixed token per sequence), and
 the token ids of a greedy completion (`moe.generate`). Entries: `<case>/weights`, `/prefill` and `/decode`
 (SHA-256 of the weights' and the fp32 logits' bytes), `<case>/greedy` (the ids). The JSON also records
-the device (name, compute capability, SM count) and the torch, CUDA and triton versions.
+the device (name, compute capability, SM count), the torch, CUDA and triton versions, the command, the date
+and the git commit; meta.json beside it holds the run's record (detmoe/lab/run_meta.py).
 
 Weights: not the preset's own draw. `MoETransformer.reset_parameters` draws on the model's device, and
 PyTorch's CUDA sampling kernels give element i the Philox counter of the thread that writes it, in a
@@ -35,13 +36,14 @@ from typing import Any, Optional
 
 import torch
 
-import kernels
-import moe
+from detmoe import kernels
+from detmoe import moe
+from detmoe.lab.run_meta import run_meta, write_meta
 
-RESULTS = Path(__file__).parent / "results" / "fingerprints.json"
+RESULTS = Path(__file__).parent / "results" / "fingerprints" / "recorded" / "fingerprints.json"
 
 # A ragged prefill: a one-token prompt, lengths across the attention's 64-key blocks and past its
-# 512-key split, so the decode step after it takes the split schedule (kernels/ops/attention.py).
+# 512-key split, so the decode step after it takes the split schedule (detmoe/kernels/ops/attention.py).
 PROMPT_LENS = (1, 7, 33, 130, 600)
 GREEDY_TOKENS = 16
 PROMPT_SALT, DECODE_SALT = 0x2545F491, 0x1B873593
@@ -216,10 +218,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], help="a subset of CASES")
     args = ap.parse_args(argv)
     cases = tuple(c for c in CASES if args.cases is None or c.name in args.cases)
+    meta = run_meta(command=shlex.join(["python", "-m", "benchmarks.fingerprints"]
+                                       + (sys.argv[1:] if argv is None else argv)), device=args.device)
     result = compute(cases, args.device)
-    result["meta"]["command"] = shlex.join(["benchmarks.fingerprints"] + (sys.argv[1:] if argv is None else argv))
+    result["meta"].update({k: meta[k] for k in ("command", "date", "git_commit")})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(dumps(result))
+    write_meta(args.out.parent, meta)
     print(json.dumps(dict(meta=result["meta"], entries={k: v for k, v in result["entries"].items()
                                                         if not k.endswith("/greedy")}), indent=1))
     print(f"wrote {args.out}")

@@ -4,7 +4,9 @@ once per GPU count, into one folder:
     for W in 1 2 4; do torchrun --nproc_per_node $W -m benchmarks.parallel_check --preset wide --out DIR; done
     python -m benchmarks.parallel_check --compare DIR        # the fingerprints of the runs, side by side
 
-Each run (W processes, one GPU each; W = 1 runs the layout-free model) writes DIR/parallel_W{W}.json:
+Each run (W processes, one GPU each; W = 1 runs the layout-free model) writes DIR/parallel_W{W}.json (with
+the run's record: command, device, versions, date, git commit; DIR/meta.json gathers the runs' commands,
+detmoe/lab/run_meta.py):
 - per layout (attention "tp" with experts "ep" and "tp") and backend: SHA-256 fingerprints of the logits
   of a fixed ragged prefill, of the decode step after it, and of a probe's greedy completion. The
   batch_invariant backend's must be the same for every W; the stock backend's are expected to differ.
@@ -28,13 +30,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import kernels
-import moe
+from detmoe import kernels
+from detmoe import moe
 from benchmarks.fingerprints import fingerprint
-from lab.compositions import Composition
-from lab.distributed import layout_named
-from moe.engine import Engine, Request
-from moe.graphs import DecodeGraphs, graphs_by_default
+from detmoe.lab.compositions import Composition
+from detmoe.lab.distributed import layout_named
+from detmoe.lab.run_meta import default_command, run_meta, write_meta
+from detmoe.moe.engine import Engine, Request
+from detmoe.moe.graphs import DecodeGraphs, graphs_by_default
 
 BACKENDS = ("torch", "batch_invariant")
 SCALE = 1        # input lengths are divided by this (10 for the CPU smoke test on the tiny preset)
@@ -112,7 +115,7 @@ def timed(step, rounds: int) -> list[float]:
 
 def step_times(model: moe.MoETransformer, cells: list[tuple[str, int, int]], rounds: int) -> list[dict]:
     """Median wall ms per step, per backend, the backends alternating round by round. `decode_graphs`
-    cells replay the decode step as a CUDA graph (moe/graphs.py), where the layout allows a capture."""
+    cells replay the decode step as a CUDA graph (detmoe/moe/graphs.py), where the layout allows a capture."""
     V, dev = model.cfg.vocab_size, model.device
     rows = []
     for mode, B, L in cells:
@@ -172,8 +175,8 @@ def main() -> None:
     if args.preset == "tiny":               # the smoke test's sizes
         global SCALE
         SCALE, cells = 10, [("prefill", 2, 16), ("decode", 1, 32), ("decode", 2, 32)]
-    result = dict(preset=args.preset, world=world, device=torch.cuda.get_device_name() if gpu else "cpu",
-                  torch=torch.__version__, layouts={})
+    meta = run_meta(device="cuda" if gpu else "cpu")    # under torchrun: "W x <GPU>"
+    result = dict(preset=args.preset, world=world, **meta, layouts={})
     for experts in names:
         model = moe.MoETransformer(cfg, device=dev, layout=layouts[experts])
         entry = {}
@@ -194,6 +197,7 @@ def main() -> None:
     if rank == 0 and args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"parallel_W{world}.json").write_text(json.dumps(result, indent=1))
+        write_meta(args.out, meta)
         print(json.dumps(result, indent=1))
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -229,6 +233,7 @@ def compare(folder: Path) -> None:
               if not (W == 1 and experts != "ep")]
     text = "\n".join(lines)
     (folder / "parallel_compare.txt").write_text(text + "\n")
+    write_meta(folder, dict(command=default_command()))
     print(text)
 
 

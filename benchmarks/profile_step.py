@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 
-import kernels
+from detmoe import kernels
 from benchmarks.bench_steps import build_model, decode_inputs, decode_step, prefill_inputs
-from moe import MoETransformer
+from detmoe.moe import MoETransformer
 
 # host-side events that stall the host until the GPU catches up (or mark a value read back)
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",

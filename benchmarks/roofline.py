@@ -27,8 +27,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from moe.config import ModelConfig
-from moe.routing import Routing
+from detmoe.moe.config import ModelConfig
+from detmoe.moe.routing import Routing
 
 GiB = 1 << 30
 

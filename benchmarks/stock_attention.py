@@ -1,5 +1,5 @@
-"""The stock attention candidates (kernels/stock_attention.py) timed against each other and against the
-batch-invariant Triton attention (kernels/ops/attention.py), on one GPU.
+"""The stock attention candidates (detmoe/kernels/stock_attention.py) timed against each other and against the
+batch-invariant Triton attention (detmoe/kernels/ops/attention.py), on one GPU.
 
 Each cell is a batch over one shared KV cache of 256 slots x 7936 positions (H=32, Hkv=8, Dh=128, bf16;
 just under 2**31 elements per tensor, the most that flex's int32 key offsets reach), its sequences in scattered
@@ -12,7 +12,7 @@ query at context C: B = 1, 16, 64, 256; C = 1024, 7936), prefill from an empty s
 and, for the candidates a CUDA graph can capture, `do_bench_cudagraph` times it replayed (graph_ms: what
 a captured decode step pays). first_call_s is the first call's wall time (flex: its compile).
 
-Kernels: the KERNELS of kernels/stock_attention.py ("varlen" where this torch offers it), "flex_plan"
+Kernels: the KERNELS of detmoe/kernels/stock_attention.py ("varlen" where this torch offers it), "flex_plan"
 (flex's block lists and query chunks alone, without the kernel: what a step pays once, not per layer),
 "split_plan" (the same for "split": the lengths read back and the sub-batch's index tensors), "sdpa_ideal"
 (SDPA straight on the cache for a batch whose slots are 0..B-1 and lengths equal, no mask: a bound that
@@ -20,8 +20,9 @@ no ragged batch reaches through SDPA) and "triton" (the batch-invariant kernel).
 
     python -m benchmarks.stock_attention --out DIR [--only decode|prefill|mixed] [--kernels flex,triton,...]
 
-Writes DIR/stock_attention.json (command, GPU, versions, rows, fastest stock kernel per cell) and
-DIR/stock_attention.csv (one row per cell and kernel); with --only, stock_attention_decode.* etc.
+Writes DIR/stock_attention.json (the run's record: command, GPU, versions, date, git commit; rows, fastest
+stock kernel per cell), DIR/stock_attention.csv (one row per cell and kernel) and DIR/meta.json (the record,
+detmoe/lab/run_meta.py); with --only, stock_attention_decode.* etc.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import sys
 import time
 from typing import Callable, Optional
@@ -36,9 +38,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-import kernels  # noqa: F401  (before triton: kernels/runtime.py)
-from kernels import stock_attention as sa
-from kernels.ops.attention import attention as triton_attention  # noqa: E402
+from detmoe import kernels  # noqa: F401  (before triton: detmoe/kernels/runtime.py)
+from detmoe.kernels import stock_attention as sa
+from detmoe.lab.run_meta import run_meta, write_meta
+from detmoe.kernels.ops.attention import attention as triton_attention  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
@@ -210,13 +213,12 @@ def main() -> None:
     rows: list[dict] = []
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "stock_attention" + "".join("_" + k for k in args.only or []))
+    meta = run_meta(command="python -m benchmarks.stock_attention " + shlex.join(sys.argv[1:]), device=DEVICE)
+    write_meta(args.out, meta)
     for kind, B, n in cells:
         rows += bench_cell(kind, B, n, names, k, v, gen)
-        gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
         with open(stem + ".json", "w") as f:   # rewritten as cells finish
-            json.dump(dict(command="python -m benchmarks.stock_attention " + " ".join(sys.argv[1:]), gpu=gpu,
-                           torch=torch.__version__, triton=triton.__version__,
-                           cache=dict(slots=N_SLOTS, len=CACHE_LEN, H=H, Hkv=HKV, Dh=DH, dtype=str(DTYPE)),
+            json.dump(dict(meta, cache=dict(slots=N_SLOTS, len=CACHE_LEN, H=H, Hkv=HKV, Dh=DH, dtype=str(DTYPE)),
                            fastest=fastest(rows), rows=rows), f, indent=1)
     with open(stem + ".csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))

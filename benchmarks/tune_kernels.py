@@ -1,14 +1,15 @@
-"""How the GPU tile tables in kernels/ops/ were chosen: time candidate tiles on one GPU and check bits.
+"""How the GPU tile tables in detmoe/kernels/ops/ were chosen: time candidate tiles on one GPU and check bits.
 
 For every candidate the script records the median time (`triton.testing.do_bench`) beside the stock
 peer's, and whether the probe rows' bits equal those of the reference tiles (a candidate that moves a
 row's bits could not be used as an M-dependent choice). It also separates host launch cost from GPU time
 (`do_bench` against `do_bench_cudagraph`, which replays a CUDA graph and so has no launch cost).
 
-    python -m benchmarks.tune_kernels --out benchmarks/results/tune   # ~4 minutes on an H100
+    python -m benchmarks.tune_kernels --out benchmarks/results/kernels/tune_kernels   # ~4 minutes on an H100
 
-Writes tune_{matmul,grouped,launch}.csv and tune_summary.json (best candidate per cell and per M
-bucket). Nothing here is used at run time: the chosen tiles are copied into TILES_GPU by hand, with the
+Writes tune_{matmul,grouped,launch}.csv, tune_summary.json (best candidate per cell and per M bucket,
+with the run's record: command, GPU, versions, date, git commit) and meta.json (that record,
+detmoe/lab/run_meta.py). Nothing here is used at run time: the chosen tiles are copied into TILES_GPU by hand, with the
 run's file named beside them.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -26,9 +28,10 @@ import torch
 
 from benchmarks.bench_kernels import (MATMUL_KN, MATMUL_M, decode_case,  # noqa: E402
                                       grouped_rows)
-from kernels.ops import grouped_gemm as gg  # noqa: E402  (kernels before triton: see kernels/runtime.py)
-from kernels.ops.attention import attention  # noqa: E402
-from kernels.ops.matmul import Tiles, matmul, reduction_for  # noqa: E402
+from detmoe.kernels.ops import grouped_gemm as gg  # noqa: E402  (kernels before triton: see detmoe/kernels/runtime.py)
+from detmoe.kernels.ops.attention import attention  # noqa: E402
+from detmoe.kernels.ops.matmul import Tiles, matmul, reduction_for  # noqa: E402
+from detmoe.lab.run_meta import run_meta, write_meta  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
@@ -175,7 +178,7 @@ def tune_attention_schedule(rows: list[dict]) -> None:
     it, against the KV bytes' HBM bound, and which schedule the default picks. The cache holds 8192 + 512
     positions per sequence, as a model cache of max_seq_len 8192 would, plus room for the new key."""
     from benchmarks.roofline import measure_device_bounds
-    from kernels.ops import attention as att
+    from detmoe.kernels.ops import attention as att
     bounds = measure_device_bounds("cuda", timed)
     dt = torch.bfloat16
     for name, (H, Hkv, Dh) in ATTENTION_HEADS.items():
@@ -226,8 +229,8 @@ CHUNK_SUM_TILES += [dataclasses.replace(t, chunks_per_loop=4) for t in
 def tune_chunk_sum(rows: list[dict], chunks: int = 4) -> None:
     """The chunk tree summed inside the GEMM (matmul_chunk_sum, grouped_matmul_chunk_sum) against the
     partials written out and summed by tree_sum (the two-kernel form it replaces), per candidate tile."""
-    from kernels.ops.matmul import matmul_chunk_sum, matmul_partials
-    from kernels.ops.tree_sum import tree_sum
+    from detmoe.kernels.ops.matmul import matmul_chunk_sum, matmul_partials
+    from detmoe.kernels.ops.tree_sum import tree_sum
     cases = []
     for name, (K, N) in CHUNK_SUM_DENSE.items():
         w = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
@@ -278,7 +281,7 @@ def tune_swiglu(rows: list[dict]) -> None:
     """grouped_swiglu (the assignments' rows read in place, silu(gate) * up in the epilogue) per candidate
     tile, against the plain grouped GEMM of the gathered rows (the GEMM alone) and the composition it
     replaces (gather, GEMM, silu, product), whose bits it must give."""
-    from kernels.ops.grouped_gemm import grouped_swiglu_torch
+    from detmoe.kernels.torch_backend import grouped_swiglu_torch
     gen = torch.Generator().manual_seed(0)
     for name, (E, K, F, S) in SWIGLU_SHAPES.items():
         w = torch.randn(E, K, 2 * F, device="cuda", dtype=torch.bfloat16) / 8
@@ -439,7 +442,7 @@ def sweep(name: str, tune, out: str, summary: dict) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/tune")
+    ap.add_argument("--out", default="benchmarks/results/kernels/tune_kernels")
     ap.add_argument("--only", action="append", choices=["matmul", "grouped", "launch", "host", "narrow", "attention",
                                                         "chunk_sum", "swiglu"])
     args = ap.parse_args()
@@ -448,8 +451,9 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
     parts = args.only or ["launch", "grouped", "matmul"]
-    summary: dict = dict(command="python -m benchmarks.tune_kernels " + " ".join(sys.argv[1:]),
-                         device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    meta = run_meta(command="python -m benchmarks.tune_kernels " + shlex.join(sys.argv[1:]), device="cuda")
+    write_meta(args.out, meta)
+    summary: dict = dict(meta)
     if "host" in parts:
         host_profile(args.out)
     if "launch" in parts:

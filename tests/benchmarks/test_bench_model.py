@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import moe
+from detmoe import moe
 from benchmarks.bench_model import bench_decode, main, parse_prefill_shape
 from benchmarks.bench_steps import Shape, build_model
 from benchmarks.bench_timing import Settings

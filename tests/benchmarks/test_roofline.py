@@ -4,7 +4,7 @@ model's own parameters, the distinct experts of a known routing, and the bound a
 import pytest
 import torch
 
-import moe
+from detmoe import moe
 from benchmarks.roofline import (DeviceBounds, assignments, experts_hit, fraction_of_bound,
                                  measure_device_bounds, step_cost)
 
