@@ -13,7 +13,7 @@ from detmoe import moe
 from detmoe.lab.hydra_utils import model_config, router_group, router_group_options
 from detmoe.moe.routers import Router, register_router, registry
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "detmoe" / "configs"
 
 
 @pytest.mark.parametrize("name", sorted(moe.PRESETS))

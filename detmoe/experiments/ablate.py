@@ -12,8 +12,9 @@ by_batch_size.csv, the figures (detmoe/lab/plot.py) and report.md, which shows t
     python -m detmoe.experiments.ablate                                  # the default factorial, CPU
     python -m detmoe.experiments.ablate -m router=topk,capacity kernels=torch,batch_invariant
 
-A run that is interrupted keeps every finished cell (cells/*.json) and skips them when re-run in the
-same directory (hydra.run.dir=<dir>).
+The whole config is checked before any work (`validate_config`). A run that is interrupted keeps every
+finished cell (cells/*.json) and skips them when re-run in the same directory (hydra.run.dir=<dir>); a
+rerun there with other settings is refused (detmoe/lab/hydra_utils.py, check_run_folder).
 
 The layout axis (several processes): the probe alone runs on one device, every batch composition runs
 on the model spread over the ranks (attention tp, experts ep, tp or e.g. ep2xtp2: detmoe/lab/distributed.py)
@@ -34,11 +35,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from detmoe import kernels
 from detmoe.lab.attribution import CAUSES, attribute_divergence
-from detmoe.lab.compositions import make_compositions, make_probes
+from detmoe.lab.compositions import make_compositions, make_probes, slot_positions
+from detmoe.lab import config_checks as checks
 from detmoe.lab.distributed import is_main, layout_named
 from detmoe.moe.engine import Engine, Request
 from detmoe.lab.hydra_utils import (CONFIG_DIR, TRAINED_PRESET, model_config, run_cells, run_dir, vocab_size,
                              write_csv, write_json)
+from detmoe.lab.outputs import write_text
 from detmoe.lab.stock_variance import stock_kernel_versions
 from detmoe.lab.stdlib_text import load_corpus
 from detmoe.moe import COMBINES, MoETransformer, pretrained_config
@@ -220,7 +223,28 @@ def stock_kernel_versions_of_run(cfg: DictConfig, dtypes: list[str]) -> dict[str
             for dt in dtypes}
 
 
+def validate_config(cfg: DictConfig) -> None:
+    """Every key of the ablation's config, before any work: a ValueError naming the first bad one."""
+    c, models = checks.check_common(cfg, "ablate", lists=True)
+    exp = checks.check_keys(c["experiment"], checks.yaml_keys("experiment/ablate.yaml"), "experiment")
+    checks.check_name("experiment.name", exp["name"])
+    for key in ("n_probes", "probe_min_len", "max_new_tokens", "per_size", "co_max_len"):
+        checks.check_int(f"experiment.{key}", exp[key], 1)
+    checks.check_int("experiment.probe_max_len", exp["probe_max_len"], 1)
+    checks.check_order("experiment.probe_min_len", exp["probe_min_len"], "experiment.probe_max_len", exp["probe_max_len"])
+    checks.check_list("experiment.batch_sizes", exp["batch_sizes"], lo=1)
+    extra_cell_points(cfg)
+    checks.check_list("layouts", c["layouts"])
+    checks.check_layouts({f"layouts[{i}]": name for i, name in enumerate(c["layouts"])})
+    checks.check_bool("graphs", c["graphs"])
+    checks.check_int("jobs", c["jobs"], 1)
+    positions = slot_positions(exp["batch_sizes"], exp["probe_max_len"], exp["co_max_len"], exp["max_new_tokens"])
+    checks.check_fits(positions, "experiment.probe_max_len or co_max_len with max_new_tokens (co-requests generate "
+                      "up to 2 x max_new_tokens + 1)", min(m.max_seq_len for m in models))
+
+
 def run_ablation(cfg: DictConfig, out: Path) -> dict:
+    validate_config(cfg)
     exp = cfg.experiment
     vocab = vocab_size(cfg)
     grid = [dict(router=r, backend=b, combine=c, dtype=d) for r, b, c, d in
@@ -285,12 +309,13 @@ def summary(results: dict, out: Path) -> str:
               "", f"results and plots: {out.resolve()}", f"report: {(out / 'report.md').resolve()}"]
     text = "\n".join(lines)
     if is_main():
-        (out / "summary.txt").write_text(text + "\n")
+        write_text(out / "summary.txt", text + "\n")
     return text
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="ablate", version_base=None)
 def main(cfg: DictConfig) -> None:
+    validate_config(cfg)   # before run_dir records the run
     out = run_dir(cfg)
     text = summary(run_ablation(cfg, out), out)
     if is_main():

@@ -38,6 +38,7 @@ from typing import Callable, Optional
 import torch
 
 from detmoe.lab.op_variance import Probe, ProbeSizes, Record, batch_sizes
+from detmoe.lab.outputs import write_text
 from detmoe.lab.run_meta import run_meta, write_meta
 
 
@@ -143,10 +144,10 @@ def csv_text(result: dict) -> str:
 def write_outputs(result: dict, out: Path) -> None:
     """variance.json, then variance.csv and variance_table.md made from the JSON as written."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "variance.json").write_text(json.dumps(result, indent=1))
+    write_text(out / "variance.json", json.dumps(result, indent=1))
     saved = json.loads((out / "variance.json").read_text())
-    (out / "variance.csv").write_text(csv_text(saved))
-    (out / "variance_table.md").write_text(markdown_table(saved))
+    write_text(out / "variance.csv", csv_text(saved))
+    write_text(out / "variance_table.md", markdown_table(saved))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -164,7 +165,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = ap.parse_args(argv)
     if args.table_from is not None:
         table = args.table_from.parent / "variance_table.md"
-        table.write_text(markdown_table(json.loads(args.table_from.read_text())))
+        write_text(table, markdown_table(json.loads(args.table_from.read_text())))
         print(table.read_text())
         return
 

@@ -35,9 +35,12 @@ from detmoe import kernels  # noqa: E402
 from detmoe.lab.compositions import random_prompt  # noqa: E402
 from detmoe.lab.distributed import is_main, layout_named  # noqa: E402
 from detmoe.lab.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
+from detmoe.lab.outputs import write_text  # noqa: E402
 from detmoe.lab.plot import save_figure  # noqa: E402
+from detmoe.lab import config_checks as checks  # noqa: E402
 from detmoe.moe import MoETransformer, cu_seqlens_of  # noqa: E402
 from detmoe.moe.engine import Engine, Request, poisson  # noqa: E402
+from detmoe.moe.generate import check_sampling  # noqa: E402
 from detmoe.moe.parallel import shard_model  # noqa: E402
 
 
@@ -47,14 +50,13 @@ def sample(model: MoETransformer, rl: DictConfig, seed: int) -> list[Request]:
     rng = random.Random(seed)
     V = model.cfg.vocab_size
     requests, step = [], 0
-    if rl.load <= 0:
-        raise ValueError(f"rl.load (mean requests per step) must be > 0, got {rl.load}")
+    checks.check_span("rl.load", rl.load, "rl.n_samples", rl.n_samples)   # else the loop below would not end
     while len(requests) < rl.n_samples:
         for _ in range(poisson(rng, rl.load)):
             if len(requests) < rl.n_samples:
                 prompt = random_prompt(rng, V, rng.randint(rl.prompt_min_len, rl.prompt_max_len))
                 requests.append(Request(prompt, rl.max_new_tokens, arrival=step, order=len(requests), track=True,
-                                        temperature=rl.temperature, top_p=rl.top_p, seed=seed * 100_003 + len(requests)))
+                                        temperature=rl.temperature, top_p=rl.top_p, seed=seed * SEED_STRIDE + len(requests)))
         step += 1
     Engine(model, rl.max_slots, rl.prompt_max_len + rl.max_new_tokens + 1).run(requests)
     return requests
@@ -124,7 +126,31 @@ def plot(cells: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+# Request i samples with seed * SEED_STRIDE + i (`sample`)
+SEED_STRIDE = 100_003
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Every key of the trainer-vs-sampler config, before any work: a ValueError naming the first bad one."""
+    c, models = checks.check_common(cfg, "rl_consistency", lists=False)
+    rl = checks.check_keys(c["rl"], checks.yaml_keys("rl_consistency.yaml", "rl"), "rl")
+    checks.check_name("rl.name", rl["name"])
+    for key in ("n_samples", "prompt_min_len", "prompt_max_len", "max_new_tokens", "max_slots"):
+        checks.check_int(f"rl.{key}", rl[key], 1)
+    checks.check_order("rl.prompt_min_len", rl["prompt_min_len"], "rl.prompt_max_len", rl["prompt_max_len"])
+    # more microbatches than samples would pack fewer, silently
+    checks.check_int("rl.trainer_microbatches", rl["trainer_microbatches"], 1, rl["n_samples"], "rl.n_samples")
+    with checks.named("rl."):
+        check_sampling(rl["temperature"], rl["top_p"])
+    checks.check_span("rl.load", rl["load"], "rl.n_samples", rl["n_samples"])
+    checks.check_layouts({"rl.sampler_layout": rl["sampler_layout"], "rl.trainer_layout": rl["trainer_layout"]})
+    checks.check_seed(c["seed"], scale=SEED_STRIDE + rl["n_samples"])
+    checks.check_fits(rl["prompt_max_len"] + rl["max_new_tokens"] + 1, "rl.prompt_max_len + max_new_tokens (and a spare)",
+                      models[0].max_seq_len)
+
+
 def run_rl_consistency(cfg: DictConfig, out: Path) -> dict:
+    validate_config(cfg)
     # the sampler and the trainer may spread the same weights over different layouts (torchrun)
     sampler_layout, trainer_layout = layout_named(cfg.rl.sampler_layout), layout_named(cfg.rl.trainer_layout)
 
@@ -147,6 +173,7 @@ def run_rl_consistency(cfg: DictConfig, out: Path) -> dict:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="rl_consistency", version_base=None)
 def main(cfg: DictConfig) -> None:
+    validate_config(cfg)   # before run_dir records the run
     out = run_dir(cfg)
     results = run_rl_consistency(cfg, out)
     lines = [f"{'router':18} {'backend':16} {'frac lp differ':>14} {'max |dlp|':>10} {'mean KL':>10}"]
@@ -154,7 +181,7 @@ def main(cfg: DictConfig) -> None:
               f"{c['mean_kl']:10.3g}" for c in results["cells"]]
     text = "\n".join(lines + [f"results and plot: {out.resolve()}"])
     if is_main():
-        (out / "summary.txt").write_text(text + "\n")
+        write_text(out / "summary.txt", text + "\n")
         print(text)
 
 

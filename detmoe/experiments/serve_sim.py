@@ -12,7 +12,8 @@ on stock kernels, 1 with batch-invariant kernels) on our MoE models, and adds th
         serve.probe_len=1280 serve.max_new_tokens=32 serve.load=1.25 serve.load_period=100 \
         serve.max_slots=64 serve.traffic_max_len=64 serve.traffic_max_new=16 serve.n_probe_runs=1000
 
-Prompt lengths are limited only by the model's max_seq_len (checked before anything runs); each of
+The whole config is checked before anything runs (`validate_config`): prompt lengths are limited only by
+the model's max_seq_len; each of
 the max_slots KV-cache slots holds the longest request (wide: 32 KB per position, 2.8 GB for 64 slots
 of 1313 positions).
 
@@ -52,8 +53,10 @@ from detmoe.lab.distributed import is_main, layout_named  # noqa: E402
 from detmoe.moe.engine import Engine, Request, poisson  # noqa: E402
 from detmoe.lab.hydra_utils import (CONFIG_DIR, cell_name, router_backend_grid, run_cells, run_dir, write_csv,  # noqa: E402
                              write_json)
+from detmoe.lab.outputs import write_text  # noqa: E402
 from detmoe.lab.plot import save_figure  # noqa: E402
-from detmoe.moe import MoETransformer, pretrained_config  # noqa: E402
+from detmoe.lab import config_checks as checks  # noqa: E402
+from detmoe.moe import MoETransformer  # noqa: E402
 
 
 # serve.graphs: decode steps as CUDA graphs padded to bucket sizes (detmoe/moe/graphs.py). auto: where the step can
@@ -178,13 +181,26 @@ def longest_request(serve: DictConfig) -> int:
     return max(serve.probe_len, serve.traffic_max_len) + max(serve.max_new_tokens, serve.traffic_max_new)
 
 
+def validate_config(cfg: DictConfig) -> None:
+    """Every key of the serving simulation's config, before any work: a ValueError naming the first bad one."""
+    c, models = checks.check_common(cfg, "serve_sim", lists=False)
+    serve = checks.check_keys(c["serve"], checks.yaml_keys("serve_sim.yaml", "serve"), "serve")
+    checks.check_name("serve.name", serve["name"])
+    for key in ("n_probe_runs", "probe_len", "max_new_tokens", "max_slots", "traffic_max_len", "traffic_max_new"):
+        checks.check_int(f"serve.{key}", serve[key], 1)
+    checks.check_span("serve.load", serve["load"], "serve.n_probe_runs", serve["n_probe_runs"])
+    checks.check_optional_int("serve.chunk", serve["chunk"], 1, "the whole prompt in one step")
+    checks.check_optional_int("serve.load_period", serve["load_period"], 1, "constant load")
+    checks.check_list("serve.graphs", serve["graphs"], tuple(GRAPHS))
+    checks.check_layouts({"serve.layout": serve["layout"]})
+    checks.check_fits(longest_request(cfg.serve) + 1, f"requests of up to {longest_request(cfg.serve)} tokens "
+                      "(serve.probe_len or traffic_max_len, plus max_new_tokens or traffic_max_new, and a spare)",
+                      models[0].max_seq_len)
+
+
 def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
+    validate_config(cfg)
     serve = cfg.serve
-    limit = pretrained_config(cfg.pretrained).max_seq_len if cfg.get("pretrained") else cfg.model.max_seq_len
-    if longest_request(serve) > limit:
-        raise ValueError(f"the longest request holds {longest_request(serve)} tokens (serve.probe_len or "
-                         f"traffic_max_len, plus max_new_tokens or traffic_max_new), more than the model's "
-                         f"max_seq_len={limit}: shorten them, or raise model.max_seq_len")
     max_len = longest_request(serve) + 1   # KV-cache positions per slot (one spare)
     layout = layout_named(serve.get("layout"))   # sharded over the ranks of a torchrun launch
 
@@ -199,10 +215,7 @@ def run_serve_sim(cfg: DictConfig, out: Path) -> dict:
         return dict(**summarize([r.generated for r in copies]), graphs_used=engine.graphs is not None,
                     engine=load_record(engine.batch_sizes, serve.max_slots, seconds, engine.times.as_dict()))
 
-    graphs = list(serve.get("graphs", ["auto"]))
-    if not graphs or any(g not in GRAPHS for g in graphs):
-        raise ValueError(f"serve.graphs must be a non-empty list of {list(GRAPHS)}, got {graphs}")
-    grid = [dict(**p, graphs=g) for p in router_backend_grid(cfg) for g in graphs]
+    grid = [dict(**p, graphs=g) for p in router_backend_grid(cfg) for g in serve.graphs]
     cells = run_cells(cfg, out, grid, measure, desc="serving configurations", layout=layout)
     results = dict(config=OmegaConf.to_container(cfg, resolve=True), cells=cells)
     write_json(out / "results.json", results)
@@ -239,12 +252,13 @@ def summary_lines(results: dict) -> list[str]:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="serve_sim", version_base=None)
 def main(cfg: DictConfig) -> None:
+    validate_config(cfg)   # before run_dir records the run
     out = run_dir(cfg)
     results = run_serve_sim(cfg, out)
     lines = summary_lines(results)
     text = "\n".join(lines + [f"results and plot: {out.resolve()}"])
     if is_main():
-        (out / "summary.txt").write_text(text + "\n")
+        write_text(out / "summary.txt", text + "\n")
         print(text)
 
 

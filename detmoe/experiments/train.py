@@ -24,13 +24,16 @@ from typing import Optional
 import hydra
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from detmoe import kernels
-from detmoe.lab.hydra_utils import CONFIG_DIR, run_dir, write_json
+from detmoe.lab.hydra_utils import CONFIG_DIR, run_dir
+from detmoe.lab import config_checks as checks
+from detmoe.lab.outputs import atomic_path, write_json
 from detmoe.lab.stdlib_text import Corpus, even_windows, load_corpus, random_windows
 from detmoe.moe import ModelConfig, MoETransformer, Routing
+from detmoe.moe.config import check_fields
 
 
 @dataclass
@@ -53,11 +56,19 @@ class TrainConfig:
     threads: int = 2               # torch CPU threads (results depend on it)
 
     def __post_init__(self) -> None:
+        # every field, named by its key in train.yaml (Hydra hands over `train.lr=nan` or `train.steps=1.5` as given)
         for name in ("steps", "batch_size", "seq_len", "eval_every", "val_windows", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.min_lr <= self.lr:
-            raise ValueError(f"min_lr must be in (0, lr={self.lr}], got {self.min_lr}")
+            checks.check_int(f"train.{name}", getattr(self, name), 1)
+        for name in ("warmup", "max_bytes"):
+            checks.check_int(f"train.{name}", getattr(self, name), 0)
+        checks.check_int("train.val_every_file", self.val_every_file, 2)   # 1 would hold out every file
+        checks.check_seed(self.seed, name="train.seed")
+        for name in ("lr", "min_lr", "grad_clip"):
+            checks.check_positive(f"train.{name}", getattr(self, name))
+        for name in ("weight_decay", "aux_loss_coef"):
+            checks.check_non_negative(f"train.{name}", getattr(self, name))
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr must be in (0, train.lr={self.lr}], got {self.min_lr}")
 
 
 def load_balancing_loss(routing: Routing, n_experts: int) -> torch.Tensor:
@@ -142,9 +153,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] = No
 def save_checkpoint(model: MoETransformer, metrics: dict, path: Path) -> None:
     """The weights, the config that shapes them, and the run's summary (not its per-step curve)."""
     summary = {k: v for k, v in metrics.items() if k != "curve"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(dict(model_config=dataclasses.asdict(model.cfg), state_dict=model.state_dict(),
-                    metrics=summary), path)
+    with atomic_path(path) as tmp:
+        torch.save(dict(model_config=dataclasses.asdict(model.cfg), state_dict=model.state_dict(),
+                        metrics=summary), tmp)
 
 
 def plot_curve(curve: dict, unigram: float, path: Path) -> None:
@@ -159,12 +170,26 @@ def plot_curve(curve: dict, unigram: float, path: Path) -> None:
     save_figure(fig, path)
 
 
+def validate_config(cfg: DictConfig) -> tuple[ModelConfig, TrainConfig]:
+    """Every key of the training config, before any work: a ValueError naming the first bad one. Returns
+    the model's and the training's configs."""
+    c = checks.plain(cfg)
+    checks.check_keys(c, checks.yaml_keys("train.yaml") + ["hydra"], "the config")
+    checks.check_bool("export", c["export"])
+    model_kw = checks.check_model_group(c["model"])
+    with checks.model_keys():
+        model_cfg = ModelConfig(**model_kw)
+    check_fields(TrainConfig, c["train"], "train")   # an unknown key: TrainConfig's own TypeError would not name it
+    train_cfg = TrainConfig(**c["train"])
+    checks.check_fits(train_cfg.seq_len, "train.seq_len (bytes per training sequence)", model_cfg.max_seq_len)
+    return model_cfg, train_cfg
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
-    model_kw = OmegaConf.to_container(cfg.model, resolve=True)
-    model_kw.pop("preset", None)
+    model_cfg, train_cfg = validate_config(cfg)   # before run_dir records the run
     out = run_dir(cfg)
-    model, metrics = train(ModelConfig(**model_kw), TrainConfig(**cfg.train), out)
+    model, metrics = train(model_cfg, train_cfg, out)
     print(f"val loss {metrics['val_loss']:.4f} nats/byte (unigram {metrics['unigram_val_loss']:.4f}), "
           f"{metrics['seconds']} s; results in {out}")
     if cfg.export:

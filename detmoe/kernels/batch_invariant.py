@@ -9,6 +9,10 @@ cache slot. On a CUDA GPU the kernels are compiled; on a machine without one the
 interpreter on CPU tensors (switched on when the kernels are first needed: detmoe/kernels/runtime.py; no env var
 needed). Importing `detmoe` does not import this module (or triton): the backend is built on first use.
 
+Threads may share the backend: under the interpreter (not thread-safe) every call holds one process-wide
+lock (`runtime.serialised`), so concurrent forwards give the one-thread bits, running one kernel at a time;
+compiled kernels take no lock.
+
 Every op is one of ours: no stock op was kept (see docs/kernels.md: stock rms_norm/log_softmax measured
 invariant on the H100, but our kernels also run on the CPU interpreter and keep one code path).
 """
@@ -145,3 +149,10 @@ class BatchInvariantBackend:
                   cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, slots: torch.Tensor,
                   scale: float) -> torch.Tensor:
         return _attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, slots, scale)
+
+
+# every op under the interpreter's lock (runtime.serialised): one place, so an op added later is covered too
+for _name, _op in list(vars(BatchInvariantBackend).items()):
+    if not _name.startswith("_") and callable(_op):
+        setattr(BatchInvariantBackend, _name, runtime.serialised(_op))
+del _name, _op

@@ -43,12 +43,22 @@ tile, not three).
 Counts that mask the contiguous axis of a large load (tree_sum's M, expert_sort's N) stay specialized.
 Tiles chosen by the row count (matmul, grouped GEMM) and attention's B_POW2 (at least MIN_SEQ_LANES = 64
 lanes, then one variant per power of two of B) still add variants, by design.
+
+Threads: Triton's interpreter is not thread-safe. A launch patches `triton.language` process-wide for its
+kernel and undoes it when done, so a second thread's launch in between finds the functions unpatched
+("Did you forget to add @triton.jit?"): 2 of 3 concurrent batch_invariant forwards on the CPU failed.
+`serialised` takes one process-wide lock (`INTERPRETER_LOCK`) around each backend call while interpreting,
+so threads may share the backend and get the bits one thread gets; their kernels then run one at a time.
+The lock costs ~1 us a call, 32 calls a tiny-model forward: ~30 us of a ~0.5 s interpreted forward (measured
+on 2 CPU cores, within the run-to-run noise). Compiled kernels on a GPU take no lock. For cells in parallel
+use processes (run_cells' `jobs`), which each have their own interpreter.
 """
 from __future__ import annotations
 
 import functools
 import os
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -92,6 +102,21 @@ def _rewrap_triton_library(interpreter) -> None:
         for attr, value in list(vars(module).items()):
             if isinstance(value, JITFunction):
                 setattr(module, attr, interpreter.InterpretedFunction(value.fn))
+
+
+# Reentrant: a backend call may call another (grouped_swiglu calls grouped_matmul and swiglu).
+INTERPRETER_LOCK = threading.RLock()
+
+
+def serialised(fn):
+    """`fn` holding INTERPRETER_LOCK while interpreting (see "Threads" above); unchanged for compiled kernels."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not interpreting():
+            return fn(*args, **kwargs)
+        with INTERPRETER_LOCK:
+            return fn(*args, **kwargs)
+    return call
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from detmoe.moe.engine import Request
+from detmoe.moe.engine import Request, TokenRoutes
 
 CAUSES = ("arithmetic", "structural", "amplified", "collective")
 
@@ -50,11 +50,13 @@ def _first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def _causes_of(divergent: list[int], route_diff: torch.Tensor, pref_diff: torch.Tensor) -> dict[int, str]:
-    """Cause of each divergent token j. What reaches its logits: its own routing at every layer, and an
-    earlier token's routing at every layer but the last (that reaches j only through attention in a
-    later layer). The first such layer with a difference decides, by its earliest differing token:
-    a flipped preference there is `amplified`, a lost or gained slot `structural`.
+def _causes_of(divergent: list[int], route_diff: torch.Tensor,
+               pref_diff: torch.Tensor) -> dict[int, tuple[str, tuple[int, int] | None]]:
+    """Cause of each divergent token j, and the routing difference that decided it ((position, layer);
+    None for `arithmetic`). What reaches its logits: its own routing at every layer, and an earlier
+    token's routing at every layer but the last (that reaches j only through attention in a later layer).
+    The first such layer with a difference decides, by its earliest differing token: a flipped preference
+    there is `amplified`, a lost or gained slot `structural`.
 
     The earliest differing token of a layer is the same for every j at or after it, so it is found once
     per layer (not by a scan per token, which cost O(n^2 L) element reads: minutes for a probe of 1000
@@ -67,12 +69,52 @@ def _causes_of(divergent: list[int], route_diff: torch.Tensor, pref_diff: torch.
     for j in divergent:
         layer = next((layer for layer in range(L - 1) if first[layer] <= j), None)
         if layer is not None:
-            out[j] = "amplified" if pref[first[layer]][layer] else "structural"
+            i = first[layer]
+            out[j] = ("amplified" if pref[i][layer] else "structural", (i, layer))
         elif route[j][L - 1]:       # the last layer: only the token's own routing reaches its logits
-            out[j] = "amplified" if pref[j][L - 1] else "structural"
+            out[j] = ("amplified" if pref[j][L - 1] else "structural", (j, L - 1))
         else:
-            out[j] = "arithmetic"
+            out[j] = ("arithmetic", None)
     return out
+
+
+@dataclass
+class RoutingAttribution:
+    """What the routing says of one request's compared positions (any model: ours or a traced one)."""
+    routes_differ: torch.Tensor       # [n] bool, any layer
+    causes: list                      # [n] a CAUSES entry (None where the output did not diverge)
+    sites: list                       # [n] the routing difference that decided it: (position, layer) or None
+    flipped_margins: torch.Tensor     # reference margins of primary flips
+    cascade_flips: int                # flips downstream of an earlier routing difference
+    unflipped_margins: torch.Tensor   # reference margins of choices that held
+    primary: torch.Tensor             # [n, L] bool: the primary flips
+
+
+def attribute_routing(differs: torch.Tensor, ref: TokenRoutes, test: TokenRoutes) -> RoutingAttribution:
+    """The cause of each divergent position (differs [n] bool: its output's bits moved) from both runs'
+    routing records over the same n positions: `arithmetic`, `structural` or `amplified` (see above),
+    and the primary flips with their reference margins.
+
+    A *primary* flip is a top-k choice that flipped with no routing difference upstream of its router
+    input (an earlier layer, at this or an earlier position): only drift in the numbers explains it, so
+    its margin measures how near a tie must be to flip. Other flips are cascades."""
+    n = differs.shape[0]
+    kept_diff = (ref.kept[:n] != test.kept[:n]).any(-1)                     # [n, L]
+    pref_diff = (ref.preferred[:n] != test.preferred[:n]).any(-1)           # [n, L]
+    # a flip onto an expert that is dropped in both runs leaves the kept set alone but still changes
+    # the weights: a routing difference too
+    route_diff = kept_diff | pref_diff
+    seen = torch.cummax(route_diff.int(), 0).values.bool()                 # [n, L] at this or an earlier position
+    upstream = torch.zeros_like(seen)
+    upstream[:, 1:] = torch.cummax(seen.int(), 1).values.bool()[:, :-1]
+    primary = pref_diff & ~upstream
+    divergent = differs.nonzero().flatten().tolist()
+    by_token = _causes_of(divergent, route_diff, pref_diff)
+    return RoutingAttribution(
+        routes_differ=route_diff.any(-1), causes=[by_token.get(j, (None, None))[0] for j in range(n)],
+        sites=[by_token.get(j, (None, None))[1] for j in range(n)],
+        flipped_margins=ref.margin[:n][primary], cascade_flips=int((pref_diff & ~primary).sum()),
+        unflipped_margins=ref.margin[:n][~pref_diff], primary=primary)
 
 
 def attribute_divergence(ref: Request, test: Request, same_batch: Request | None = None) -> Divergence:
@@ -84,23 +126,9 @@ def attribute_divergence(ref: Request, test: Request, same_batch: Request | None
         raise ValueError("ref and test must be runs of the same prompt")
     n = min(_first_difference(ref.tokens, test.tokens), len(ref.tokens) - 1, len(test.tokens) - 1)
     ref_logits, test_logits = ref.token_logits()[:n], test.token_logits()[:n]
-    rr, tr = ref.token_routes(), test.token_routes()
-    kept_diff = (rr.kept[:n] != tr.kept[:n]).any(-1)                       # [n, L]
-    pref_diff = (rr.preferred[:n] != tr.preferred[:n]).any(-1)             # [n, L]
-    # a flip onto an expert that is dropped in both runs leaves the kept set alone but still changes
-    # the weights: a routing difference too
-    route_diff = kept_diff | pref_diff
-    # a *primary* flip is a top-k choice that flipped with no routing difference upstream of its router
-    # input (an earlier layer, at this or an earlier position): only drift in the numbers explains it,
-    # so its margin measures how near a tie must be to flip. Other flips are cascades.
-    seen = torch.cummax(route_diff.int(), 0).values.bool()                 # [n, L] at this or an earlier position
-    upstream = torch.zeros_like(seen)
-    upstream[:, 1:] = torch.cummax(seen.int(), 1).values.bool()[:, :-1]
-    primary = pref_diff & ~upstream
     logits_differ = (ref_logits != test_logits).any(-1)
-    divergent = logits_differ.nonzero().flatten().tolist()
-    by_token = _causes_of(divergent, route_diff, pref_diff)
-    causes = [by_token.get(j) for j in range(n)]
+    routing = attribute_routing(logits_differ, ref.token_routes(), test.token_routes())
+    causes = routing.causes
     if same_batch is not None:
         m = min(n, _first_difference(ref.tokens, same_batch.tokens), len(same_batch.tokens) - 1)
         batch_alone_equal = (same_batch.token_logits()[:m] == ref_logits[:m]).all(-1).tolist()
@@ -110,8 +138,8 @@ def attribute_divergence(ref: Request, test: Request, same_batch: Request | None
     gen_ref, gen_test = ref.generated, test.generated
     first = _first_difference(gen_ref, gen_test)
     return Divergence(
-        n_compared=n, logits_differ=logits_differ, routes_differ=route_diff.any(-1), causes=causes,
+        n_compared=n, logits_differ=logits_differ, routes_differ=routing.routes_differ, causes=causes,
         max_abs_delta=float(delta.max()) if n else 0.0, mean_abs_delta=float(delta.mean()) if n else 0.0,
         completion_differs=gen_ref != gen_test, first_divergence=first if gen_ref != gen_test else None,
-        flipped_margins=rr.margin[:n][primary], cascade_flips=int((pref_diff & ~primary).sum()),
-        unflipped_margins=rr.margin[:n][~pref_diff])
+        flipped_margins=routing.flipped_margins, cascade_flips=routing.cascade_flips,
+        unflipped_margins=routing.unflipped_margins)

@@ -65,6 +65,14 @@ def make_compositions(batch_sizes: list[int], per_size: int, vocab: int, max_len
     return out
 
 
+def slot_positions(batch_sizes: list[int], probe_max_len: int, co_max_len: int, max_new_tokens: int) -> int:
+    """The most KV-cache positions a slot of the ablation's engine (experiments/ablate.run_cell) can need:
+    the longest prompt, the most new tokens (a co-request's: up to 2 x max_new_tokens + 1, above) and one."""
+    company = any(B > 1 for B in batch_sizes)
+    longest = max(probe_max_len, co_max_len) if company else probe_max_len
+    return longest + (2 * max_new_tokens + 1 if company else max_new_tokens) + 1
+
+
 def make_probes(n: int, vocab: int, min_len: int, max_len: int, seed: int,
                 text: Optional[bytes] = None) -> list[list[int]]:
     rng = random.Random(seed + 1)

@@ -23,17 +23,25 @@ LAYOUT_NAMES = ("none",) + EXPERT_LAYOUTS + ("epGxtpP",)
 _TWO_D = re.compile(r"ep([1-9][0-9]*)xtp([1-9][0-9]*)")
 
 
+def check_layout(name: Optional[str], key: str = "layout") -> None:
+    """A layout name (`key` is its config key, for the message) that this launch can run, else a ValueError:
+    the apps check every layout of their config before any work (detmoe/lab/config_checks.py)."""
+    if name in (None, "none"):
+        return
+    if name not in EXPERT_LAYOUTS and not (isinstance(name, str) and _TWO_D.fullmatch(name)):
+        raise ValueError(f"{key} must be one of {LAYOUT_NAMES} (G, P: positive ints), got {name!r}")
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"{key}={name!r} needs several processes: launch with torchrun "
+                         "(e.g. torchrun --nproc_per_node 2 -m detmoe.experiments.rl_consistency ...)")
+
+
 def layout_named(name: Optional[str]) -> Optional[Layout]:
     """None for "none"/None; else a Layout over all ranks (attention "tp", experts `name`)."""
+    check_layout(name)
     if name in (None, "none"):
         return None
-    two_d = _TWO_D.fullmatch(name) if isinstance(name, str) else None
-    if name not in EXPERT_LAYOUTS and two_d is None:
-        raise ValueError(f"layout must be one of {LAYOUT_NAMES} (G, P: positive ints), got {name!r}")
+    two_d = _TWO_D.fullmatch(name)
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
-            raise ValueError(f"layout={name!r} needs several processes: launch with torchrun "
-                             "(e.g. torchrun --nproc_per_node 2 -m detmoe.experiments.rl_consistency ...)")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         # NCCL for CUDA tensors, gloo for CPU ones (a model on the CPU of a GPU host)

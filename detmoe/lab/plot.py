@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from detmoe.lab.distributed import is_main  # noqa: E402
+from detmoe.lab.outputs import atomic_path  # noqa: E402
 
 CAUSE_COLORS = {"arithmetic": "#4C72B0", "structural": "#DD8452", "amplified": "#C44E52",
                 "collective": "#55A868"}
@@ -38,7 +39,8 @@ FIGURES = ("divergence_heatmap.png", "divergence_by_cause.png", "divergence_by_b
 
 def save_figure(fig: plt.Figure, path: Path) -> Path:
     if is_main():  # one process writes when several run the app (detmoe/lab/distributed.py)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        with atomic_path(path) as tmp:   # the format from `path`: the temporary name ends in .tmp
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or None)
     plt.close(fig)
     return path
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from detmoe.lab.attribution import CAUSES
 from detmoe.lab.distributed import is_main
+from detmoe.lab.outputs import write_text
 from detmoe.lab.plot import FIGURES, setting_label
 
 CAPTIONS = {
@@ -173,7 +174,7 @@ def write_report(run: Path) -> Path:
     figures = [f for f in FIGURES if (run / f).exists()]
     path = run / "report.md"
     if is_main():
-        path.write_text(render_report(results, figures, run.name))
+        write_text(path, render_report(results, figures, run.name))
     return path
 
 

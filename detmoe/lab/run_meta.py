@@ -11,10 +11,11 @@ every run records the same fields the same way; benchmarks/results_index.py buil
 benchmarks/results/README.md from the meta.json files (there each result also needs a one-line
 `shows`, written by hand when the result is kept).
 
-The commit is `git rev-parse HEAD` of the checkout this package was imported from, with "-dirty" when a
-tracked file differs from it (untracked files, such as the run's own outputs, do not count, as with
-`git describe --dirty`). Where the code is not a git checkout (a copy of the tree on a GPU machine, an
-installed wheel), the environment variable DETMOE_GIT_COMMIT gives it when set; else it is None.
+The commit is the environment variable DETMOE_GIT_COMMIT when set (a copy of the tree on a GPU machine may
+carry a stale .git of its own: whoever sends the copy knows its commit), else `git rev-parse HEAD` of the
+checkout this package was imported from, with "-dirty" when a tracked file differs from it (untracked
+files, such as the run's own outputs, do not count, as with `git describe --dirty`), else None (an
+installed wheel).
 
 Several runs into one folder (the GPU counts of a multi-GPU check, a shell script and the script it
 calls) share one meta.json: `command` lists every run's command in order, the other fields are the
@@ -46,9 +47,11 @@ def _git(repo: Path, *args: str) -> str:
 
 
 def git_commit(repo: Optional[Path] = None) -> Optional[str]:
-    """HEAD of `repo` (default: the checkout of this package), + "-dirty" when a tracked file differs from
-    it. `repo` must be the top of a work tree: a package installed inside some other checkout (a venv
-    there) is not taken for that checkout. Not a checkout: $DETMOE_GIT_COMMIT, else None."""
+    """$DETMOE_GIT_COMMIT if set; else HEAD of `repo` (default: the checkout of this package), + "-dirty"
+    when a tracked file differs from it. `repo` must be the top of a work tree: a package installed inside
+    some other checkout (a venv there) is not taken for that checkout. Neither: None."""
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
     root = Path(repo) if repo is not None else SOURCE_ROOT
     try:
         if Path(_git(root, "rev-parse", "--show-toplevel")).resolve() == root.resolve():
@@ -57,7 +60,7 @@ def git_commit(repo: Optional[Path] = None) -> Optional[str]:
             return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):   # no git, not a work tree, no commit yet
         pass
-    return os.environ.get(GIT_COMMIT_ENV) or None
+    return None
 
 
 def device_name(device: Any = None) -> str:
@@ -131,10 +134,8 @@ def write_meta(folder: Path | str, meta: dict[str, Any]) -> Optional[Path]:
         meta = {**old, **meta, "command": commands[0] if len(commands) == 1 else commands}
         if old.get("shows"):
             meta["shows"] = old["shows"]
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    from detmoe.lab.outputs import write_text
+    return write_text(path, json.dumps(meta, indent=1) + "\n")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -6,6 +6,7 @@ A serving engine assigns slots to requests and frees them when requests finish.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -19,11 +20,13 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device | str, n_kv_heads: Optional[int] = None):
         """dtype and device of the keys and values: the model's (`model.new_cache`), which after a
         `.to()` cast are not cfg.dtype. n_kv_heads: the heads this rank holds (default all)."""
-        if n_slots < 1:
-            raise ValueError(f"n_slots must be >= 1, got {n_slots}")
-        self.max_len = max_len or cfg.max_seq_len
-        if self.max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
+        if not _is_count(n_slots) or n_slots < 1:
+            raise ValueError(f"n_slots must be an int >= 1, got {n_slots!r}")
+        # None means the model's longest sequence; 0 is not None (it would be a cache of no positions)
+        if max_len is not None and not (_is_count(max_len) and 1 <= max_len <= cfg.max_seq_len):
+            raise ValueError(f"max_len must be None or an int in 1..max_seq_len={cfg.max_seq_len}, got {max_len!r}")
+        self.max_len = cfg.max_seq_len if max_len is None else int(max_len)
+        n_slots = int(n_slots)
         shape = (n_slots, self.max_len, n_kv_heads or cfg.n_kv_heads, cfg.head_dim)
         # one zeroed tensor per side, [layers, slots, positions, heads, head_dim]: two fills for a fresh
         # cache instead of one per layer and side. `k[layer]` is a view taken at each use, so that under
@@ -34,6 +37,17 @@ class KVCache:
         E = cfg.moe.n_experts
         self.router_counts = torch.zeros(cfg.n_layers, n_slots, E, dtype=torch.long, device=device)
         self.router_chunk = torch.full((cfg.n_layers, n_slots), -1, dtype=torch.long, device=device)
+
+    def check_fits(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, n_kv_heads: int) -> None:
+        """Refuse a cache made for another model: its layers, heads, head size, experts, dtype or device."""
+        want = (cfg.n_layers, self.n_slots, self.max_len, n_kv_heads, cfg.head_dim)
+        if tuple(self.k.shape) != want or self.router_counts.shape[2] != cfg.moe.n_experts:
+            raise ValueError(f"cache holds [layers, slots, positions, kv heads, head_dim] = {tuple(self.k.shape)} "
+                             f"and {self.router_counts.shape[2]} experts; this model needs {want} and "
+                             f"{cfg.moe.n_experts} experts (make it with model.new_cache)")
+        if self.k.dtype != dtype or self.k.device != device:
+            raise ValueError(f"cache is {self.k.dtype} on {self.k.device}; the model computes in {dtype} on "
+                             f"{device} (make it with model.new_cache after moving the model)")
 
     @property
     def n_slots(self) -> int:
@@ -51,3 +65,7 @@ class KVCache:
     def set_router_state(self, layer: int, slots: torch.Tensor, state: ChunkState) -> None:
         self.router_counts[layer, slots] = state.counts
         self.router_chunk[layer, slots] = state.chunk
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

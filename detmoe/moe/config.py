@@ -4,8 +4,10 @@ Bad values fail early with a `ValueError` that names the field and what is allow
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -20,10 +22,23 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_fields(cls: type, kw: Mapping, name: str) -> None:
+    """`kw` (keyword arguments for dataclass `cls`, e.g. from Hydra or JSON) names only `cls`'s fields and
+    all its required ones, else a ValueError naming them: the dataclass's own TypeError would not."""
+    _check(isinstance(kw, Mapping), f"{name} must be a mapping of {cls.__name__} fields, got {kw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(map(str, set(kw) - set(fields)))
+    _check(not unknown, f"{name} has unknown fields {unknown}; allowed: {tuple(fields)}")
+    missing = [n for n, f in fields.items() if n not in kw
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    _check(not missing, f"{name} lacks the required fields {missing}")
+
+
 def check_reduce_chunks(chunks: int, **widths: int) -> None:
     """reduce_chunks must be a power of two dividing every K it cuts (the row-parallel matmuls sum K in
     that many equal chunks: detmoe/moe/parallel.py); `widths` names those Ks."""
-    _check(isinstance(chunks, int) and chunks >= 1 and chunks & (chunks - 1) == 0,
+    # bool is an int subclass: True would pass as one chunk
+    _check(isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 1 and chunks & (chunks - 1) == 0,
            f"reduce_chunks must be a power of two >= 1, got {chunks!r}")
     for name, K in widths.items():
         _check(K % chunks == 0, f"{name}={K} must be divisible by reduce_chunks={chunks} (the row-parallel "
@@ -49,13 +64,18 @@ class MoEConfig:
         # n_experts, top_k, router and the router options follow the router classes' own rules: every
         # registered router is built from this config (the chosen one first), so an option the chosen
         # router ignores is still checked, and a typo in it is an error rather than a silent default
-        from detmoe.moe.routers import router_from_config, router_names  # (moe.routers imports this module)
-        _check(self.router in router_names(), f"router must be one of {router_names()}, got {self.router!r}")
+        # (moe.routers imports this module)
+        from detmoe.moe.routers import (check_bool, check_choice, check_int, router_from_config,
+                                        router_names)
+        check_choice("router", self.router, router_names())
         for name in dict.fromkeys((self.router, *router_names())):
             router_from_config(self, name)
-        _check(self.d_expert >= 1, f"d_expert must be >= 1, got {self.d_expert}")
-        _check(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
-        _check(self.combine in COMBINES, f"combine must be one of {COMBINES}, got {self.combine!r}")
+        check_int("d_expert", self.d_expert, 1)
+        check_int("n_shared_experts", self.n_shared_experts, 0)
+        check_choice("combine", self.combine, COMBINES)
+        check_bool("shared_expert_gate", self.shared_expert_gate)
+        _check(not self.shared_expert_gate or self.n_shared_experts >= 1,
+               "shared_expert_gate=True needs n_shared_experts >= 1 (it scales the shared experts)")
 
 
 @dataclass(frozen=True)  # read at forward time: fixed once a module is built from it
@@ -83,20 +103,32 @@ class ModelConfig:
     reduce_chunks: int = 4
 
     def __post_init__(self) -> None:
-        if isinstance(self.moe, dict):  # from Hydra/YAML
+        # Every field is checked for its type too: Hydra hands over `+model.tie_embeddings=no` as the
+        # string "no" (truthy), YAML `d_model: 64.0` as a float, `norm_eps=nan` as NaN (every logit NaN).
+        from detmoe.moe.routers import check_bool, check_choice, check_int, check_positive
+        if isinstance(self.moe, Mapping):  # from Hydra/YAML
+            check_fields(MoEConfig, self.moe, "moe")
             object.__setattr__(self, "moe", MoEConfig(**self.moe))  # frozen: the one set-up write
-        _check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
-        _check(self.n_layers >= 1, f"n_layers must be >= 1, got {self.n_layers}")
-        _check(self.attn_head_dim is None or self.attn_head_dim >= 1,
-               f"attn_head_dim must be None or >= 1, got {self.attn_head_dim}")
-        _check(self.n_heads >= 1 and (self.attn_head_dim is not None or self.d_model % self.n_heads == 0),
+        _check(isinstance(self.moe, MoEConfig), f"moe must be a MoEConfig or a dict of its fields, got {self.moe!r}")
+        check_int("vocab_size", self.vocab_size, 2)
+        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+            check_int(name, getattr(self, name), 1)
+        if self.attn_head_dim is not None:
+            check_int("attn_head_dim", self.attn_head_dim, 1)
+        _check(self.attn_head_dim is not None or self.d_model % self.n_heads == 0,
                f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         _check(self.head_dim % 2 == 0, f"head dim must be even for RoPE, got {self.head_dim}")
-        _check(self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0,
+        _check(self.n_heads % self.n_kv_heads == 0,
                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
-        _check(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
-        _check(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        _check(self.qk_norm is None or self.qk_norm in QK_NORMS,
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            check_positive(name, getattr(self, name))
+        _check(isinstance(self.dtype, str) and self.dtype in DTYPES,
+               f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        check_bool("tie_embeddings", self.tie_embeddings)
+        check_bool("qkv_bias", self.qkv_bias)
+        # the range torch.Generator.manual_seed takes, kept non-negative
+        check_int("seed", self.seed, 0, 2**64 - 1)
+        _check(self.qk_norm is None or (isinstance(self.qk_norm, str) and self.qk_norm in QK_NORMS),
                f"qk_norm must be None or one of {QK_NORMS}, got {self.qk_norm!r}")
         check_reduce_chunks(self.reduce_chunks, attention_width=self.n_heads * self.head_dim,
                             d_expert=self.moe.d_expert)
@@ -110,15 +142,24 @@ class ModelConfig:
         return DTYPES[self.dtype]
 
     @classmethod
+    def from_dict(cls, kw: Mapping[str, Any]) -> "ModelConfig":
+        """From plain data (Hydra, JSON): `moe` a dict of MoEConfig fields. An unknown or missing field is a
+        ValueError naming it."""
+        check_fields(cls, kw, "model config")
+        return cls(**kw)
+
+    @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelConfig":
-        """A named preset (see PRESETS), with fields overridden by keyword."""
-        if name not in PRESETS:
+        """A named preset (see PRESETS), with fields overridden by keyword (`moe`: a dict of MoEConfig fields)."""
+        if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
         kw = dict(PRESETS[name])
         moe_kw = dict(kw.pop("moe"))
-        moe_kw.update(overrides.pop("moe", {}))
+        moe_over = overrides.pop("moe", {})
+        _check(isinstance(moe_over, Mapping), f"moe overrides must be a dict of MoEConfig fields, got {moe_over!r}")
+        moe_kw.update(moe_over)
         kw.update(overrides)
-        return cls(moe=MoEConfig(**moe_kw), **kw)
+        return cls.from_dict({**kw, "moe": moe_kw})
 
 
 # Named presets; detmoe/configs/model/*.yaml mirror them.

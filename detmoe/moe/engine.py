@@ -24,7 +24,7 @@ import torch
 from detmoe.moe.graphs import DecodeGraphs, graphs_by_default
 from detmoe.moe.model import MoETransformer, cu_seqlens_of
 from detmoe.moe.routing import Routing
-from detmoe.moe.generate import check_count, check_prompt, check_sampling, sample_next
+from detmoe.moe.generate import check_count, check_prompt, check_sampling, check_seed, sample_next
 
 
 @dataclass
@@ -101,8 +101,10 @@ class Request:
         if self.chunk is not None:
             check_count("chunk", self.chunk, 1)
         check_sampling(self.temperature, self.top_p)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.seed is None:
+            raise ValueError("seed must be an int, got None")
+        check_seed("seed", self.seed)
+        self.seed = int(self.seed)
 
     @property
     def done(self) -> bool:
@@ -170,7 +172,13 @@ class Engine:
         """Serve the requests to completion (or, with until_tracked_done, until every tracked request has
         finished: what the others do afterwards cannot affect it); returns them with `generated` filled."""
         vocab = self.model.cfg.vocab_size
+        requests = list(requests)   # a generator would be used up by the checks below
+        if len({id(r) for r in requests}) != len(requests):
+            raise ValueError("requests must be distinct Request objects: one appears twice (it would be served "
+                             "twice into the same record)")
         for i, r in enumerate(requests):   # before any step: a bad request must not stop the others midway
+            if not isinstance(r, Request):
+                raise ValueError(f"requests[{i}] must be a Request, got {type(r).__name__}")
             check_prompt(f"requests[{i}].prompt", r.prompt, vocab)
             # the last generated token is never fed back, so the cache holds prompt + max_new - 1 tokens
             if len(r.prompt) + r.max_new_tokens - 1 > self.cache.max_len:

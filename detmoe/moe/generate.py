@@ -35,6 +35,20 @@ def check_count(name: str, value: Any, lo: int) -> None:
         raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
 
 
+# torch.Generator.manual_seed takes seeds in [-2**63, 2**64); generate draws prompt i from seed + i
+SEED_RANGE = (0, 2**63 - 1)
+
+
+def check_seed(name: str, seed: Any, n_streams: int = 1) -> None:
+    """None, or an int (Python or numpy) with seed + n_streams - 1 within SEED_RANGE."""
+    if seed is None:
+        return
+    lo, hi = SEED_RANGE
+    if not _is_int(seed) or not lo <= seed <= hi - (n_streams - 1):
+        raise ValueError(f"{name} must be None or an int in {lo}..{hi - (n_streams - 1)} (seed + i draws "
+                         f"prompt i), got {seed!r}")
+
+
 def check_prompt(name: str, prompt: Sequence[int] | torch.Tensor, vocab_size: Optional[int] = None) -> None:
     """A prompt is a non-empty sequence of int token ids, each in 0..vocab_size-1 where the model is known."""
     ids = prompt if isinstance(prompt, torch.Tensor) else None
@@ -53,7 +67,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     """Next token per row of logits [B, V]. Row b uses generators[b] when sampling."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # the largest logit subtracted first and divided in fp64: a tiny temperature sends the others to -inf
+    # (probability 0), never inf - inf (NaN), and no positive temperature rounds to a zero divisor
+    scaled = logits.double() - logits.double().max(dim=-1, keepdim=True).values
+    probs = torch.softmax(scaled / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
@@ -76,15 +93,19 @@ def generate(model: MoETransformer, prompts: list[list[int]], max_new_tokens: in
         check_prompt(f"prompts[{i}]", p, vocab)
     check_count("max_new_tokens", max_new_tokens, 0)
     check_sampling(temperature, top_p)
-    if seed is not None and not _is_int(seed):
-        raise ValueError(f"seed must be None or an int, got {seed!r}")
+    check_seed("seed", seed, len(prompts))
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds the "
+                         f"model's max_seq_len={model.cfg.max_seq_len}")
     if eos_id is not None and not (_is_int(eos_id) and 0 <= eos_id < vocab):
         raise ValueError(f"eos_id must be None or a token id in 0..vocab_size-1={vocab - 1}, got {eos_id!r}")
     if temperature > 0 and seed is None:
         seed = int(torch.seed() % 2**31)
         if model.layout is not None:  # every rank must draw the same samples: rank 0's seed for all
             seed = broadcast_seed(seed, model.layout)
-    generators = None if temperature == 0 else [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    generators = None if temperature == 0 else [torch.Generator().manual_seed(int(seed) + i)
+                                                for i in range(len(prompts))]
     out: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens == 0:
         return out

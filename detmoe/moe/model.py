@@ -139,6 +139,9 @@ class MoETransformer(nn.Module):
             cache = self.new_cache(B, max_q)
             slots = torch.arange(B, device=self.device)  # a fresh cache fits the batch: nothing to check
         else:
+            cache.check_fits(self.cfg, self.dtype, self.device, self.cfg.n_kv_heads // size_of(self.layout))
+            if slots is not None and (not isinstance(slots, torch.Tensor) or slots.dtype not in INDEX_DTYPES):
+                raise ValueError(f"slots must be an int32/int64 tensor, got {_describe(slots)}")
             slots = torch.arange(B, device=self.device) if slots is None else slots.to(self.device)
             self._check_slots(slots, B, q_lens, cache)
         return self._run(tokens, cu_seqlens, cache, slots)
@@ -165,10 +168,11 @@ class MoETransformer(nn.Module):
 
     def _check_batch(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> int:
         """Validate a ragged batch; returns its longest sequence's length."""
+        for name, t in (("tokens", tokens), ("cu_seqlens", cu_seqlens)):
+            if not isinstance(t, torch.Tensor) or t.dtype not in INDEX_DTYPES:
+                raise ValueError(f"{name} must be an int32/int64 tensor, got {_describe(t)}")
         if tokens.dim() != 1 or tokens.numel() == 0:
             raise ValueError(f"tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
-        if tokens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got {tuple(cu_seqlens.shape)}")
         lens = cu_seqlens[1:] - cu_seqlens[:-1]
@@ -180,6 +184,9 @@ class MoETransformer(nn.Module):
         if first != 0 or last != tokens.numel() or shortest < 1:
             raise ValueError("cu_seqlens must start at 0, end at len(tokens) and grow strictly "
                              f"(every sequence has >= 1 token), got {cu_seqlens.tolist()}")
+        if longest > self.cfg.max_seq_len:
+            raise ValueError(f"a sequence of {longest} tokens is longer than the model's max_seq_len="
+                             f"{self.cfg.max_seq_len}")
         return longest
 
     def _check_slots(self, slots: torch.Tensor, B: int, q_lens: torch.Tensor, cache: KVCache) -> None:
@@ -197,6 +204,13 @@ class MoETransformer(nn.Module):
             raise ValueError(f"a sequence would exceed the cache's max_len={cache.max_len}")
 
 
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _describe(value) -> str:
+    return f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else f"{type(value).__name__} {value!r}"
+
+
 def _to_host(*scalars: torch.Tensor) -> list[int]:
     """Integer (or bool) 0-d tensors as Python ints: one transfer per device they live on, none for
     host tensors (a device sync each, so checks are batched through here)."""
@@ -212,8 +226,15 @@ def _to_host(*scalars: torch.Tensor) -> list[int]:
 
 def cu_seqlens_of(seqs: list[list[int]] | list[torch.Tensor], device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack sequences of token ids into (tokens [T], cu_seqlens [B+1])."""
-    parts = [torch.as_tensor(s, dtype=torch.long) for s in seqs]
-    if not parts or any(p.dim() != 1 or p.numel() == 0 for p in parts):
-        raise ValueError("seqs must be a non-empty list of non-empty 1-D token sequences")
+    if not isinstance(seqs, (list, tuple)) or not seqs:
+        raise ValueError(f"seqs must be a non-empty list of non-empty 1-D token sequences, got {seqs!r}")
+    parts = []
+    for i, s in enumerate(seqs):
+        p = torch.as_tensor(s) if not (isinstance(s, (list, tuple)) and any(isinstance(t, bool) for t in s)) \
+            else torch.tensor([0.5])   # bools are not token ids (as_tensor reads True as 1)
+        # int ids only: as_tensor(..., dtype=long) would truncate 1.5 to 1 and read True as 1
+        if p.dim() != 1 or p.numel() == 0 or p.dtype not in (torch.int8, torch.uint8, torch.int16, *INDEX_DTYPES):
+            raise ValueError(f"seqs[{i}] must be a non-empty 1-D sequence of int token ids, got {s!r}")
+        parts.append(p.long())
     lens = torch.tensor([0] + [p.numel() for p in parts])
     return torch.cat(parts).to(device), torch.cumsum(lens, 0).to(device)

@@ -35,14 +35,37 @@ _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def _read_config(path: Path) -> dict:
-    if not (path / "config.json").is_file():
+    file = path / "config.json"
+    if not file.is_file():
         raise ValueError(f"path={str(path)!r} must be a local model folder holding config.json")
-    hf = json.loads((path / "config.json").read_text())
+    try:
+        hf = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(hf).__name__}")
     arch = hf.get("model_type")
     if arch not in SUPPORTED:
         raise ValueError(f"unsupported architecture model_type={arch!r} in {path}; supported: {SUPPORTED} "
                          "(DeepSeek-V3-style latent attention and grouped sigmoid routing are not)")
     return hf
+
+
+def _field(hf: dict, path: Path, *names: str):
+    """The value of the first of `names` that config.json sets (HF renames fields across architectures)."""
+    for name in names:
+        if hf.get(name) is not None:
+            return hf[name]
+    alias = f" (or {', '.join(map(repr, names[1:]))})" if len(names) > 1 else ""
+    raise ValueError(f"{path / 'config.json'} lacks the field {names[0]!r}{alias}, which a "
+                     f"{hf['model_type']} checkpoint needs")
+
+
+def _flag(hf: dict, name: str, default: bool):
+    """A boolean field, unset or null meaning `default`; any other non-bool goes on to ModelConfig's check
+    (bool() would read the string "false" as true)."""
+    value = hf.get(name)
+    return default if value is None else value
 
 
 def _unsupported(hf: dict, what: str) -> ValueError:
@@ -55,7 +78,9 @@ def _rope_theta(hf: dict) -> float:
     kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
         raise _unsupported(hf, f"rope scaling {kind!r}")
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    # anything but a number (null, a string) goes on to ModelConfig's check, which names it
+    return float(theta) if isinstance(theta, (int, float)) and not isinstance(theta, bool) else theta
 
 
 def pretrained_config(path: str | Path, dtype: Optional[str] = None, **moe_overrides) -> ModelConfig:
@@ -71,52 +96,80 @@ def pretrained_config(path: str | Path, dtype: Optional[str] = None, **moe_overr
         raise _unsupported(hf, "dense (non-MoE) layers (mlp_only_layers / decoder_sparse_step)")
     if hf.get("attention_bias") or hf.get("clip_qkv") is not None:
         raise _unsupported(hf, "attention_bias or clip_qkv")
-    moe_kw = dict(n_experts=hf.get("num_local_experts", hf.get("num_experts")), top_k=hf["num_experts_per_tok"],
-                  renormalize=True if arch == "mixtral" else bool(hf.get("norm_topk_prob", False)),
-                  d_expert=hf["moe_intermediate_size"] if arch.startswith("qwen") else hf["intermediate_size"])
+    need = lambda *names: _field(hf, path, *names)
+    moe_kw = dict(n_experts=need("num_local_experts", "num_experts"), top_k=need("num_experts_per_tok"),
+                  renormalize=True if arch == "mixtral" else _flag(hf, "norm_topk_prob", False),
+                  d_expert=need("moe_intermediate_size") if arch.startswith("qwen") else need("intermediate_size"))
     if arch == "qwen2_moe":
-        n_shared, rem = divmod(hf["shared_expert_intermediate_size"], moe_kw["d_expert"])
+        Fs, F = need("shared_expert_intermediate_size"), moe_kw["d_expert"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (Fs, F)) or Fs < 0 or F < 1:
+            raise ValueError(f"{path / 'config.json'}: shared_expert_intermediate_size={Fs!r} must be an int >= 0 "
+                             f"and moe_intermediate_size={F!r} an int >= 1")
+        n_shared, rem = divmod(Fs, F)
         if rem:
             raise _unsupported(hf, "a shared expert whose width is not a multiple of moe_intermediate_size")
-        moe_kw.update(n_shared_experts=n_shared, shared_expert_gate=True)
+        # no shared expert, no gate: its stored weights then fail as unmapped tensors
+        moe_kw.update(n_shared_experts=n_shared, shared_expert_gate=n_shared > 0)
+    dims = dict(vocab_size=need("vocab_size"), d_model=need("hidden_size"), n_layers=need("num_hidden_layers"),
+                n_heads=need("num_attention_heads"), norm_eps=need("rms_norm_eps"), rope_theta=_rope_theta(hf))
     moe_kw.update(moe_overrides)
     if dtype is None:
         name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-        dtype = name.removeprefix("torch.")
-    if dtype not in DTYPES:
+        dtype = name.removeprefix("torch.") if isinstance(name, str) else name
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    return ModelConfig(
-        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        moe=MoEConfig(**moe_kw), rope_theta=_rope_theta(hf), norm_eps=hf["rms_norm_eps"],
-        max_seq_len=hf.get("max_position_embeddings", 4096), dtype=dtype,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), attn_head_dim=hf.get("head_dim"),
-        qkv_bias=arch == "qwen2_moe" and hf.get("qkv_bias", True),  # Qwen2-MoE: always biased before v5
-        qk_norm={"olmoe": "full", "qwen3_moe": "head"}.get(arch))
+    try:  # a value config.json gives of the wrong type or range is named by the config's own checks
+        return ModelConfig(
+            **dims, n_kv_heads=hf.get("num_key_value_heads") or dims["n_heads"],
+            moe=MoEConfig(**moe_kw),
+            max_seq_len=hf.get("max_position_embeddings", 4096), dtype=dtype,
+            tie_embeddings=_flag(hf, "tie_word_embeddings", False), attn_head_dim=hf.get("head_dim"),
+            qkv_bias=arch == "qwen2_moe" and _flag(hf, "qkv_bias", True),  # Qwen2-MoE: always biased before v5
+            qk_norm={"olmoe": "full", "qwen3_moe": "head"}.get(arch))
+    except ValueError as e:
+        given = f" with overrides {moe_overrides}" if moe_overrides else ""
+        raise ValueError(f"the config of {path / 'config.json'}{given} is invalid: {e}") from e
 
 
 class _SafetensorsFolder:
     """Tensor names -> lazy reads from the folder's safetensors files; records which names were read."""
 
     def __init__(self, path: Path, stack: contextlib.ExitStack):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         index = path / "model.safetensors.index.json"
-        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()}) \
-            if index.is_file() else sorted(path.glob("*.safetensors"))
+        try:
+            files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()}) \
+                if index.is_file() else sorted(path.glob("*.safetensors"))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} must be JSON with a 'weight_map' of tensor names to files: {e!r}") from e
         if not files:
             raise ValueError(f"path={str(path)!r} holds no *.safetensors files (convert .bin checkpoints first)")
-        self.where, self.used = {}, set()
+        self.where, self.file, self.used = {}, {}, set()
         for f in files:
-            handle = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+            try:  # safe_open checks the header against the file's length: a truncated file fails here
+                handle = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{f.name} in {path} is not a readable safetensors file (truncated, corrupt "
+                                 f"or missing?): {e}") from e
             self.where.update(dict.fromkeys(handle.keys(), handle))
+            self.file.update(dict.fromkeys(handle.keys(), f.name))
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
-    def get(self, key: str, part: Optional[tuple] = None) -> torch.Tensor:
-        """The tensor, or only its `part` (a tuple of slices: read from the file without the rest)."""
+    def check_shape(self, key: str, expected: tuple[int, ...]) -> None:
+        """A tensor of another shape must not reach `copy_`, which would broadcast a [1, D] or [] one."""
         if key not in self.where:
             raise ValueError(f"checkpoint lacks tensor {key!r}")
+        got = tuple(self.where[key].get_slice(key).get_shape())  # from the header: nothing read
+        if got != tuple(expected):
+            raise ValueError(f"{key} in {self.file[key]} has shape {got}, expected {tuple(expected)} "
+                             "(from config.json)")
+
+    def get(self, key: str, expected: tuple[int, ...], part: Optional[tuple] = None) -> torch.Tensor:
+        """The tensor, after checking it has the shape `expected`, or only its `part` (a tuple of slices:
+        read from the file without the rest)."""
+        self.check_shape(key, expected)
         self.used.add(key)
         return self.where[key].get_tensor(key) if part is None else self.where[key].get_slice(key)[part]
 
@@ -164,11 +217,17 @@ def _block_entries(ckpt: _SafetensorsFolder, i: int, cfg: ModelConfig) -> list[_
     return out
 
 
-def _read(ckpt: _SafetensorsFolder, entry: _Entry, part: Optional[list] = None) -> torch.Tensor:
-    """The entry's tensor in our orientation; `part`: slices in our orientation, read alone."""
+def _transposed(shape: tuple[int, ...], transpose: bool) -> tuple[int, ...]:
+    return (*shape[:-2], shape[-1], shape[-2]) if transpose else tuple(shape)
+
+
+def _read(ckpt: _SafetensorsFolder, entry: _Entry, expected: tuple[int, ...],
+          part: Optional[list] = None) -> torch.Tensor:
+    """The entry's tensor in our orientation; `expected`: its whole shape in the file's orientation;
+    `part`: slices in our orientation, read alone."""
     if part is not None and entry.transpose:
         part = part[:-2] + [part[-1], part[-2]]
-    t = ckpt.get(entry.key, None if part is None else tuple(part))
+    t = ckpt.get(entry.key, expected, None if part is None else tuple(part))
     return t.transpose(-1, -2) if entry.transpose else t
 
 
@@ -177,12 +236,17 @@ def _load_block(block, ckpt: _SafetensorsFolder, i: int, cfg: ModelConfig, shard
     its rank's part, and only that part is read from the files (an EP rank skips other ranks' experts)."""
     for entry in _block_entries(ckpt, i, cfg):
         param, shard = block.get_parameter(entry.param), shards.get(entry.param)
+        # the layout-free parameter's shape at entry.index (on meta: no memory), in the file's orientation;
+        # checked on every rank, also where another rank holds all of the tensor
+        full = param.shape if shard is None else shard.full_shape(param.shape)
+        expected = _transposed(torch.empty(full, device="meta")[entry.index].shape, entry.transpose)
+        ckpt.check_shape(entry.key, expected)
         if shard is None:
-            param[entry.index].copy_(_read(ckpt, entry))
+            param[entry.index].copy_(_read(ckpt, entry, expected))
             continue
         ckpt.used.add(entry.key)  # mapped, even where another rank holds all of it
         for local, part in _rank_parts(entry.index, param.shape, shard):
-            param[local].copy_(_read(ckpt, entry, part))
+            param[local].copy_(_read(ckpt, entry, expected, part))
 
 
 def _rank_parts(index: tuple, local_shape: torch.Size, shard: Shard):
@@ -241,14 +305,16 @@ def from_pretrained(path: str | Path, dtype: Optional[str | torch.dtype] = None,
     model = MoETransformer(cfg, device="meta", layout=layout).to_empty(device=device or "cpu")  # no values yet
     with contextlib.ExitStack() as stack:
         ckpt = _SafetensorsFolder(path, stack)
-        model.embed.copy_(ckpt.get("model.embed_tokens.weight"))
+        V, D = cfg.vocab_size, cfg.d_model
+        model.embed.copy_(ckpt.get("model.embed_tokens.weight", (V, D)))
         for i, block in enumerate(model.blocks):
             _load_block(block, ckpt, i, cfg, shards_of(block))
-        model.final_norm.copy_(ckpt.get("model.norm.weight"))
+        model.final_norm.copy_(ckpt.get("model.norm.weight", (D,)))
         if model.lm_head is not None:
-            model.lm_head.copy_(ckpt.get("lm_head.weight").t())                          # [V, D] -> [D, V]
+            model.lm_head.copy_(ckpt.get("lm_head.weight", (V, D)).t())                  # [V, D] -> [D, V]
         elif "lm_head.weight" in ckpt:
-            ckpt.used.add("lm_head.weight")  # tied: a stored copy of the embedding
+            ckpt.check_shape("lm_head.weight", (V, D))  # tied: a stored copy of the embedding
+            ckpt.used.add("lm_head.weight")
         left = sorted(k for k in ckpt.where if k not in ckpt.used and "rotary_emb" not in k)
         if left:  # a weight we do not read would silently change the model
             raise ValueError(f"checkpoint holds {len(left)} tensors this loader does not map, e.g. {left[:3]}")

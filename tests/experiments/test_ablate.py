@@ -51,11 +51,11 @@ def test_default_ablation_at_tiny_size_shows_the_claims(tmp_path, seed):
     rerun = run_ablation(cfg, tmp_path)
     assert [c.get("mark") for c in rerun["cells"] if c["router"] == "topk" and c["backend"] == "torch"
             and c["dtype"] == "float32"] == [1]
-    # ... but a re-run with other settings does not reuse it
+    # ... and a re-run with other settings is refused, naming the change: the finished cells are kept
     cfg.experiment.max_new_tokens = 2
-    rerun = run_ablation(cfg, tmp_path)
-    assert [c.get("mark") for c in rerun["cells"] if c["router"] == "topk" and c["backend"] == "torch"
-            and c["dtype"] == "float32"] == [None]
+    with pytest.raises(ValueError, match=r"other settings \(changed: experiment.max_new_tokens: 3 -> 2\).*new folder"):
+        run_ablation(cfg, tmp_path)
+    assert json.loads(cell_file.read_text())["mark"] == 1
     assert len(plot_run(tmp_path)) == len(FIGURES)
 
 

@@ -94,3 +94,36 @@ def test_column_shards_of_a_product_get_the_whole_products_bits():
             assert torch.equal(grouped_matmul(x, ws[:, :, cols].contiguous(), offsets), grouped[:, cols])
             gate_up = torch.cat([ws[:, :, cols], ws[:, :, n + r * s:n + (r + 1) * s]], dim=2).contiguous()
             assert torch.equal(grouped_swiglu(x, gate_up, offsets), act[:, cols])
+
+
+@NO_CUDA
+def test_threads_sharing_the_interpreted_backend_get_the_one_thread_bits(seed):
+    """Triton's interpreter is not thread-safe (a launch patches triton.language process-wide): without the
+    lock (runtime.serialised) 2 of 3 concurrent forwards failed. With it, every thread's logits are the bits
+    one thread gets."""
+    import threading
+
+    from detmoe import kernels, moe
+    from tests.conftest import random_prompts, tiny_config
+    model = moe.MoETransformer(tiny_config("topk"))
+    prompts = random_prompts(3, model.cfg.vocab_size, 2, 9)
+    tokens, cu = moe.cu_seqlens_of(prompts, model.device)
+    with kernels.use_backend("batch_invariant"):
+        alone, _ = model(tokens, cu)
+    start, results, errors = threading.Barrier(3), [None] * 3, []
+
+    def forward(i: int) -> None:
+        try:
+            start.wait()   # all three inside the interpreter at once
+            with kernels.use_backend("batch_invariant"):
+                results[i] = [model(tokens, cu)[0] for _ in range(2)]
+        except Exception as e:   # noqa: BLE001  (reported below, with the thread's number)
+            errors.append(f"thread {i}: {e!r}")
+
+    threads = [threading.Thread(target=forward, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert all(torch.equal(out, alone) for outs in results for out in outs)

@@ -33,3 +33,16 @@ def factorial_cells() -> list[dict]:
     cells.append({**fake_cell("topk", "torch", "ordered", "bfloat16", tokens=200, flipped=(1e-3, 1.3e-3),
                               arithmetic=60, amplified=4), "n_probes": 48, "probes": 48})
     return cells
+
+
+def slow_cell(model, point: dict, out: str, seconds: float) -> dict:
+    """A `measure` for hydra_utils.run_cells that takes `seconds`: marks OUT/started/<pid> (which worker runs
+    it), then sleeps. Module-level, so that joblib's worker processes can import it."""
+    import os
+    import time
+    from pathlib import Path
+    started = Path(out) / "started"
+    started.mkdir(parents=True, exist_ok=True)
+    (started / str(os.getpid())).touch()
+    time.sleep(seconds)
+    return dict(pid=os.getpid())

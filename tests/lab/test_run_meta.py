@@ -32,7 +32,7 @@ def repo(tmp_path, seed):
 
 
 def test_commit_of_a_fresh_repository_and_its_dirty_flag(repo, monkeypatch):
-    monkeypatch.setenv(rm.GIT_COMMIT_ENV, "not-this")          # a checkout's own commit comes first
+    monkeypatch.delenv(rm.GIT_COMMIT_ENV, raising=False)
     head = git(repo, "rev-parse", "HEAD")
     assert rm.git_commit(repo) == head
     (repo / "outputs.json").write_text("{}")                    # untracked: a run's outputs do not count
@@ -42,9 +42,12 @@ def test_commit_of_a_fresh_repository_and_its_dirty_flag(repo, monkeypatch):
     git(repo, "commit", "-q", "-am", "second")
     second = git(repo, "rev-parse", "HEAD")
     assert second != head and rm.git_commit(repo) == second
+    # a copy sent to a GPU machine may carry a stale .git: the commit its sender names comes first
+    monkeypatch.setenv(rm.GIT_COMMIT_ENV, head)
+    assert rm.git_commit(repo) == head
 
 
-def test_no_checkout_falls_back_to_the_environment(tmp_path, repo, monkeypatch):
+def test_no_checkout_takes_the_environments_commit_or_none(tmp_path, repo, monkeypatch):
     copy = tmp_path / "copy"                                    # a tree copied without .git
     copy.mkdir()
     (copy / "code.py").write_text((repo / "code.py").read_text())

@@ -80,7 +80,7 @@ def test_bad_inputs_raise_clear_errors(make_model):
         model(torch.tensor([1, 2, 3]), torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="cu_seqlens"):
         model(torch.tensor([1, 2, 3]), torch.tensor([0, 0, 3]))
-    with pytest.raises(ValueError, match="integer"):
+    with pytest.raises(ValueError, match="tokens must be an int32/int64 tensor"):
         model(torch.tensor([1.0, 2.0]), torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="seqs"):
         cu_seqlens_of([])

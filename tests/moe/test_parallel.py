@@ -372,3 +372,48 @@ def test_ablation_layout_axis_names_the_collective(seed, tmp_path):
     assert cells["torch", "tp"]["causes"]["collective"] > 0
     assert cells["torch", "none"]["causes"]["collective"] == 0
     assert results["claims"]["stock_collectives_diverge_on_a_parallel_layout"] is True
+
+
+def _random_config(gen: torch.Generator, world: int) -> tuple[moe.ModelConfig, str]:
+    """A model every layout of `world` ranks can split, at widths drawn from ranges: reduce_chunks a multiple
+    of the ranks, heads and KV heads in multiples of them, an expert width an odd multiple of the chunk
+    count (below and above the interpreter's tiles), a shared expert with or without its gate."""
+    def pick(options):
+        return options[int(torch.randint(0, len(options), (1,), generator=gen))]
+    C = pick([c for c in (1, 2, 4, 8) if c % world == 0])
+    n_kv = world * pick([1, 2])
+    head_dim = pick([8, 16, 24])                 # n_heads * head_dim divisible by C <= 8
+    experts = pick(["ep", "tp"] + (["ep2xtp2"] if world == 4 else []))
+    n_experts = world * pick([1, 2, 3])
+    shared = pick([0, 1])
+    base = moe.ModelConfig.from_name("tiny", seed=int(torch.randint(0, 2**20, (1,), generator=gen)),
+                                     d_model=8 * pick([4, 6, 9, 16]), n_heads=n_kv * pick([1, 2]), n_kv_heads=n_kv,
+                                     attn_head_dim=head_dim, reduce_chunks=C)
+    d_expert = C * pick(range(1, 50, 2))
+    cfg = replace(base, moe=replace(base.moe, n_experts=n_experts, top_k=pick([1, 2]), d_expert=d_expert,
+                                    n_shared_experts=shared, shared_expert_gate=bool(shared and pick([0, 1]))))
+    return cfg, experts
+
+
+def _random_widths_worker(rank: int, world: int, port: int, seed: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        gen = torch.Generator().manual_seed(seed)            # the same draws on every rank
+        cfg, experts = _random_config(gen, world)
+        torch.manual_seed(seed)
+        single, sharded = moe.MoETransformer(cfg), moe.MoETransformer(cfg, layout=layout_named(experts))
+        prompts = random_prompts(4, cfg.vocab_size, 1, 10)
+        what = f"{experts} on {world} ranks, {cfg}"
+        with kernels.use_backend("batch_invariant"):
+            assert torch.equal(sharded(*moe.cu_seqlens_of(prompts))[0], single(*moe.cu_seqlens_of(prompts))[0]), what
+            assert moe.generate(sharded, prompts, 3) == moe.generate(single, prompts, 3), what
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_layouts_give_the_single_process_bits_at_widths_drawn_at_random(seed, world):
+    """Layout invariance as a property, not at one shape: a fresh model of random widths each run (the
+    seed printed replays it), sharded by a random layout, gives the one-process logits and tokens."""
+    mp.spawn(_random_widths_worker, args=(world, _free_port(), seed), nprocs=world, join=True)

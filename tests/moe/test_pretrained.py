@@ -158,3 +158,131 @@ def test_ablation_app_takes_a_pretrained_folder(saved, tmp_path):
     assert [c["router"] for c in cells] == ["topk", "capacity"]
     assert all(c["tokens"] > 0 for c in cells)
     assert json.loads((tmp_path / "results.json").read_text())["config"]["pretrained"] == str(folder)
+
+
+# --- corrupted folders: every tensor's shape, the files and config.json are checked before anything is copied
+
+def copy_of(saved, arch: str, out):
+    """`saved[arch]`'s folder copied to `out` ("qwen3_moe_fused": the Qwen3-MoE one with fused experts)."""
+    import shutil
+    folder, hf = saved[arch.removesuffix("_fused")]
+    if arch.endswith("_fused"):
+        write_fused(folder, out, hf.config)
+    else:
+        shutil.copytree(folder, out, dirs_exist_ok=True)
+    return out
+
+
+def file_of(folder, key: str) -> str:
+    index = folder / "model.safetensors.index.json"
+    return json.loads(index.read_text())["weight_map"][key] if index.is_file() else "model.safetensors"
+
+
+def rewrite(folder, key: str, shape_of) -> tuple[str, tuple, tuple]:
+    """Tensor `key` replaced by fresh random data of shape `shape_of(its shape)`, in the file that holds it;
+    returns (file, old shape, new shape)."""
+    from safetensors.torch import load_file, save_file
+    name = file_of(folder, key)
+    state = load_file(folder / name)
+    old = tuple(state[key].shape)
+    state[key] = torch.randn(shape_of(old))
+    save_file(state, folder / name, metadata={"format": "pt"})
+    return name, old, tuple(state[key].shape)
+
+
+def shape_error(key: str, name: str, got: tuple, expected: tuple) -> str:
+    import re
+    return re.escape(f"{key} in {name} has shape {got}, expected {expected}")
+
+
+# (arch, tensor, wrong shape from the right one): shapes that copy_ would broadcast into the parameter
+BROADCASTABLE = [
+    ("qwen3_moe", "model.norm.weight", lambda s: (1,)),
+    ("qwen3_moe", "model.layers.1.post_attention_layernorm.weight", lambda s: ()),
+    ("olmoe", "model.layers.0.input_layernorm.weight", lambda s: (1,)),
+    ("qwen3_moe", "model.layers.0.self_attn.q_norm.weight", lambda s: (1,)),
+    ("qwen2_moe", "model.layers.1.self_attn.k_proj.bias", lambda s: (1,)),
+    ("qwen3_moe", "model.layers.0.mlp.gate.weight", lambda s: (1, s[1])),
+    ("olmoe", "model.layers.1.mlp.gate.weight", lambda s: (1, s[1])),               # a sharded folder
+    ("mixtral", "model.layers.0.block_sparse_moe.gate.weight", lambda s: (1, s[1])),
+    ("qwen3_moe", "model.layers.0.mlp.experts.3.gate_proj.weight", lambda s: (1, s[1])),
+    ("mixtral", "model.layers.1.block_sparse_moe.experts.1.w3.weight", lambda s: (1, s[1])),
+    ("qwen3_moe", "model.layers.1.mlp.experts.0.down_proj.weight", lambda s: (s[0], 1)),
+    ("qwen3_moe_fused", "model.layers.0.mlp.experts.gate_up_proj", lambda s: (1, *s[1:])),
+    ("qwen2_moe", "model.layers.0.mlp.shared_expert.up_proj.weight", lambda s: (1, s[1])),
+    ("qwen2_moe", "model.layers.0.mlp.shared_expert_gate.weight", lambda s: (1, 1)),
+    ("qwen3_moe", "lm_head.weight", lambda s: (1, s[1])),
+    ("olmoe", "model.embed_tokens.weight", lambda s: (s[0], 1)),
+]
+
+
+@pytest.mark.parametrize("arch, key, shape_of", BROADCASTABLE, ids=[f"{a}:{k}" for a, k, _ in BROADCASTABLE])
+def test_broadcastable_wrong_shape_is_named(saved, tmp_path, arch, key, shape_of):
+    """A [1, D] router or a [] norm would load silently (copy_ broadcasts it): the shape is checked first."""
+    folder = copy_of(saved, arch, tmp_path)
+    name, old, new = rewrite(folder, key, shape_of)
+    with pytest.raises(ValueError, match=shape_error(key, name, new, old)):
+        moe.from_pretrained(folder)
+
+
+NOT_BROADCASTABLE = [
+    ("qwen3_moe", "model.layers.0.mlp.gate.weight", lambda s: (s[0] + 1, s[1])),
+    ("mixtral", "model.layers.1.block_sparse_moe.experts.2.w2.weight", lambda s: (s[0], s[1] + 3)),
+    ("olmoe", "model.embed_tokens.weight", lambda s: (s[0], s[1] + 1)),
+    ("qwen3_moe", "lm_head.weight", lambda s: (s[1], s[0])),
+    ("qwen3_moe", "model.norm.weight", lambda s: (s[0], s[0])),
+]
+
+
+@pytest.mark.parametrize("arch, key, shape_of", NOT_BROADCASTABLE, ids=[f"{a}:{k}" for a, k, _ in NOT_BROADCASTABLE])
+def test_other_wrong_shape_is_named(saved, tmp_path, arch, key, shape_of):
+    """Not a bare "size of tensor a (64) must match": the tensor, its file and both shapes."""
+    folder = copy_of(saved, arch, tmp_path)
+    name, old, new = rewrite(folder, key, shape_of)
+    with pytest.raises(ValueError, match=shape_error(key, name, new, old)):
+        moe.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("keep", [5, 0.5, -1], ids=["header", "half", "last-byte"])
+def test_truncated_file_is_named(saved, tmp_path, arch, keep):
+    folder = copy_of(saved, arch, tmp_path)
+    name = file_of(folder, "model.layers.1.mlp.gate.weight")
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[:keep if isinstance(keep, int) else int(len(data) * keep)])
+    with pytest.raises(ValueError, match=f"{name} in .* is not a readable safetensors file"):
+        moe.from_pretrained(folder)
+
+
+MISSING = [("mixtral", "num_local_experts"), ("qwen2_moe", "num_experts"), ("olmoe", "num_experts_per_tok"),
+           ("mixtral", "intermediate_size"), ("qwen2_moe", "moe_intermediate_size"),
+           ("qwen2_moe", "shared_expert_intermediate_size"), ("olmoe", "vocab_size"), ("qwen3_moe", "hidden_size"),
+           ("mixtral", "num_hidden_layers"), ("olmoe", "num_attention_heads"), ("qwen2_moe", "rms_norm_eps")]
+
+
+@pytest.mark.parametrize("arch, field", MISSING)
+def test_missing_config_field_is_named(saved, tmp_path, arch, field):
+    folder, _ = saved[arch]
+    cfg = json.loads((folder / "config.json").read_text())
+    assert field in cfg
+    del cfg[field]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"config.json lacks the field .*'{field}'"):
+        moe.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("tie_word_embeddings", "false", "tie_embeddings must be True or False, got 'false'"),
+    ("norm_topk_prob", "no", "renormalize must be True or False, got 'no'"),
+    ("hidden_size", 64.0, "d_model must be an int >= 1, got 64.0"),
+    ("rms_norm_eps", 0, "norm_eps must be a finite number > 0, got 0"),
+    ("rope_parameters", dict(rope_type="default", rope_theta="1e4"),
+     "rope_theta must be a finite number > 0, got '1e4'"),
+])
+def test_bad_config_value_is_named(saved, tmp_path, field, value, message):
+    """bool("false") is True: config.json's values reach ModelConfig's checks as they are."""
+    folder, _ = saved["qwen3_moe"]
+    cfg = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, field: value}))
+    with pytest.raises(ValueError, match=f"config.json is invalid: {message}"):
+        moe.pretrained_config(tmp_path)
