@@ -15,7 +15,8 @@ are found by structure (detmoe/diagnose/structure.py), the causes by the ablatio
 """
 from detmoe.diagnose.compare import CAUSES, Comparison, TokenDivergence, compare
 from detmoe.diagnose.structure import Structure, find_structure
-from detmoe.diagnose.trace import Trace, fingerprint_rows, record, recording
+from detmoe.diagnose.fingerprint import fingerprint_rows
+from detmoe.diagnose.trace import Trace, record, recording
 
 __all__ = ["record", "recording", "compare", "Trace", "Comparison", "TokenDivergence", "CAUSES",
            "find_structure", "Structure", "fingerprint_rows"]

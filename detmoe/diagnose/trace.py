@@ -12,8 +12,8 @@ module of a layer (norms, attention, the MoE block, its router, experts and shar
 order they ran); a fingerprint of its logits and their argmax (where the model computed them: generate computes a prompt's last token's only); and for
 every MoE layer its routing: the
 experts it kept, its own choice (preferred), their weights and the top-k margin. Fingerprints are
-bitwise: two tokens' hidden states have the same fingerprint when they have the same bits (a 64-bit
-hash of the row's bit patterns: a difference goes unseen with probability about 2**-64). The tensors
+bitwise: two tokens' hidden states have the same fingerprint when they have the same bits (a hash of the
+row's bit patterns: `fingerprint_rows`). The tensors
 themselves are kept on request (`keep_tensors`: the hidden states and logits, for deltas).
 
 The hooks never write to what they read, so a recorded run gives the bits of an unrecorded one
@@ -25,34 +25,15 @@ Legend: B = rows, N = tokens fed per row, L = decoder layers, M = MoE layers, E 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
 
+from detmoe.diagnose.fingerprint import FLOATS as _FLOATS, fingerprint_rows
 from detmoe.diagnose.structure import Structure, find_structure
-
-_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
-             torch.float64: torch.int64}
-_WEIGHTS: dict = {}
-
-
-def fingerprint_rows(x: torch.Tensor) -> torch.Tensor:
-    """[..., D] float -> [...] int64: a hash of each row's bit patterns (equal bits, equal hash; +0.0 and
-    -0.0 differ). A weighted sum of the bits with fixed pseudo-random odd 64-bit weights, wrapping: integer
-    sums do not depend on their order, so the hash is the same on every device and batch layout."""
-    if x.dtype not in _INT_VIEW:
-        raise ValueError(f"fingerprint_rows takes float16/bfloat16/float32/float64 rows, got {x.dtype}")
-    D = x.shape[-1]
-    key = (D, x.device)
-    if key not in _WEIGHTS:
-        g = torch.Generator().manual_seed(0x5EED + D)
-        w = torch.randint(-2**62, 2**62, (D,), generator=g, dtype=torch.int64) * 2 + 1
-        _WEIGHTS[key] = w.to(x.device)
-    bits = x.detach().contiguous().view(_INT_VIEW[x.dtype]).to(torch.int64)
-    return (bits * _WEIGHTS[key]).sum(-1)
-
 
 @dataclass
 class Trace:
@@ -85,6 +66,18 @@ class Trace:
     def tokens(self, row: int) -> list[int]:
         """Row's real token ids, in order."""
         return self.input_ids[row, self.positions_of(row)].tolist()
+
+
+# a model's structure, found once (finding it inspects every module's forward: milliseconds a record)
+_STRUCTURES: "weakref.WeakKeyDictionary[nn.Module, tuple[int, Structure]]" = weakref.WeakKeyDictionary()
+
+
+def _structure_of(model: nn.Module) -> Structure:
+    n_modules = sum(1 for _ in model.modules())     # a module added or removed since: found again
+    cached = _STRUCTURES.get(model)
+    if cached is None or cached[0] != n_modules:
+        cached = _STRUCTURES[model] = (n_modules, find_structure(model))
+    return cached[1]
 
 
 class _Step:
@@ -124,7 +117,7 @@ def _per_token(t: torch.Tensor, B: int, L: int) -> Optional[torch.Tensor]:
 
 def _fp(t: torch.Tensor, B: int, L: int) -> Optional[torch.Tensor]:
     t = _per_token(t, B, L)
-    if t is None or not t.is_floating_point() or t.dtype not in _INT_VIEW:
+    if t is None or t.dtype not in _FLOATS:
         return None
     return fingerprint_rows(t.reshape(B, L, -1))
 
@@ -134,7 +127,7 @@ class Recorder:
 
     def __init__(self, model: nn.Module, keep_tensors: bool = False):
         self.model, self.keep_tensors = model, keep_tensors
-        self.structure: Structure = find_structure(model)
+        self.structure: Structure = _structure_of(model)
         self.steps: list[_Step] = []
         self.handles: list = []
         self.layer_of: dict[str, int] = {}
@@ -280,18 +273,21 @@ class Recorder:
                                  f"forward {n} recorded no logits (the model's output embeddings did not run)")
         routes = [_routing_of(st, len(moe_layers), [p.n_experts for p in s.moe.values()]) for st in steps]
         module_names = [n for n in steps[0].modules if all(n in st.modules for st in steps)]
+        # assembled on the model's device, then moved in a few transfers (not one per layer and module)
+        cat = lambda xs: torch.cat(list(xs), dim=1)
+        fps = torch.cat([torch.stack([st.hidden[i] for i in range(len(s.layers))]
+                                     + [st.modules[n] for n in module_names] + [st.logits]) for st in steps], 2).cpu()
+        L = len(s.layers)
+        routing = [cat(r[i] for r in routes).cpu() for i in range(4)]
         trace = Trace(
             model=type(self.model).__name__, structure=s.describe(),
-            input_ids=cat([st.input_ids for st in steps]), real=cat([st.real for st in steps]),
-            positions=cat([st.positions for st in steps]) if all(st.positions is not None for st in steps) else None,
-            hidden=torch.cat([torch.stack([st.hidden[i].cpu() for i in range(len(s.layers))]) for st in steps], 2),
-            modules={n: cat([st.modules[n] for st in steps]) for n in module_names},
-            module_layer={n: self.layer_of[n] for n in module_names},
-            logits=cat([st.logits for st in steps]), next_token=cat([st.next_token for st in steps]),
-            has_logits=cat([st.has_logits for st in steps]),
-            moe_layers=moe_layers,
-            kept=cat([r[0] for r in routes]), preferred=cat([r[1] for r in routes]),
-            weights=cat([r[2] for r in routes]), margin=cat([r[3] for r in routes]))
+            input_ids=cat(st.input_ids for st in steps).cpu(), real=cat(st.real for st in steps).cpu(),
+            positions=(cat(st.positions for st in steps).cpu()
+                       if all(st.positions is not None for st in steps) else None),
+            hidden=fps[:L], modules={n: fps[L + i] for i, n in enumerate(module_names)},
+            module_layer={n: self.layer_of[n] for n in module_names}, logits=fps[-1],
+            next_token=cat(st.next_token for st in steps).cpu(), has_logits=cat(st.has_logits for st in steps).cpu(),
+            moe_layers=moe_layers, kept=routing[0], preferred=routing[1], weights=routing[2], margin=routing[3])
         if self.keep_tensors:
             trace.tensors["hidden"] = torch.cat([torch.stack([st.tensors["hidden"][i] for i in range(len(s.layers))])
                                                  for st in steps], 2)
@@ -325,10 +321,10 @@ def _routing_of(step: _Step, M: int, n_experts: list[int]) -> tuple[torch.Tensor
         chosen = torch.zeros_like(mask).scatter_(1, own, True)
         lowest_chosen = scores.masked_fill(~chosen, float("inf")).min(dim=1).values
         highest_other = scores.masked_fill(chosen, float("-inf")).max(dim=1).values
-        kept.append(mask.reshape(B, L, E).cpu())
-        preferred.append(own_sorted.reshape(B, L, -1).cpu())
-        weights.append(w.reshape(B, L, -1).cpu())
-        margin.append((lowest_chosen - highest_other).reshape(B, L).cpu())
+        kept.append(mask.reshape(B, L, E))
+        preferred.append(own_sorted.reshape(B, L, -1))
+        weights.append(w.reshape(B, L, -1))
+        margin.append((lowest_chosen - highest_other).reshape(B, L))
     return (torch.stack(kept, 2), torch.stack(preferred, 2), torch.stack(weights, 2), torch.stack(margin, 2))
 
 
