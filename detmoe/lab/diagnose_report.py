@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 
 from detmoe.diagnose.compare import CAUSES  # noqa: E402
 from detmoe.lab.outputs import write_text  # noqa: E402
-from detmoe.lab.plot import CAUSE_COLORS as ABLATION_COLORS, _panels, save_figure  # noqa: E402
+from detmoe.lab.plot import CAUSE_COLORS as ABLATION_COLORS  # noqa: E402
+from detmoe.lab.plot import _panels, hist_margins, margin_bins, save_figure  # noqa: E402
 from detmoe.lab.report import _table  # noqa: E402
 
 FIGURES = ("first_divergence_by_layer.png", "causes_by_batch_size.png", "router_margins.png")
@@ -139,31 +140,9 @@ def draw_margins(cells: list[dict]) -> plt.Figure:
     """Reference margins of primary flips against those of the choices that held, each group summing to 1."""
     flipped = np.array([m for c in cells for m in c["flipped_margins"]])
     held = np.array([m for c in cells for m in c["unflipped_margins"]])
-    every = np.concatenate([flipped, held])
-    positive = every[every > 0]
-    lo = max(float(positive.min()) / 2, 1e-12) if positive.size else 1e-9
-    hi = max(float(positive.max()) * 2, lo * 10) if positive.size else 1.0
-    bins = np.logspace(np.log10(lo), np.log10(hi), 40)
-    share = lambda v: np.full(v.size, 1 / v.size)
+    lo, bins = margin_bins(np.concatenate([flipped, held]))
     fig, ax = plt.subplots(figsize=(6.5, 3.6), layout="constrained")
-    if held.size:
-        ax.hist(np.clip(held, lo, None), bins=bins, weights=share(held), alpha=0.6, color="#8C8C8C",
-                label=f"held: {held.size} choices recorded")
-    if flipped.size:
-        ax.hist(np.clip(flipped, lo, None), bins=bins, weights=share(flipped), alpha=0.85,
-                color=CAUSE_COLORS["amplified"],
-                label=f"primary flips: {flipped.size}, largest margin {flipped.max():.1e}")
-    else:
-        ax.plot([], [], " ", label="primary flips: none")
-    ax.plot([], [], " ", label=f"cascade flips (after a difference upstream), not shown: "
-                               f"{sum(c['cascade_flips'] for c in cells)}")
-    ties = int((every <= 0).sum())
-    if ties:
-        ax.plot([], [], " ", label=f"margins <= 0 (ties; biased routers), drawn at the left edge: {ties}")
-    ax.set_xscale("log")
-    ax.set_xlabel("router top-k margin in the reference run (k-th minus (k+1)-th probability)")
-    ax.set_ylabel("share of the group's choices")
-    ax.legend(fontsize=7)
+    hist_margins(ax, held, flipped, sum(c["cascade_flips"] for c in cells), lo, bins)
     ax.set_title("A routing choice flips only at a near tie: reference margins of primary flips\n"
                  "against the choices that held", fontsize=10)
     return fig

@@ -186,45 +186,55 @@ def draw_by_batch_size(cells: list[dict]) -> plt.Figure:
     return fig
 
 
+def margin_bins(margins: np.ndarray) -> tuple[float, np.ndarray]:
+    """(lo, bins): 40 log-spaced bins over the positive margins; lo is where ties (and the non-positive
+    margins of biased routers) are drawn."""
+    positive = margins[margins > 0]
+    lo = max(float(positive.min()) / 2, 1e-12) if positive.size else 1e-9
+    hi = max(float(positive.max()) * 2, lo * 10) if positive.size else 1.0
+    return lo, np.logspace(np.log10(lo), np.log10(hi), 40)
+
+
+def hist_margins(ax: plt.Axes, held: np.ndarray, flipped: np.ndarray, cascades: int, lo: float,
+                 bins: np.ndarray) -> None:
+    """The reference margins of the choices that held against those of primary flips, on one log scale;
+    each group sums to 1, so a handful of flips and thousands of held choices compare by shape."""
+    share = lambda v: np.full(v.size, 1 / v.size)
+    if held.size:
+        nonzero = held[held > 0]
+        ax.hist(np.clip(held, lo, None), bins=bins, weights=share(held), alpha=0.6, color="#8C8C8C",
+                label=f"held: {held.size} choices recorded"
+                      + (f", smallest nonzero margin {nonzero.min():.1e}" if nonzero.size else ""))
+    if flipped.size:
+        ax.hist(np.clip(flipped, lo, None), bins=bins, weights=share(flipped), alpha=0.85,
+                color=CAUSE_COLORS["amplified"],
+                label=f"primary flips: {flipped.size}, largest margin {flipped.max():.1e}")
+    else:
+        ax.plot([], [], " ", label="primary flips: none")
+    ax.plot([], [], " ", label=f"cascade flips (after a routing change upstream), not shown: {cascades}")
+    ties = int((held <= 0).sum() + (flipped <= 0).sum())
+    if ties:
+        ax.plot([], [], " ", label=f"ties (margin <= 0), drawn at the left edge: {ties}")
+    ax.set_xscale("log")
+    ax.set_xlabel("router top-k margin in the reference run (k-th minus (k+1)-th probability)")
+    ax.set_ylabel("share of the group's choices")
+    ax.legend(fontsize=7)
+
+
 def draw_margins(cells: list[dict]) -> plt.Figure:
     """One panel per dtype, stock-kernel cells only (the batch-invariant ones have no drift to flip a
     choice): reference margins of the choices that held against those of primary flips, on one scale."""
     stock = [c for c in cells if c["backend"] != "batch_invariant"]
     dtypes = list(dict.fromkeys(c["dtype"] for c in stock)) or ["(no stock-kernel cell)"]
     fig, axes = _panels(len(dtypes), 6.5, 3.6)
-    every = np.array([m for c in stock for m in c["flipped_margins"] + c["unflipped_margins"]])
-    positive = every[every > 0]
-    lo = max(float(positive.min()) / 2, 1e-12) if positive.size else 1e-9
-    hi = max(float(positive.max()) * 2, lo * 10) if positive.size else 1.0
-    bins = np.logspace(np.log10(lo), np.log10(hi), 40)
-    # each group sums to 1, so a handful of flips and thousands of held choices compare by shape
-    share = lambda v: np.full(v.size, 1 / v.size)
+    lo, bins = margin_bins(np.array([m for c in stock for m in c["flipped_margins"] + c["unflipped_margins"]]))
     for ax, dtype in zip(axes, dtypes):
         mine = [c for c in stock if c["dtype"] == dtype]
-        flipped = np.array([m for c in mine for m in c["flipped_margins"]])
-        held = np.array([m for c in mine for m in c["unflipped_margins"]])
-        if held.size:
-            nonzero = held[held > 0]
-            ax.hist(np.clip(held, lo, None), bins=bins, weights=share(held), alpha=0.6, color="#8C8C8C",
-                    label=f"held: {held.size} choices recorded"
-                          + (f", smallest nonzero margin {nonzero.min():.1e}" if nonzero.size else ""))
-        if flipped.size:
-            ax.hist(np.clip(flipped, lo, None), bins=bins, weights=share(flipped), alpha=0.85,
-                    color=CAUSE_COLORS["amplified"],
-                    label=f"primary flips: {flipped.size}, largest margin {flipped.max():.1e}")
-        else:
-            ax.plot([], [], " ", label="primary flips: none")
-        cascades = sum(c.get("cascade_flips", 0) for c in mine)
-        ax.plot([], [], " ", label=f"cascade flips (after a routing change upstream), not shown: {cascades}")
-        ties = int((held == 0).sum() + (flipped == 0).sum())
-        if ties:
-            ax.plot([], [], " ", label=f"exact ties (margin 0), drawn at the left edge: {ties}")
-        ax.set_xscale("log")
-        ax.set_xlabel("router top-k margin in the reference run (k-th minus (k+1)-th probability)")
-        ax.set_ylabel("share of the group's choices")
+        hist_margins(ax, np.array([m for c in mine for m in c["unflipped_margins"]]),
+                     np.array([m for c in mine for m in c["flipped_margins"]]),
+                     sum(c.get("cascade_flips", 0) for c in mine), lo, bins)
         ax.tick_params(axis="x", labelbottom=True)
         ax.set_title(f"{dtype}, stock kernels: {len(mine)} cell{'' if len(mine) == 1 else 's'}", fontsize=10)
-        ax.legend(fontsize=7)
     fig.suptitle("Numeric drift flips a routing choice only at a near tie: reference margins of primary\n"
                  "flips (nothing upstream of the router differed) against choices that held", fontsize=11)
     return fig
