@@ -10,15 +10,15 @@ batch size, another dtype or device all compare), up to the first token whose id
 token that differs starts another request). A token *diverges* when its logits' bits differ (where one
 run did not compute them, e.g. generate's prompt tokens, its last decoder layer's output). Its cause,
 with the definitions of the ablation (detmoe/lab/attribution.py, whose code this uses):
-- `padding`: the batch's padding changed the token's inputs, not only the arithmetic: its position
-  embedding, or an earlier token's, differs (positions counted from the padding, say).
+- `padding`: the batch's padding changed the token's inputs, not only the arithmetic: its position, or an
+  earlier token's, differs (positions counted from the padding, say).
 - `arithmetic`: every routing decision that can reach the token was identical; only the reduction order
   of some kernel differed.
 - `amplified`: a top-k choice flipped at a near tie: slightly different numbers crossed it. The reference
   margin of each primary flip (nothing different upstream of its router) is recorded; flips downstream
   of an earlier difference are counted apart as cascades.
 - `structural`: a token kept its own choice but lost or gained an expert slot: another request took it
-  (a capacity-limited router, e.g. Switch).
+  (a capacity-limited router).
 For each divergent token it also names the first decoder layer where its hidden state's bits differ and,
 in that layer, the first module (in the order they ran) whose output for it differs.
 """
@@ -101,7 +101,16 @@ class Comparison:
 
 
 def _routes(trace: Trace, row: int, idx: torch.Tensor) -> TokenRoutes:
-    return TokenRoutes(trace.kept[row, idx], trace.preferred[row, idx], trace.margin[row, idx])
+    """The request's routing records, [n, M (+1), ...]. Where dense decoder layers follow the last MoE
+    layer, an earlier token's routing there still reaches a later token (through their attention): a
+    routing column that never differs is added after it, so the attribution treats the real last MoE
+    layer as it treats any layer with layers after it."""
+    kept, pref, margin = trace.kept[row, idx], trace.preferred[row, idx], trace.margin[row, idx]
+    if trace.moe_layers and trace.moe_layers[-1] < trace.hidden.shape[0] - 1:
+        kept = torch.cat([kept, torch.zeros_like(kept[:, :1])], 1)
+        pref = torch.cat([pref, torch.zeros_like(pref[:, :1])], 1)
+        margin = torch.cat([margin, torch.full_like(margin[:, :1], float("nan"))], 1)
+    return TokenRoutes(kept, pref, margin)
 
 
 def compare(reference: Trace, other: Trace, reference_row: int = 0, other_row: int = 0) -> Comparison:
@@ -123,7 +132,7 @@ def compare(reference: Trace, other: Trace, reference_row: int = 0, other_row: i
     differs = torch.where(both, reference.logits[reference_row, ri] != other.logits[other_row, oi],
                           reference.hidden[-1, reference_row, ri] != other.hidden[-1, other_row, oi])   # [n]
     routing = attribute_routing(differs, _routes(reference, reference_row, ri), _routes(other, other_row, oi))
-    # padding: a token's inputs changed when its own or an earlier token's position embedding did
+    # padding: a token's inputs changed when its own or an earlier token's position did
     moved = torch.zeros(n, dtype=torch.bool)
     if reference.positions is not None and other.positions is not None:
         pos_diff = reference.positions[reference_row, ri] != other.positions[other_row, oi]

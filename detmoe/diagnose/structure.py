@@ -1,12 +1,13 @@
 """Find a `transformers` causal-LM's decoder layers and, in each MoE layer, its router and its experts, by
 the model's structure rather than by a list of model classes.
 
-What transformers' MoE models share (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS,
-Switch; transformers 5): an *experts* module whose forward takes the hidden states, the chosen experts
+What transformers' MoE models share (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS and
+many more; transformers 5): an *experts* module whose forward takes the hidden states, the chosen experts
 and their weights (`forward(hidden_states, top_k_index, top_k_weights)` and its spellings), called by a
 *block* that first calls its *router*, a sibling holding a [n_experts, d_model] weight (`gate`,
-`router`, `router.classifier`). The decoder layers are the model's longest `nn.ModuleList` of one class
-that holds such blocks; layers without one (DeepSeek's first dense layers) are traced as dense.
+`router`, `router.classifier`). Encoder-decoder models (Switch) are refused. The decoder layers are the
+model's longest `nn.ModuleList` of at most two classes (dense and MoE layers) that holds such blocks;
+layers without one (DeepSeek's first dense layers) are traced as dense.
 
 Not recognised: experts whose forward does not take the routing as arguments (experts called one by one
 in a Python loop of `nn.Linear`s, the older transformers 4 style); `find_structure` names what it found
@@ -96,12 +97,15 @@ def find_router(block: nn.Module, experts: nn.Module, n_experts: int) -> Optiona
 
 def find_structure(model: nn.Module) -> Structure:
     """The decoder layers and MoE parts of `model`; a ValueError naming what is missing otherwise."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(f"{type(model).__name__} is an encoder-decoder model: detmoe.diagnose traces decoder-only "
+                         "causal LMs")
     names = {id(m): n for n, m in model.named_modules()}
     experts_mods = [m for m in model.modules() if takes_routing(m)]
     if not experts_mods:
         raise ValueError(f"{type(model).__name__}: no MoE experts module found (none whose forward takes the "
-                         "hidden states, the chosen experts and their weights, as transformers' MoE models "
-                         "do). detmoe.diagnose traces transformers 5 MoE models; dense models have no routing")
+                         "hidden states, the chosen experts and their weights, as most of transformers' MoE "
+                         "models do; experts called one by one, or a dense model, are not traced)")
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0
              and len({type(c) for c in m}) <= 2]
     holds = lambda layer: any(e is m for m in layer.modules() for e in experts_mods)

@@ -43,7 +43,7 @@ class Trace:
     structure: str
     input_ids: torch.Tensor            # [B, N] long
     real: torch.Tensor                 # [B, N] bool: the attention mask of the fed tokens
-    positions: Optional[torch.Tensor]  # [B, N] int64: fingerprints of the position embeddings, or ids
+    positions: Optional[torch.Tensor]  # [B, N] int64: the positions the decoder layers were given
     hidden: torch.Tensor               # [L, B, N] int64 fingerprints of each decoder layer's output
     modules: dict                      # qualified module name -> [B, N] int64 fingerprints, in run order
     module_layer: dict                 # qualified module name -> its decoder layer
@@ -54,7 +54,8 @@ class Trace:
     kept: torch.Tensor                 # [B, N, M, E] bool: experts that processed the token
     preferred: torch.Tensor            # [B, N, M, k] long: its own choice, sorted
     weights: torch.Tensor              # [B, N, M, k] float32: the chosen experts' weights, in `preferred` order
-    margin: torch.Tensor               # [B, N, M] float32: selection-score gap, last chosen vs first not
+    margin: torch.Tensor               # [B, N, M] float32: the router softmax's gap, last chosen vs first not
+                                       # (NaN where the router chose otherwise than the softmax's top k)
     tensors: dict = field(default_factory=dict)   # on request: "hidden" [L, B, N, D], "logits" [B, N, V]
 
     def positions_of(self, row: int) -> torch.Tensor:
@@ -73,9 +74,18 @@ _STRUCTURES: "weakref.WeakKeyDictionary[nn.Module, tuple[int, Structure]]" = wea
 
 
 def _structure_of(model: nn.Module) -> Structure:
-    n_modules = sum(1 for _ in model.modules())     # a module added or removed since: found again
+    """The cached structure while the model still holds those very modules (one swapped, added or removed
+    since: found again)."""
+    n_modules = sum(1 for _ in model.modules())
     cached = _STRUCTURES.get(model)
-    if cached is None or cached[0] != n_modules:
+    if cached is not None:
+        count, s = cached
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        held = {id(m) for m in model.modules()}
+        parts = [s.layers, *(m for p in s.moe.values() for m in (p.block, p.router, p.experts))]
+        if count != n_modules or head is not s.head or not all(id(m) in held for m in parts):
+            cached = None
+    if cached is None:
         cached = _STRUCTURES[model] = (n_modules, find_structure(model))
     return cached[1]
 
@@ -146,18 +156,17 @@ class Recorder:
         self.steps.append(_Step(input_ids.detach(), real))
 
     def _on_first_layer(self, module, args, kwargs):
+        # the positions the layers were given (position_ids, else the cache positions): integers, so two
+        # dtypes or devices, whose rotary tables differ in their bits, compare
         step = self._current()
         if step is None:
             return
         B, L = step.input_ids.shape
-        emb = kwargs.get("position_embeddings")
-        if isinstance(emb, (tuple, list)) and emb and isinstance(emb[0], torch.Tensor):
-            parts = [_fp(e.expand(B, *e.shape[1:]) if e.shape[0] == 1 else e, B, L) for e in emb]
-            if all(p is not None for p in parts):
-                step.positions = sum(p * (2 * i + 3) for i, p in enumerate(parts))
-                return
         ids = kwargs.get("position_ids")
-        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[-1] == L):
+            ids = kwargs.get("cache_position")
+            ids = ids[None] if isinstance(ids, torch.Tensor) and ids.dim() == 1 and ids.shape[0] == L else None
+        if ids is not None:
             step.positions = ids.expand(B, L).to(torch.int64)
 
     def _on_layer(self, index: int):
@@ -321,6 +330,9 @@ def _routing_of(step: _Step, M: int, n_experts: list[int]) -> tuple[torch.Tensor
         chosen = torch.zeros_like(mask).scatter_(1, own, True)
         lowest_chosen = scores.masked_fill(~chosen, float("inf")).min(dim=1).values
         highest_other = scores.masked_fill(chosen, float("-inf")).max(dim=1).values
+        # routers that choose by other scores (a bias, groups: DeepSeek-V3, GLM4-MoE, Ernie 4.5) need not
+        # choose the softmax's top k: there the softmax margin says nothing of how near a tie was
+        lowest_chosen = torch.where(lowest_chosen >= highest_other, lowest_chosen, float("nan"))
         kept.append(mask.reshape(B, L, E))
         preferred.append(own_sorted.reshape(B, L, -1))
         weights.append(w.reshape(B, L, -1))

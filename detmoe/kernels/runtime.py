@@ -87,6 +87,7 @@ def prepare() -> None:
         _check_interpreter_versions()
         from triton.runtime import interpreter
         _rewrap_triton_library(interpreter)
+        _ordered_dot.original = interpreter.InterpreterBuilder.create_dot
         interpreter.InterpreterBuilder.create_dot = _ordered_dot
         _speed_up_interpreter(interpreter)
     _prepared = True
@@ -210,8 +211,14 @@ def _ordered_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
     """tl.dot for the interpreter: d + a @ b in fp32, each output element summed in one order fixed by K
     alone, ((d + a[m, 0] * b[0, n]) + a[m, 1] * b[1, n]) + ..., every product and sum rounded to fp32.
     Elementwise numpy ops only (IEEE, one rounding each), so the bits do not depend on the block's M or N,
-    on the CPU's SIMD width or on the BLAS build (numpy's matmul picks its BLAS kernel by shape and CPU)."""
+    on the CPU's SIMD width or on the BLAS build (numpy's matmul picks its BLAS kernel by shape and CPU).
+    fp16/bf16/fp32 blocks into an fp32 accumulator only: other dots go to the interpreter's own."""
     from triton.runtime.interpreter import TensorHandle
+    import triton.language as tl
+    floats = (tl.float32, tl.float16, tl.bfloat16)
+    if a.dtype.scalar not in floats or b.dtype.scalar not in floats or d.dtype.scalar != tl.float32:
+        # fp8 and integer dots keep the interpreter's own (exact integer sums; fp8 decoded by triton)
+        return _ordered_dot.original(self, a, b, d, input_precision, max_num_imprecise_acc)
     a32, b32 = _as_fp32(a), _as_fp32(b)                        # [..., M, K], [..., K, N]
     acc = d.data.astype(np.float32)                            # [..., M, N] (a copy)
     product = np.empty_like(acc)

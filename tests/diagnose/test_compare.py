@@ -135,3 +135,38 @@ def test_compare_refuses_other_requests_and_other_models(seed):
         compare(a, record(tiny_model("qwen3_moe", seed), torch.tensor([[5, 6, 7]])))
     with pytest.raises(ValueError, match="row must be in 0..0"):
         compare(a, a, other_row=1)
+
+
+def test_two_dtypes_compare_without_calling_it_padding(seed):
+    """Positions are recorded as the integers the layers were given: an fp32 run and a bf16 run of one
+    request differ in their arithmetic (every rotary table, every product), not in their positions."""
+    ids = _ids(9)
+    c = compare(record(tiny_model("mixtral", seed), ids), record(tiny_model("mixtral", seed, torch.bfloat16), ids))
+    assert c.divergent and all(d.cause != "padding" for d in c.divergent)
+
+
+def test_a_flip_in_the_last_moe_layer_reaches_later_tokens_through_the_dense_layers_after_it(seed):
+    """Qwen3-MoE with a dense last layer: a top-k flip in the last MoE layer reaches later tokens through
+    that dense layer's attention, so it decides their cause too (amplified, not arithmetic)."""
+    import transformers
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=96, moe_intermediate_size=32,
+                                      num_experts=8, num_experts_per_tok=2, head_dim=16, mlp_only_layers=[2])
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    s = find_structure(model)
+    assert list(s.moe) == [0, 1]
+    parts, n, j = s.moe[1], 8, 2
+
+    def flip(module, args, output):        # token j's choice in layer 1: its experts' ids moved by one
+        logits, scores, indices = output
+        indices = indices.clone()
+        indices[j] = (indices[j] + 1) % parts.n_experts
+        if indices[j, 0] == indices[j, 1]:
+            indices[j, 1] = (indices[j, 1] + 1) % parts.n_experts
+        return logits, scores, indices
+    ids = _ids(n)
+    c = compare(record(model, ids), _recorded_with(model, parts.router, flip, ids))
+    later = [d for d in c.divergent if d.position > j and d.first_layer == 2]
+    assert later, "the flip reached no later token"
+    assert all(d.cause == "amplified" and d.decided_at == (j, 1) for d in later)

@@ -31,3 +31,12 @@ def test_a_dense_model_is_refused_naming_what_is_missing(seed):
                                    num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(ValueError, match="no MoE experts module found"):
         find_structure(transformers.AutoModelForCausalLM.from_config(cfg))
+
+
+def test_an_encoder_decoder_model_is_refused(seed):
+    if not hasattr(transformers, "SwitchTransformersConfig"):
+        pytest.skip("this transformers has no Switch Transformers")
+    cfg = transformers.SwitchTransformersConfig(vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                                num_decoder_layers=2, num_heads=4, num_experts=4)
+    with pytest.raises(ValueError, match="encoder-decoder model"):
+        find_structure(transformers.SwitchTransformersForConditionalGeneration(cfg))

@@ -127,3 +127,30 @@ def test_threads_sharing_the_interpreted_backend_get_the_one_thread_bits(seed):
         t.join(timeout=300)
     assert not errors, errors
     assert all(torch.equal(out, alone) for outs in results for out in outs)
+
+
+@NO_CUDA
+def test_fp8_and_integer_dots_keep_the_interpreters_own():
+    """The fixed-order dot replaces float dots only: fp8 blocks (stored as bit patterns) and integer dots go
+    to the interpreter's own, which decodes fp8 and sums integers exactly."""
+    out = python("""
+        import torch
+        import detmoe.kernels.ops                      # prepares the interpreter
+        import triton, triton.language as tl
+        @triton.jit
+        def k(a_ptr, b_ptr, c_ptr, OUT_INT: tl.constexpr):
+            r = tl.arange(0, 16)
+            a = tl.load(a_ptr + r[:, None] * 16 + r[None, :])
+            b = tl.load(b_ptr + r[:, None] * 16 + r[None, :])
+            c = tl.dot(a, b, out_dtype=tl.int32) if OUT_INT else tl.dot(a, b)
+            tl.store(c_ptr + r[:, None] * 16 + r[None, :], c)
+        for dt in (torch.float8_e5m2, torch.float8_e4m3fn):
+            a, b, c = torch.randn(16, 16).to(dt), torch.randn(16, 16).to(dt), torch.empty(16, 16)
+            k[(1,)](a, b, c, OUT_INT=False)
+            print((c - a.float() @ b.float()).abs().max().item() < 1e-3)
+        a, b = torch.randint(-128, 127, (16, 16), dtype=torch.int8), torch.randint(-128, 127, (16, 16), dtype=torch.int8)
+        c = torch.empty(16, 16, dtype=torch.int32)
+        k[(1,)](a, b, c, OUT_INT=True)
+        print(torch.equal(c, a.int() @ b.int()))
+    """)
+    assert out.split() == ["True", "True", "True"], out
