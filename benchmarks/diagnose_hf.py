@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from detmoe.diagnose import compare, record, recording
+from detmoe.diagnose.batches import pad_rows, positions_from_mask
 from detmoe.lab.outputs import write_csv, write_json
 from detmoe.lab.run_meta import run_meta, write_meta
 
@@ -52,16 +53,9 @@ def batch_with(probe: torch.Tensor, B: int, side: str, gen: torch.Generator, voc
     """(ids [B, N], mask, position_ids, row of the probe): the probe among B - 1 random requests."""
     lens = [int(x) for x in torch.randint(lengths[0], lengths[1] + 1, (B,), generator=gen)]
     row = B // 2
-    lens[row] = probe.shape[0]
-    N = max(lens)
-    ids = torch.zeros(B, N, dtype=torch.long)
-    mask = torch.zeros(B, N, dtype=torch.long)
-    for b, n in enumerate(lens):
-        seq = probe if b == row else torch.randint(1, vocab, (n,), generator=gen)
-        cols = slice(N - n, N) if side == "left" else slice(0, n)
-        ids[b, cols], mask[b, cols] = seq, 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(DEVICE), mask.to(DEVICE), positions.to(DEVICE), row
+    rows = [probe if b == row else torch.randint(1, vocab, (n,), generator=gen) for b, n in enumerate(lens)]
+    ids, mask = pad_rows(rows, side)
+    return ids.to(DEVICE), mask.to(DEVICE), positions_from_mask(mask).to(DEVICE), row
 
 
 def cell(comparison, **keys) -> dict:

@@ -213,22 +213,6 @@ def _request(input_ids, attention_mask) -> torch.Tensor:
     return ids[real.bool()]
 
 
-def _padded(rows: list[torch.Tensor], side: str, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows of token ids -> (ids [B, longest], mask [B, longest]), padded on `side`."""
-    longest = max(len(r) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=rows[0].dtype, device=rows[0].device)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long, device=rows[0].device)
-    for b, r in enumerate(rows):
-        span = slice(longest - len(r), longest) if side == "left" else slice(0, len(r))
-        ids[b, span], mask[b, span] = r, 1
-    return ids, mask
-
-
-def _positions_of(mask: torch.Tensor) -> torch.Tensor:
-    """Each token's position counted over the real tokens before it, as generate does."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def assert_model_batch_invariant(model: nn.Module, input_ids: torch.Tensor, batch_sizes: Iterable[int] = (2, 7),
                                  padding_side: str = "both", attention_mask: Optional[torch.Tensor] = None,
                                  positions_from_mask: bool = True) -> None:
@@ -251,6 +235,7 @@ def assert_model_batch_invariant(model: nn.Module, input_ids: torch.Tensor, batc
     """
     __tracebackhide__ = True
     from detmoe.diagnose import compare, record     # here: the function form needs none of it
+    from detmoe.diagnose.batches import pad_rows, positions_from_mask as mask_positions
 
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a transformers MoE model (an nn.Module), got {type(model).__name__}")
@@ -280,8 +265,8 @@ def assert_model_batch_invariant(model: nn.Module, input_ids: torch.Tensor, batc
     longest = min(2 * N, limit) if isinstance(limit, int) else 2 * N
 
     def run(rows: list[torch.Tensor], side: str):
-        ids, mask = _padded(rows, side, pad_id)
-        kw = dict(position_ids=_positions_of(mask)) if positions_from_mask else {}
+        ids, mask = pad_rows(rows, side, pad_id)
+        kw = dict(position_ids=mask_positions(mask)) if positions_from_mask else {}
         return record(model, ids, mask, **kw)
 
     alone = run([request], "right")

@@ -273,7 +273,6 @@ class Recorder:
             raise ValueError("nothing was recorded: run the model inside `recording(model)`")
         s = self.structure
         moe_layers = list(s.moe)
-        cat = lambda xs: torch.cat([x.cpu() for x in xs], dim=1)
         steps = self.steps
         for n, st in enumerate(steps):
             missing = [i for i in range(len(s.layers)) if i not in st.hidden]
@@ -284,8 +283,9 @@ class Recorder:
         module_names = [n for n in steps[0].modules if all(n in st.modules for st in steps)]
         # assembled on the model's device, then moved in a few transfers (not one per layer and module)
         cat = lambda xs: torch.cat(list(xs), dim=1)
-        fps = torch.cat([torch.stack([st.hidden[i] for i in range(len(s.layers))]
-                                     + [st.modules[n] for n in module_names] + [st.logits]) for st in steps], 2).cpu()
+        fps = torch.cat([torch.stack([t.to(st.input_ids.device) for t in
+                                      [st.hidden[i] for i in range(len(s.layers))]
+                                      + [st.modules[n] for n in module_names] + [st.logits]]) for st in steps], 2).cpu()
         L = len(s.layers)
         routing = [cat(r[i] for r in routes).cpu() for i in range(4)]
         trace = Trace(
@@ -333,10 +333,12 @@ def _routing_of(step: _Step, M: int, n_experts: list[int]) -> tuple[torch.Tensor
         # routers that choose by other scores (a bias, groups: DeepSeek-V3, GLM4-MoE, Ernie 4.5) need not
         # choose the softmax's top k: there the softmax margin says nothing of how near a tie was
         lowest_chosen = torch.where(lowest_chosen >= highest_other, lowest_chosen, float("nan"))
-        kept.append(mask.reshape(B, L, E))
-        preferred.append(own_sorted.reshape(B, L, -1))
-        weights.append(w.reshape(B, L, -1))
-        margin.append((lowest_chosen - highest_other).reshape(B, L))
+        # on the inputs' device: a model spread over GPUs (device_map) has its layers on several
+        device = step.input_ids.device
+        kept.append(mask.reshape(B, L, E).to(device))
+        preferred.append(own_sorted.reshape(B, L, -1).to(device))
+        weights.append(w.reshape(B, L, -1).to(device))
+        margin.append((lowest_chosen - highest_other).reshape(B, L).to(device))
     return (torch.stack(kept, 2), torch.stack(preferred, 2), torch.stack(weights, 2), torch.stack(margin, 2))
 
 

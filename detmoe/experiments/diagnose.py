@@ -48,6 +48,7 @@ from detmoe.diagnose.structure import find_structure
 from detmoe.diagnose.tiny import ARCHS, COMMON
 from detmoe.lab import config_checks as checks
 from detmoe.lab.diagnose_report import group_totals, write_report
+from detmoe.diagnose.batches import pad_rows
 from detmoe.lab.compositions import Composition, make_compositions, make_probes
 from detmoe.lab.hydra_utils import (CONFIG_DIR, SETTINGS_FILE, cell_name, cell_settings, check_run_folder,
                                     config_fingerprint, read_cell, run_dir, write_csv, write_json)
@@ -233,13 +234,7 @@ def padded_batch(probe: list[int], comp: Composition, side: str, pad: int) -> tu
     ids and attention mask [B, longest]."""
     rows = list(comp.co_prompts)
     rows.insert(comp.probe_index, probe)
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, row in enumerate(rows):
-        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        ids[r, cols], mask[r, cols] = torch.tensor(row, dtype=torch.long), 1
-    return ids, mask
+    return pad_rows(rows, side, pad)
 
 
 @contextlib.contextmanager
