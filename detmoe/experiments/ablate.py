@@ -41,7 +41,7 @@ from detmoe.lab.distributed import is_main, layout_named
 from detmoe.moe.engine import Engine, Request
 from detmoe.lab.hydra_utils import (CONFIG_DIR, TRAINED_PRESET, model_config, run_cells, run_dir, vocab_size,
                              write_csv, write_json)
-from detmoe.lab.outputs import write_text
+from detmoe.lab.outputs import write_summary
 from detmoe.lab.stock_variance import stock_kernel_versions
 from detmoe.lab.stdlib_text import load_corpus
 from detmoe.moe import COMBINES, MoETransformer, pretrained_config
@@ -307,10 +307,7 @@ def summary(results: dict, out: Path) -> str:
               "fraction of greedy completions that differ; divergent tokens by cause.", "",
               "claims:"] + [f"  [{v['verdict']}] {v['statement']}" for v in results["claim_verdicts"].values()] + [
               "", f"results and plots: {out.resolve()}", f"report: {(out / 'report.md').resolve()}"]
-    text = "\n".join(lines)
-    if is_main():
-        write_text(out / "summary.txt", text + "\n")
-    return text
+    return write_summary(out, lines)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="ablate", version_base=None)

@@ -52,7 +52,7 @@ from detmoe.diagnose.batches import pad_rows
 from detmoe.lab.compositions import Composition, make_compositions, make_probes
 from detmoe.lab.hydra_utils import (CONFIG_DIR, SETTINGS_FILE, cell_name, cell_settings, check_run_folder,
                                     config_fingerprint, read_cell, run_dir, write_csv, write_json)
-from detmoe.lab.outputs import write_text
+from detmoe.lab.outputs import write_summary
 
 CONFIG_NAME = "diagnose"
 TINY = "tiny-"
@@ -397,9 +397,7 @@ def summary(results: dict, out: Path) -> str:
         lines += ["", f"e.g. probe {first['probe']}, {first['call']}, batch of {first['batch_size']} "
                       f"({first['padding_side']} padding):"] + ["  " + s for s in first["summary"].splitlines()]
     lines += ["", f"results: {out.resolve()}", f"report: {(out / 'report.md').resolve()}"]
-    text = "\n".join(lines)
-    write_text(out / "summary.txt", text + "\n")
-    return text
+    return write_summary(out, lines)
 
 
 @hydra.main(config_path=None, config_name=CONFIG_NAME, version_base=None)

@@ -35,7 +35,7 @@ from detmoe import kernels  # noqa: E402
 from detmoe.lab.compositions import random_prompt  # noqa: E402
 from detmoe.lab.distributed import is_main, layout_named  # noqa: E402
 from detmoe.lab.hydra_utils import CONFIG_DIR, router_backend_grid, run_cells, run_dir, write_csv, write_json  # noqa: E402
-from detmoe.lab.outputs import write_text  # noqa: E402
+from detmoe.lab.outputs import write_summary  # noqa: E402
 from detmoe.lab.plot import save_figure  # noqa: E402
 from detmoe.lab import config_checks as checks  # noqa: E402
 from detmoe.moe import MoETransformer, cu_seqlens_of  # noqa: E402
@@ -179,9 +179,8 @@ def main(cfg: DictConfig) -> None:
     lines = [f"{'router':18} {'backend':16} {'frac lp differ':>14} {'max |dlp|':>10} {'mean KL':>10}"]
     lines += [f"{c['router']:18} {c['backend']:16} {c['frac_logprob_differ']:14.3f} {c['max_abs_delta_logprob']:10.3g} "
               f"{c['mean_kl']:10.3g}" for c in results["cells"]]
-    text = "\n".join(lines + [f"results and plot: {out.resolve()}"])
+    text = write_summary(out, lines + [f"results and plot: {out.resolve()}"])
     if is_main():
-        write_text(out / "summary.txt", text + "\n")
         print(text)
 
 

@@ -53,7 +53,7 @@ from detmoe.lab.distributed import is_main, layout_named  # noqa: E402
 from detmoe.moe.engine import Engine, Request, poisson  # noqa: E402
 from detmoe.lab.hydra_utils import (CONFIG_DIR, cell_name, router_backend_grid, run_cells, run_dir, write_csv,  # noqa: E402
                              write_json)
-from detmoe.lab.outputs import write_text  # noqa: E402
+from detmoe.lab.outputs import write_summary  # noqa: E402
 from detmoe.lab.plot import save_figure  # noqa: E402
 from detmoe.lab import config_checks as checks  # noqa: E402
 from detmoe.moe import MoETransformer  # noqa: E402
@@ -256,9 +256,8 @@ def main(cfg: DictConfig) -> None:
     out = run_dir(cfg)
     results = run_serve_sim(cfg, out)
     lines = summary_lines(results)
-    text = "\n".join(lines + [f"results and plot: {out.resolve()}"])
+    text = write_summary(out, lines + [f"results and plot: {out.resolve()}"])
     if is_main():
-        write_text(out / "summary.txt", text + "\n")
         print(text)
 
 

@@ -60,3 +60,13 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     from detmoe.lab.distributed import is_main
     if rows and is_main():
         write_text(path, csv_text(rows))
+
+
+def write_summary(out: Path, lines: list[str]) -> str:
+    """An app's closing lines, the ones a person reads first: joined, written to OUT/summary.txt (on rank 0
+    only, as write_json) and returned."""
+    from detmoe.lab.distributed import is_main
+    text = "\n".join(lines)
+    if is_main():
+        write_text(Path(out) / "summary.txt", text + "\n")
+    return text
