@@ -167,6 +167,8 @@ def test_a_flip_in_the_last_moe_layer_reaches_later_tokens_through_the_dense_lay
         return logits, scores, indices
     ids = _ids(n)
     c = compare(record(model, ids), _recorded_with(model, parts.router, flip, ids))
-    later = [d for d in c.divergent if d.position > j and d.first_layer == 2]
+    # every later token that moved was decided by the flip (some first differ in layer 2, through its
+    # attention; others already in layer 1, where the flip changed the experts' group sizes)
+    later = [d for d in c.divergent if d.position > j]
     assert later, "the flip reached no later token"
     assert all(d.cause == "amplified" and d.decided_at == (j, 1) for d in later)
