@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from benchmarks import bench_kernels as bk  # noqa: E402  (kernels before triton: see detmoe/kernels/runtime.py)
+from benchmarks import bench_kernels as bk  # noqa: E402
 import detmoe.kernels.ops.attention as A  # noqa: E402
 from detmoe.lab.run_meta import run_meta, write_meta  # noqa: E402
 

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from detmoe.kernels.ops.attention import attention  # noqa: E402  (kernels before triton: see detmoe/kernels/runtime.py)
+from detmoe.kernels.ops.attention import attention  # noqa: E402
 from detmoe.kernels.ops.grouped_gemm import grouped_matmul  # noqa: E402
 from detmoe.kernels.ops.matmul import matmul  # noqa: E402
 from detmoe.lab.run_meta import run_meta, write_meta  # noqa: E402

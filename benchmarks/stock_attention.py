@@ -38,7 +38,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from detmoe import kernels  # noqa: F401  (before triton: detmoe/kernels/runtime.py)
 from detmoe.kernels import stock_attention as sa
 from detmoe.lab.run_meta import run_meta, write_meta
 from detmoe.kernels.ops.attention import attention as triton_attention  # noqa: E402

@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.bench_kernels import (MATMUL_KN, MATMUL_M, decode_case,  # noqa: E402
                                       grouped_rows)
-from detmoe.kernels.ops import grouped_gemm as gg  # noqa: E402  (kernels before triton: see detmoe/kernels/runtime.py)
+from detmoe.kernels.ops import grouped_gemm as gg  # noqa: E402
 from detmoe.kernels.ops.attention import attention  # noqa: E402
 from detmoe.kernels.ops.matmul import Tiles, matmul, reduction_for  # noqa: E402
 from detmoe.lab.run_meta import run_meta, write_meta  # noqa: E402

@@ -25,7 +25,6 @@ and again on one device, so a token that only the layout moved is counted as `co
 from __future__ import annotations
 
 import itertools
-import json
 import statistics
 from pathlib import Path
 

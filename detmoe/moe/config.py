@@ -105,7 +105,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         # Every field is checked for its type too: Hydra hands over `+model.tie_embeddings=no` as the
         # string "no" (truthy), YAML `d_model: 64.0` as a float, `norm_eps=nan` as NaN (every logit NaN).
-        from detmoe.moe.routers import check_bool, check_choice, check_int, check_positive
+        from detmoe.moe.routers import check_bool, check_int, check_positive
         if isinstance(self.moe, Mapping):  # from Hydra/YAML
             check_fields(MoEConfig, self.moe, "moe")
             object.__setattr__(self, "moe", MoEConfig(**self.moe))  # frozen: the one set-up write

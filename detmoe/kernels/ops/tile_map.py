@@ -9,9 +9,8 @@ tiles; programs past the last tile find no group and return.
 """
 from __future__ import annotations
 
-from detmoe.kernels import runtime  # noqa: F401  (switches on the interpreter before triton is imported)
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
 
 
 @triton.jit
