@@ -187,11 +187,11 @@ class Recorder:
     def _on_module(self, name: str):
         def hook(module, args, output):
             step = self._current()
-            t = _tensor_of(output) if step is not None else None
-            if t is None:
+            if step is None or name in step.modules:          # its first call in the step only
                 return
-            fp = _fp(t, *step.input_ids.shape)
-            if fp is not None and name not in step.modules:   # its first call in the step
+            t = _tensor_of(output)
+            fp = _fp(t, *step.input_ids.shape) if t is not None else None
+            if fp is not None:
                 step.modules[name] = fp
         return hook
 
@@ -323,8 +323,10 @@ def _routing_of(step: _Step, M: int, n_experts: list[int]) -> tuple[torch.Tensor
         else:                                     # a dispatch mask [T, ..., E] after capacity (Switch)
             mask = index.reshape(B * L, -1, E).bool().any(1)
         own = step.router_choice.get(m)           # the router's own choice, before any drop
-        own = (own.reshape(B * L, -1).long() if own is not None
-               else scores.topk(w.shape[1] if index.dim() != 2 else index.reshape(B * L, -1).shape[1], dim=-1).indices)
+        if own is None:                           # none returned: its top k, k as many as the experts got
+            k = index.reshape(B * L, -1).shape[1] if index.dim() == 2 else w.shape[1]
+            own = scores.topk(k, dim=-1).indices
+        own = own.reshape(B * L, -1).long()
         own_sorted, order = own.sort(dim=1)
         w = w.gather(1, order) if w.shape[1] == own.shape[1] else w
         chosen = torch.zeros_like(mask).scatter_(1, own, True)
