@@ -9,6 +9,7 @@ The parts, each a subpackage:
   detmoe.moe          the reference MoE model: layer, routers, engine, KV cache, parallel layouts, HF loading
   detmoe.kernels      the kernels behind one switch: "torch" (stock) or "batch_invariant" (ours, Triton)
   detmoe.diagnose     why a transformers MoE model answered differently: record two runs, compare them
+  detmoe.invariant    `with detmoe.invariant_mode(model):` third-party model code on batch-invariant kernels
   detmoe.testing      pytest invariance checks for your own code (fixtures: detmoe/pytest_plugin.py)
   detmoe.lab          experiment plumbing: compositions, attribution, resumable cells, plots, reports
   detmoe.experiments  the apps (python -m detmoe.experiments.ablate, serve_sim, rl_consistency, train, ...)
@@ -29,17 +30,19 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _LAZY = {
     "kernels": "detmoe.kernels", "moe": "detmoe.moe",
+    **dict.fromkeys(("invariant_mode", "InvariantModeWarning", "NotInvariantError"), "detmoe.invariant"),
     **dict.fromkeys(("available_backends", "get_backend", "use_backend"), "detmoe.kernels"),
     **dict.fromkeys(("DecodeGraphs", "KVCache", "Layout", "ModelConfig", "MoEConfig", "MoELayer", "MoETransformer",
                      "build_router", "cu_seqlens_of", "from_pretrained", "generate"), "detmoe.moe"),
 }
 
-__all__ = ["kernels", "moe", "use_backend", "get_backend", "available_backends", "MoETransformer", "MoELayer",
+__all__ = ["kernels", "moe", "invariant_mode", "InvariantModeWarning", "NotInvariantError", "use_backend", "get_backend", "available_backends", "MoETransformer", "MoELayer",
            "MoEConfig", "ModelConfig", "generate", "from_pretrained", "Layout", "KVCache", "DecodeGraphs",
            "build_router", "cu_seqlens_of", "__version__"]
 
 if TYPE_CHECKING:   # what type checkers and IDEs see; at run time these come from __getattr__
     from detmoe import kernels, moe
+    from detmoe.invariant import InvariantModeWarning, NotInvariantError, invariant_mode
     from detmoe.kernels import available_backends, get_backend, use_backend
     from detmoe.moe import (DecodeGraphs, KVCache, Layout, ModelConfig, MoEConfig, MoELayer, MoETransformer,
                             build_router, cu_seqlens_of, from_pretrained, generate)

@@ -1,0 +1,120 @@
+"""Padding-invariant attention for third-party model code: a batch of padded rows, with the mask the model
+built, run on detmoe's ragged attention kernel (detmoe/kernels/ops/attention.py).
+
+Why padding moves bits: a fused attention kernel sums a query's keys in tiles counted from key 0 of the
+padded row, so the same request left-padded by 3 has its real keys cut at other tile boundaries (and the
+kernel itself is chosen by the batch's shape). Here each row's real keys are first packed from its first
+real key (a gather, only where some row's keys do not already start at 0), and the kernel sums them from
+there in a fixed order per position: the bits of a query depend on its request's keys alone, not on the
+padding, the side it is on, the batch size or whether the step is a prefill or a decode.
+
+The mask must be what causal decoding with padding gives: each query sees exactly its row's real keys up
+to and including its own position. `padded_attention` checks that on the device and returns None for any
+other mask (sliding windows, packed documents, bidirectional blocks, biases), for the caller to fall back.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from detmoe import kernels
+
+
+def allowed_from_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, B: int, Sq: int,
+                      Sk: int) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """SDPA's (attn_mask, is_causal) as a [B, Sq, Sk] bool "query may see key" tensor, or None for "every
+    query sees every key up to its own, queries last" (no mask). Returns (allowed, None), or (None, why)
+    where the mask is not one this attention runs."""
+    if attn_mask is None:
+        if is_causal and Sq == Sk or Sq == 1:
+            return None, None
+        if is_causal:   # SDPA's is_causal aligns queries to the top left when Sq != Sk
+            q = torch.arange(Sq)[:, None]
+            k = torch.arange(Sk)[None, :]
+            return (k <= q).expand(B, Sq, Sk), None
+        return None, "no mask and is_causal=False over several queries (bidirectional attention)"
+    if is_causal:
+        return None, "both attn_mask and is_causal given"
+    m = attn_mask
+    if m.dim() > 4 or m.shape[-2:] != (Sq, Sk) and not (m.shape[-1] == Sk and m.shape[-2] in (1, Sq)):
+        return None, f"a mask of shape {tuple(m.shape)}"
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    if m.shape[1] > 1:   # one mask per head: allowed only where every head's is the same
+        if not bool((m == m[:, :1]).all()):
+            return None, "a mask that differs between heads"
+    m = m[:, 0]
+    if m.dtype == torch.bool:
+        allowed = m
+    elif m.is_floating_point():
+        # additive: 0 where a key counts, a huge negative (or -inf) where not; any other value is a bias
+        masked = m <= torch.finfo(m.dtype).min / 2
+        if not bool(((m == 0) | masked).all()):
+            return None, "an additive mask with values other than 0 and -inf (a bias)"
+        allowed = ~masked
+    else:
+        return None, f"a {m.dtype} mask"
+    return allowed.expand(B, Sq, Sk), None
+
+
+def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[torch.Tensor],
+                     scale: float) -> Optional[torch.Tensor]:
+    """q [B, H, Sq, D], k and v [B, Hkv, Sk, D], allowed [B, Sq, Sk] bool or None (see `allowed_from_mask`)
+    -> [B, H, Sq, D] in q's dtype, or None where `allowed` is not causal attention over padded rows. A query
+    that sees no key (a padding row) gets zeros."""
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    dev = q.device
+    if allowed is None:
+        if Sq > Sk:
+            return None
+        key_valid = torch.ones(B, Sk, dtype=torch.bool, device=dev)
+        seen = torch.arange(Sk - Sq + 1, Sk + 1, device=dev).expand(B, Sq)
+    else:
+        allowed = allowed.to(dev)
+        key_valid = allowed.any(1)                                      # [B, Sk]: keys some query sees
+        seen = allowed.sum(-1)                                          # [B, Sq]: keys each query sees
+        rank = key_valid.cumsum(-1)                                     # [B, Sk]: 1-based rank of a real key
+        # each query sees exactly the real keys up to its own position, and only those
+        if not torch.equal(allowed, key_valid[:, None, :] & (rank[:, None, :] <= seen[:, :, None])):
+            return None
+    # a real query sees one key more than the real query before it (its own); a padding query sees none
+    # (left padding) or the same keys as the query before it (right padding), and gets zeros
+    before = torch.cat([torch.zeros_like(seen[:, :1]), seen[:, :-1].cummax(-1).values], dim=-1)
+    real = seen > before                                                # [B, Sq]
+    n_keys = key_valid.sum(-1)                                          # [B]
+    n_queries = real.sum(-1)                                            # [B]
+    # the real queries of a row are its last real keys, in order: query j of n sees keys 1..L-n+1+j
+    j = real.cumsum(-1) - 1
+    expected = (n_keys - n_queries + 1)[:, None] + j
+    if not bool(((seen == expected) | ~real).all()):
+        return None
+
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)                       # [B, Sk, Hkv, D] views
+    longest = int(n_keys.max()) if B else 0
+    if longest == 0:
+        return q.new_zeros(B, Sq, H, D).transpose(1, 2)
+    # every row's real keys are its first ones (no padding, right padding): read in place
+    prefix = torch.equal(key_valid, torch.arange(Sk, device=dev)[None, :] < n_keys[:, None])
+    if prefix:
+        kc, vc = kt[:, :longest], vt[:, :longest]
+    else:
+        # each row's real keys packed from its first one, in order (padding last, never read)
+        order = torch.argsort((~key_valid).to(torch.int8), dim=-1, stable=True)[:, :longest]
+        kc = torch.take_along_dim(kt, order[:, :, None, None], dim=1)
+        vc = torch.take_along_dim(vt, order[:, :, None, None], dim=1)
+    if kc.stride(-1) != 1 or vc.stride() != kc.stride():
+        kc, vc = kc.contiguous(), vc.contiguous()
+    qt = q.transpose(1, 2)                                              # [B, Sq, H, D]
+    q_rows = qt[real]                                                   # [Tq, H, D], row-major: b then query
+    if q_rows.stride(-1) != 1:
+        q_rows = q_rows.contiguous()
+    cu = torch.zeros(B + 1, dtype=torch.int32, device=dev)
+    cu[1:] = n_queries.cumsum(0)
+    slots = torch.arange(B, dtype=torch.int32, device=dev)
+    with kernels.use_backend("batch_invariant"):
+        out_rows = kernels.attention(q_rows, kc, vc, cu, n_keys.to(torch.int32), slots, float(scale))
+    out = q.new_zeros(B, Sq, H, D)
+    out[real] = out_rows
+    return out.transpose(1, 2)

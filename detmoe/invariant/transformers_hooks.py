@@ -1,0 +1,133 @@
+"""detmoe's attention and experts in `transformers`' own registries, and the switch of one model to them.
+
+transformers 5 looks a model's attention up in `AttentionInterface` (with its mask builder in
+`AttentionMaskInterface`) by `config._attn_implementation`, and its experts in `ExpertsInterface` by
+`config._experts_implementation`. `register()` adds detmoe's under the name "detmoe_invariant" (nothing
+else changes: no model uses a name until asked), and `switched(model)` points one model at them for a
+block, then back at what it had:
+
+  * attention: the model's mask (causal with padding, from transformers' sdpa mask builder) and its
+    query, key and value go to detmoe/invariant/attention.py: each row's real keys from its first one,
+    detmoe's ragged attention kernel, so a request's bits do not depend on its padding or its batch;
+  * experts: detmoe's expert sort, grouped SwiGLU GEMM, grouped down GEMM and ordered combine
+    (detmoe/kernels), the kernels detmoe's own MoE layer runs.
+
+What these cannot run (sliding windows, soft-capping, attention sinks, dropout in training; experts with
+biases, interleaved gate/up, another activation, a post-expert norm, expert parallelism) goes to
+transformers' sdpa attention or grouped experts after a warning (an error under strict): inside
+`invariant_mode()` those run on the aten overrides, batch-invariant but, for attention, not padding-invariant.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+
+from detmoe import kernels
+from detmoe.invariant.aten_ops import Unsupported, check_kernel_inputs
+from detmoe.invariant.attention import allowed_from_mask, padded_attention
+from detmoe.invariant.fallback import fall_back, override_body
+
+NAME = "detmoe_invariant"
+
+
+def invariant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                        scaling: Optional[float] = None, sliding_window: Optional[int] = None,
+                        softcap: Optional[float] = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: query [B, H, Sq, D], key and value [B, Hkv, Sk, D]
+    -> ([B, Sq, H, D], None)."""
+    B, H, Sq, D = query.shape
+    with override_body(), kernels.use_backend("batch_invariant"):
+        try:
+            if sliding_window is not None or softcap is not None or kwargs.get("s_aux") is not None:
+                raise Unsupported("a sliding window, soft-capping or attention sinks")
+            if dropout > 0 and module.training:
+                raise Unsupported("dropout in training")
+            check_kernel_inputs(query, key, value)
+            # transformers passes no mask for a causal batch without padding
+            allowed, why = allowed_from_mask(attention_mask, attention_mask is None and Sq > 1, B, Sq, key.shape[2])
+            if why is not None:
+                raise Unsupported(why)
+            out = padded_attention(query, key, value, allowed, D ** -0.5 if scaling is None else scaling)
+            if out is None:
+                raise Unsupported("a mask other than causal attention over padded rows")
+            return out.transpose(1, 2).contiguous(), None
+        except Unsupported as e:
+            fall_back(f"{NAME} attention", str(e))
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  sliding_window=sliding_window, softcap=softcap, **kwargs)
+
+
+def _experts_unsupported(experts: torch.nn.Module, x: torch.Tensor) -> Optional[str]:
+    from transformers.integrations.moe import _default_apply_gate
+    if not getattr(experts, "has_gate", False) or not getattr(experts, "is_concatenated", False):
+        return "experts without a concatenated gate and up projection"
+    if experts.has_bias or experts.has_post_expert_norm or experts._is_expert_parallel:
+        return "expert biases, a post-expert norm or expert parallelism"
+    if getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+        return "a gating function of the model's own"
+    act = getattr(getattr(experts, "config", None), "hidden_act", None)
+    if act not in ("silu", "swish"):
+        return f"the activation {act!r} (the kernel fuses silu)"
+    return None
+
+
+def invariant_experts(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                      top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' experts-function signature: hidden_states [T, D], top_k_index and top_k_weights [T, k]
+    -> [T, D]: each token's experts in slot order, summed in fp32 in slot order."""
+    with override_body(), kernels.use_backend("batch_invariant"):
+        try:
+            why = _experts_unsupported(experts, hidden_states)
+            if why is not None:
+                raise Unsupported(why)
+            w_gate_up = experts.gate_up_proj if experts.is_transposed else experts.gate_up_proj.transpose(1, 2)
+            w_down = experts.down_proj if experts.is_transposed else experts.down_proj.transpose(1, 2)
+            check_kernel_inputs(hidden_states, w_gate_up, w_down)
+            S = top_k_index.shape[1]
+            order, offsets = kernels.expert_sort(top_k_index.reshape(-1), experts.num_experts)
+            act = kernels.grouped_swiglu(hidden_states, w_gate_up, offsets, order, S)   # [T*S, F]
+            out = kernels.grouped_matmul(act, w_down, offsets)                         # [T*S, D]
+            return kernels.ordered_combine(out, order, top_k_weights.float(), hidden_states.dtype)
+        except Unsupported as e:
+            fall_back(f"{NAME} experts", str(e))
+    from transformers.integrations.moe import grouped_mm_experts_forward
+    return grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+
+
+def register() -> None:
+    """Add detmoe's attention (with transformers' sdpa mask builder) and experts to transformers'
+    registries under NAME. Idempotent; changes no model."""
+    from transformers import AttentionInterface
+    from transformers.integrations.moe import ExpertsInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(NAME, invariant_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    ExpertsInterface.register(NAME, invariant_experts)
+
+
+def _has_experts_switch(model: torch.nn.Module) -> bool:
+    return hasattr(model, "set_experts_implementation") and model._can_set_experts_implementation()
+
+
+@contextlib.contextmanager
+def switched(model: torch.nn.Module) -> Iterator[None]:
+    """`model` on detmoe's attention and experts for the block; its own implementations back on exit."""
+    if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
+        raise ValueError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    register()
+    attention_before = model.config._attn_implementation
+    experts = _has_experts_switch(model)
+    experts_before = model.config._experts_implementation if experts else None
+    model.set_attn_implementation(NAME)
+    try:
+        if experts:
+            model.set_experts_implementation(NAME)
+        yield
+    finally:
+        model.set_attn_implementation(attention_before)
+        if experts:
+            model.set_experts_implementation(experts_before)
