@@ -197,21 +197,27 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: Optional[torch.Tensor] = 
 # --- reductions -----------------------------------------------------------------------------------------
 
 def _dims(x: torch.Tensor, dim: Optional[Sequence[int]]) -> list[int]:
+    if x.dim() == 0:
+        raise Exact()   # one element, nothing added (and PyTorch checks the dim)
     if dim is None or len(dim) == 0:
         return list(range(x.dim()))
-    return sorted({d % max(x.dim(), 1) for d in dim})
+    if any(not -x.dim() <= d < x.dim() for d in dim) or len({d % x.dim() for d in dim}) != len(dim):
+        raise Exact()   # PyTorch names the error (a dim out of range or repeated)
+    return sorted({d % x.dim() for d in dim})
 
 
 def _row_sum(x: torch.Tensor, dim: Optional[Sequence[int]], keepdim: bool) -> tuple[torch.Tensor, int]:
     """The sum over `dim` in fp32 with a fixed order (the matmul's, by a column of ones) -> (sum, count)."""
     dims = _dims(x, dim)
     kept = [d for d in range(x.dim()) if d not in dims]
-    count = 1
+    count = n_rows = 1
     for d in dims:
         count *= x.shape[d]
-    rows = x.permute(*kept, *dims).reshape(-1, count).float()
-    if count == 0 or rows.shape[0] == 0:
+    for d in kept:
+        n_rows *= x.shape[d]
+    if count == 0 or n_rows == 0:
         raise Exact()   # nothing is added
+    rows = x.permute(*kept, *dims).reshape(n_rows, count).float()
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     total = kernels.matmul(rows, torch.ones(count, 1, dtype=torch.float32, device=x.device))
@@ -271,7 +277,7 @@ def mean_all(x: torch.Tensor, *, dtype=None) -> torch.Tensor:
 
 def _softmax_like(x: torch.Tensor, dim: int, half_to_float: bool, log: bool) -> torch.Tensor:
     check_kernel_inputs(x)
-    if x.dim() == 0:
+    if x.dim() == 0 or x.numel() == 0:
         raise Exact()
     last = x.movedim(dim, -1)
     out = kernels.log_softmax(last) if log else kernels.softmax(last)   # fp32
@@ -358,10 +364,12 @@ def index_add_(x: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Ten
 # --- attention ------------------------------------------------------------------------------------------
 
 def _stock_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
-    """The mode replaces the operator that chooses among PyTorch's attention kernels, so its fallback is
-    PyTorch's math attention, run on PyTorch's kernels."""
-    return aten._scaled_dot_product_attention_math(q, k, v, attn_mask, dropout_p, is_causal, None, scale=scale,
-                                                   enable_gqa=enable_gqa)[0]
+    """The mode replaces the operator that chooses among PyTorch's attention kernels; its fallback runs that
+    chooser itself (the operator's CompositeImplicitAutograd kernel, past the mode's CPU/CUDA ones), so a call
+    gets what it gets outside the mode: the same kernel, mask conversion and bits, and the same errors (the
+    math kernel alone refuses calls PyTorch's CPU flash kernel takes, such as a mask with is_causal)."""
+    return aten.scaled_dot_product_attention.default.decompose(q, k, v, attn_mask, dropout_p, is_causal,
+                                                               scale=scale, enable_gqa=enable_gqa)
 
 
 @override("scaled_dot_product_attention", _stock_sdpa)
@@ -408,7 +416,9 @@ def _elementwise(name: str) -> None:
     op_out = getattr(aten, name).out
 
     def stock(x, *args, **kwargs):
-        return op_out(x, *args, out=_empty(x), **kwargs)
+        # in the dtype PyTorch's functional form gives (an integer input promotes to float): its meta kernel's
+        dtype = getattr(aten, name).default(x.to("meta"), *args, **kwargs).dtype
+        return op_out(x, *args, out=_empty(x, dtype), **kwargs)
 
     def run(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not x.is_floating_point() or x.is_cuda:
@@ -417,7 +427,7 @@ def _elementwise(name: str) -> None:
 
     override(name, stock, keys=("CPU",))(run)
     if hasattr(aten, name + "_"):
-        override(name + "_", lambda x, *a, **k: x.copy_(stock(x, *a, **k)), keys=("CPU",))(
+        override(name + "_", lambda x, *a, **k: op_out(x, *a, out=x, **k), keys=("CPU",))(
             lambda x, *a, **k: x.copy_(run(x, *a, **k)))
 
 

@@ -27,9 +27,11 @@ def allowed_from_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, B: int
     query sees every key up to its own, queries last" (no mask). Returns (allowed, None), or (None, why)
     where the mask is not one this attention runs."""
     if attn_mask is None:
-        if is_causal and Sq == Sk or Sq == 1:
+        if is_causal and Sq == Sk or not is_causal and Sq == 1:
             return None, None
-        if is_causal:   # SDPA's is_causal aligns queries to the top left when Sq != Sk
+        if is_causal and Sq > Sk:   # the queries past the last key all see every key: not padding
+            return None, "is_causal with more queries than keys"
+        if is_causal:   # SDPA's is_causal aligns queries to the top left when Sq != Sk (one query: key 0)
             q = torch.arange(Sq)[:, None]
             k = torch.arange(Sk)[None, :]
             return (k <= q).expand(B, Sq, Sk), None
@@ -61,8 +63,8 @@ def allowed_from_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, B: int
 def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[torch.Tensor],
                      scale: float) -> Optional[torch.Tensor]:
     """q [B, H, Sq, D], k and v [B, Hkv, Sk, D], allowed [B, Sq, Sk] bool or None (see `allowed_from_mask`)
-    -> [B, H, Sq, D] in q's dtype, or None where `allowed` is not causal attention over padded rows. A query
-    that sees no key (a padding row) gets zeros."""
+    -> [B, H, Sq, D] in q's dtype, or None where `allowed` is not causal attention over padded rows: each
+    query sees its row's first c real keys for some c. A query that sees no key (left padding) gets zeros."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     dev = q.device
@@ -79,18 +81,8 @@ def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
         # each query sees exactly the real keys up to its own position, and only those
         if not torch.equal(allowed, key_valid[:, None, :] & (rank[:, None, :] <= seen[:, :, None])):
             return None
-    # a real query sees one key more than the real query before it (its own); a padding query sees none
-    # (left padding) or the same keys as the query before it (right padding), and gets zeros
-    before = torch.cat([torch.zeros_like(seen[:, :1]), seen[:, :-1].cummax(-1).values], dim=-1)
-    real = seen > before                                                # [B, Sq]
+    sees_any = seen > 0                                                 # [B, Sq]; the others get zeros
     n_keys = key_valid.sum(-1)                                          # [B]
-    n_queries = real.sum(-1)                                            # [B]
-    # the real queries of a row are its last real keys, in order: query j of n sees keys 1..L-n+1+j
-    j = real.cumsum(-1) - 1
-    expected = (n_keys - n_queries + 1)[:, None] + j
-    if not bool(((seen == expected) | ~real).all()):
-        return None
-
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)                       # [B, Sk, Hkv, D] views
     longest = int(n_keys.max()) if B else 0
     if longest == 0:
@@ -107,14 +99,23 @@ def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
     if kc.stride(-1) != 1 or vc.stride() != kc.stride():
         kc, vc = kc.contiguous(), vc.contiguous()
     qt = q.transpose(1, 2)                                              # [B, Sq, H, D]
-    q_rows = qt[real]                                                   # [Tq, H, D], row-major: b then query
+    q_rows = qt[sees_any]                                               # [Tq, H, D], row-major: b then query
     if q_rows.stride(-1) != 1:
         q_rows = q_rows.contiguous()
-    cu = torch.zeros(B + 1, dtype=torch.int32, device=dev)
-    cu[1:] = n_queries.cumsum(0)
-    slots = torch.arange(B, dtype=torch.int32, device=dev)
+    # The kernel takes sequences whose queries are the last positions of their keys, one after another. A
+    # query that sees c keys sits at position c - 1 of its row's packed keys; runs of queries at consecutive
+    # positions form one sequence each (a prefill row is one run; a query that repeats a position, as
+    # transformers' GQA packing of a decode step or a right-padding row does, starts another run).
+    q_seen = seen[sees_any]                                             # [Tq]
+    q_row = torch.arange(B, device=dev)[:, None].expand(B, Sq)[sees_any]
+    starts = torch.ones_like(q_seen, dtype=torch.bool)
+    starts[1:] = (q_row[1:] != q_row[:-1]) | (q_seen[1:] != q_seen[:-1] + 1)
+    first = starts.nonzero().squeeze(1)                                 # [runs]
+    cu = torch.cat([first, first.new_tensor([q_seen.shape[0]])]).to(torch.int32)
+    run_keys = q_seen[cu[1:].long() - 1].to(torch.int32)                # a run's last query sees all its keys
+    slots = q_row[first].to(torch.int32)                                # a run reads its row's packed keys
     with kernels.use_backend("batch_invariant"):
-        out_rows = kernels.attention(q_rows, kc, vc, cu, n_keys.to(torch.int32), slots, float(scale))
+        out_rows = kernels.attention(q_rows, kc, vc, cu, run_keys, slots, float(scale))
     out = q.new_zeros(B, Sq, H, D)
-    out[real] = out_rows
+    out[sees_any] = out_rows
     return out.transpose(1, 2)

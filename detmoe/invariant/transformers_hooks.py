@@ -1,4 +1,5 @@
-"""detmoe's attention and experts in `transformers`' own registries, and the switch of one model to them.
+"""detmoe's attention and experts in `transformers`' own registries, and the switch of one model to them
+(with its norms, through the `kernels` layer mapping: detmoe/invariant/hub_layers.py).
 
 transformers 5 looks a model's attention up in `AttentionInterface` (with its mask builder in
 `AttentionMaskInterface`) by `config._attn_implementation`, and its experts in `ExpertsInterface` by
@@ -28,6 +29,7 @@ from detmoe import kernels
 from detmoe.invariant.aten_ops import Unsupported, check_kernel_inputs
 from detmoe.invariant.attention import allowed_from_mask, padded_attention
 from detmoe.invariant.fallback import fall_back, override_body
+from detmoe.invariant.hub_layers import kernelized_norms
 
 NAME = "detmoe_invariant"
 
@@ -115,7 +117,7 @@ def _has_experts_switch(model: torch.nn.Module) -> bool:
 
 @contextlib.contextmanager
 def switched(model: torch.nn.Module) -> Iterator[None]:
-    """`model` on detmoe's attention and experts for the block; its own implementations back on exit."""
+    """`model` on detmoe's attention, experts and norms for the block; its own implementations back on exit."""
     if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
         raise ValueError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     register()
@@ -126,7 +128,8 @@ def switched(model: torch.nn.Module) -> Iterator[None]:
     try:
         if experts:
             model.set_experts_implementation(NAME)
-        yield
+        with kernelized_norms(model):
+            yield
     finally:
         model.set_attn_implementation(attention_before)
         if experts:
