@@ -29,9 +29,8 @@ def allowed_from_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, B: int
     if attn_mask is None:
         if is_causal and Sq == Sk or not is_causal and Sq == 1:
             return None, None
-        if is_causal and Sq > Sk:   # the queries past the last key all see every key: not padding
-            return None, "is_causal with more queries than keys"
-        if is_causal:   # SDPA's is_causal aligns queries to the top left when Sq != Sk (one query: key 0)
+        if is_causal:   # SDPA's is_causal aligns queries to the top left when Sq != Sk (one query: key 0;
+            # queries past the last key all see every key, each its own run in padded_attention)
             q = torch.arange(Sq)[:, None]
             k = torch.arange(Sk)[None, :]
             return (k <= q).expand(B, Sq, Sk), None

@@ -184,4 +184,10 @@ PRESETS: dict[str, dict] = {
     "wide": dict(vocab_size=32768, d_model=4096, n_layers=8, n_heads=32, n_kv_heads=8,
                  max_seq_len=8192, dtype="bfloat16",
                  moe=dict(n_experts=8, top_k=2, d_expert=14336)),
+    # Qwen2-MoE's (Qwen1.5-MoE-A2.7B's) expert widths: 60 experts top-4 of d_expert 1408, a gated shared
+    # SwiGLU of 4 x 1408 = 5632, 16 heads, in 8 layers: the checkpoint widths the parallel layouts split
+    # (60 experts over 2 or 4 ranks, 1408 and 5632 over TP partners).
+    "qwen2_moe": dict(vocab_size=32768, d_model=2048, n_layers=8, n_heads=16, n_kv_heads=16,
+                      max_seq_len=8192, dtype="bfloat16",
+                      moe=dict(n_experts=60, top_k=4, d_expert=1408, n_shared_experts=4, shared_expert_gate=True)),
 }
