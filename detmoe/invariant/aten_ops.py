@@ -406,7 +406,8 @@ def _chunked(op_out: Callable, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     out = torch.empty_like(src)
     for start in range(0, padded, CPU_CHUNK):
         op_out(src[start:start + CPU_CHUNK], *args, out=out[start:start + CPU_CHUNK], **kwargs)
-    return out[:n].view(x.shape)
+    result = out[:n].view(x.shape)
+    return result.clone() if padded > 2 * n else result   # a small tensor does not keep its chunk alive
 
 
 CPU_ELEMENTWISE = ("silu", "sigmoid", "gelu", "tanh", "exp", "log", "cos", "sin", "erf", "rsqrt")

@@ -65,9 +65,11 @@ def invariant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
 
 def _experts_unsupported(experts: torch.nn.Module, x: torch.Tensor) -> Optional[str]:
     from transformers.integrations.moe import _default_apply_gate
-    if not getattr(experts, "has_gate", False) or not getattr(experts, "is_concatenated", False):
+    # attributes of transformers' experts decorator; releases before one of them lacked its feature
+    if not getattr(experts, "has_gate", True) or not getattr(experts, "is_concatenated", True) \
+            or not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
         return "experts without a concatenated gate and up projection"
-    if experts.has_bias or experts.has_post_expert_norm or experts._is_expert_parallel:
+    if any(getattr(experts, a, False) for a in ("has_bias", "has_post_expert_norm", "_is_expert_parallel")):
         return "expert biases, a post-expert norm or expert parallelism"
     if getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
         return "a gating function of the model's own"
@@ -86,8 +88,9 @@ def invariant_experts(experts: torch.nn.Module, hidden_states: torch.Tensor, top
             why = _experts_unsupported(experts, hidden_states)
             if why is not None:
                 raise Unsupported(why)
-            w_gate_up = experts.gate_up_proj if experts.is_transposed else experts.gate_up_proj.transpose(1, 2)
-            w_down = experts.down_proj if experts.is_transposed else experts.down_proj.transpose(1, 2)
+            transposed = getattr(experts, "is_transposed", False)
+            w_gate_up = experts.gate_up_proj if transposed else experts.gate_up_proj.transpose(1, 2)
+            w_down = experts.down_proj if transposed else experts.down_proj.transpose(1, 2)
             check_kernel_inputs(hidden_states, w_gate_up, w_down)
             S = top_k_index.shape[1]
             order, offsets = kernels.expert_sort(top_k_index.reshape(-1), experts.num_experts)
