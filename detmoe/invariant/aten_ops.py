@@ -389,7 +389,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[
     allowed, why = allowed_from_mask(attn_mask, is_causal, B, Sq, Sk)
     if why is not None:
         raise Unsupported(why)
-    out = padded_attention(q, k, v, allowed, D ** -0.5 if scale is None else scale)
+    out = padded_attention(q, k, v, allowed, D ** -0.5 if scale is None else scale, mask=attn_mask)
     if out is None:
         raise Unsupported("a mask other than causal attention over padded rows")
     return out

@@ -14,6 +14,9 @@ other mask (sliding windows, packed documents, bidirectional blocks, biases), fo
 """
 from __future__ import annotations
 
+import threading
+import weakref
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -59,62 +62,106 @@ def allowed_from_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, B: int
     return allowed.expand(B, Sq, Sk), None
 
 
-def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[torch.Tensor],
-                     scale: float) -> Optional[torch.Tensor]:
-    """q [B, H, Sq, D], k and v [B, Hkv, Sk, D], allowed [B, Sq, Sk] bool or None (see `allowed_from_mask`)
-    -> [B, H, Sq, D] in q's dtype, or None where `allowed` is not causal attention over padded rows: each
-    query sees its row's first c real keys for some c. A query that sees no key (left padding) gets zeros."""
-    B, H, Sq, D = q.shape
-    Sk = k.shape[2]
-    dev = q.device
+@dataclass(frozen=True)
+class Plan:
+    """How a batch's mask maps onto the kernel's ragged sequences; the same for every layer of a step."""
+    gather: Optional[torch.Tensor]      # [B, longest] each row's real key positions, None: they start at 0
+    longest: int                        # the most real keys of a row
+    queries: Optional[torch.Tensor]     # flat indices (b * Sq + i) of the queries computed; None: all
+    cu_seqlens: torch.Tensor            # [runs + 1] int32: the kernel's sequences (runs of queries)
+    run_keys: torch.Tensor              # [runs] int32: keys the last query of a run sees
+    slots: torch.Tensor                 # [runs] int32: the batch row whose packed keys a run reads
+
+
+def plan_for(allowed: Optional[torch.Tensor], B: int, Sq: int, Sk: int, dev: torch.device) -> Optional[Plan]:
+    """The Plan for a mask (see `padded_attention`), or None where it is not causal attention over padded
+    rows. Without a mask: computed on the host, no device sync."""
     if allowed is None:
         if Sq > Sk:
             return None
-        key_valid = torch.ones(B, Sk, dtype=torch.bool, device=dev)
-        seen = torch.arange(Sk - Sq + 1, Sk + 1, device=dev).expand(B, Sq)
-    else:
-        allowed = allowed.to(dev)
-        key_valid = allowed.any(1)                                      # [B, Sk]: keys some query sees
-        seen = allowed.sum(-1)                                          # [B, Sq]: keys each query sees
-        rank = key_valid.cumsum(-1)                                     # [B, Sk]: 1-based rank of a real key
-        # each query sees exactly the real keys up to its own position, and only those
-        if not torch.equal(allowed, key_valid[:, None, :] & (rank[:, None, :] <= seen[:, :, None])):
-            return None
-    sees_any = seen > 0                                                 # [B, Sq]; the others get zeros
+        return Plan(None, Sk, None, torch.arange(B + 1, dtype=torch.int32, device=dev) * Sq,
+                    torch.full((B,), Sk, dtype=torch.int32, device=dev), torch.arange(B, dtype=torch.int32, device=dev))
+    allowed = allowed.to(dev)
+    key_valid = allowed.any(1)                                          # [B, Sk]: keys some query sees
+    seen = allowed.sum(-1)                                              # [B, Sq]: keys each query sees
+    rank = key_valid.cumsum(-1)                                         # [B, Sk]: 1-based rank of a real key
+    # each query sees exactly the real keys up to its own position, and only those
+    if not torch.equal(allowed, key_valid[:, None, :] & (rank[:, None, :] <= seen[:, :, None])):
+        return None
     n_keys = key_valid.sum(-1)                                          # [B]
-    kt, vt = k.transpose(1, 2), v.transpose(1, 2)                       # [B, Sk, Hkv, D] views
     longest = int(n_keys.max()) if B else 0
-    if longest == 0:
-        return q.new_zeros(B, Sq, H, D).transpose(1, 2)
     # every row's real keys are its first ones (no padding, right padding): read in place
     prefix = torch.equal(key_valid, torch.arange(Sk, device=dev)[None, :] < n_keys[:, None])
-    if prefix:
-        kc, vc = kt[:, :longest], vt[:, :longest]
-    else:
-        # each row's real keys packed from its first one, in order (padding last, never read)
-        order = torch.argsort((~key_valid).to(torch.int8), dim=-1, stable=True)[:, :longest]
-        kc = torch.take_along_dim(kt, order[:, :, None, None], dim=1)
-        vc = torch.take_along_dim(vt, order[:, :, None, None], dim=1)
-    if kc.stride(-1) != 1 or vc.stride() != kc.stride():
-        kc, vc = kc.contiguous(), vc.contiguous()
-    qt = q.transpose(1, 2)                                              # [B, Sq, H, D]
-    q_rows = qt[sees_any]                                               # [Tq, H, D], row-major: b then query
-    if q_rows.stride(-1) != 1:
-        q_rows = q_rows.contiguous()
+    # each row's real keys packed from its first one, in order (padding last, never read)
+    gather = None if prefix else torch.argsort((~key_valid).to(torch.int8), dim=-1, stable=True)[:, :longest]
+    sees_any = (seen > 0).flatten()                                     # the others (left padding) get zeros
+    queries = None if bool(sees_any.all()) else sees_any.nonzero().squeeze(1)
     # The kernel takes sequences whose queries are the last positions of their keys, one after another. A
     # query that sees c keys sits at position c - 1 of its row's packed keys; runs of queries at consecutive
     # positions form one sequence each (a prefill row is one run; a query that repeats a position, as
-    # transformers' GQA packing of a decode step or a right-padding row does, starts another run).
-    q_seen = seen[sees_any]                                             # [Tq]
-    q_row = torch.arange(B, device=dev)[:, None].expand(B, Sq)[sees_any]
+    # transformers' GQA packing of a decode step or a right-padding row does, starts another).
+    q_seen = seen.flatten() if queries is None else seen.flatten()[queries]
+    q_row = torch.arange(B, device=dev).repeat_interleave(Sq)
+    q_row = q_row if queries is None else q_row[queries]
     starts = torch.ones_like(q_seen, dtype=torch.bool)
     starts[1:] = (q_row[1:] != q_row[:-1]) | (q_seen[1:] != q_seen[:-1] + 1)
     first = starts.nonzero().squeeze(1)                                 # [runs]
     cu = torch.cat([first, first.new_tensor([q_seen.shape[0]])]).to(torch.int32)
-    run_keys = q_seen[cu[1:].long() - 1].to(torch.int32)                # a run's last query sees all its keys
-    slots = q_row[first].to(torch.int32)                                # a run reads its row's packed keys
+    return Plan(gather, longest, queries, cu, q_seen[cu[1:].long() - 1].to(torch.int32), q_row[first].to(torch.int32))
+
+
+_cache = threading.local()
+
+
+def cached_plan(allowed: Optional[torch.Tensor], key: Optional[torch.Tensor], B: int, Sq: int, Sk: int,
+                dev: torch.device) -> Optional[Plan]:
+    """plan_for, computed once per mask: transformers passes one mask tensor to every layer of a step.
+    `key` is that tensor (the plan is reused while it is the same object, unchanged)."""
+    shape = (B, Sq, Sk, dev)
+    if allowed is None:
+        hit = getattr(_cache, "unmasked", {}).get(shape)
+        if hit is None:
+            hit = plan_for(None, B, Sq, Sk, dev)
+            _cache.unmasked = {shape: hit}
+        return hit
+    last = getattr(_cache, "masked", None)
+    if key is not None and last is not None and last[0]() is key and last[1] == (key._version, shape):
+        return last[2]
+    plan = plan_for(allowed, B, Sq, Sk, dev)
+    if key is not None:
+        _cache.masked = (weakref.ref(key), (key._version, shape), plan)
+    return plan
+
+
+def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[torch.Tensor],
+                     scale: float, mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """q [B, H, Sq, D], k and v [B, Hkv, Sk, D], allowed [B, Sq, Sk] bool or None (see `allowed_from_mask`)
+    -> [B, H, Sq, D] in q's dtype, or None where `allowed` is not causal attention over padded rows: each
+    query sees its row's first c real keys for some c. A query that sees no key (left padding) gets zeros.
+    `mask`: the caller's mask tensor, whose plan is then kept for the next layer's call."""
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    plan = cached_plan(allowed, mask, B, Sq, Sk, q.device)
+    if plan is None:
+        return None
+    if plan.longest == 0:
+        return q.new_zeros(B, Sq, H, D).transpose(1, 2)
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)                       # [B, Sk, Hkv, D] views
+    if plan.gather is None:
+        kc, vc = kt[:, :plan.longest], vt[:, :plan.longest]
+    else:
+        kc = torch.take_along_dim(kt, plan.gather[:, :, None, None], dim=1)
+        vc = torch.take_along_dim(vt, plan.gather[:, :, None, None], dim=1)
+    if kc.stride(-1) != 1 or vc.stride() != kc.stride():
+        kc, vc = kc.contiguous(), vc.contiguous()
+    q_rows = q.transpose(1, 2).reshape(B * Sq, H, D)                    # row-major: b, then query
+    if plan.queries is not None:
+        q_rows = q_rows.index_select(0, plan.queries)
+    if q_rows.stride(-1) != 1:
+        q_rows = q_rows.contiguous()
     with kernels.use_backend("batch_invariant"):
-        out_rows = kernels.attention(q_rows, kc, vc, cu, run_keys, slots, float(scale))
-    out = q.new_zeros(B, Sq, H, D)
-    out[sees_any] = out_rows
-    return out.transpose(1, 2)
+        out_rows = kernels.attention(q_rows, kc, vc, plan.cu_seqlens, plan.run_keys, plan.slots, float(scale))
+    if plan.queries is None:
+        return out_rows.view(B, Sq, H, D).transpose(1, 2)
+    out = q.new_zeros(B * Sq, H, D).index_copy_(0, plan.queries, out_rows)
+    return out.view(B, Sq, H, D).transpose(1, 2)

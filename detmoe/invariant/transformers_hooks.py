@@ -52,7 +52,8 @@ def invariant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
             allowed, why = allowed_from_mask(attention_mask, attention_mask is None and Sq > 1, B, Sq, key.shape[2])
             if why is not None:
                 raise Unsupported(why)
-            out = padded_attention(query, key, value, allowed, D ** -0.5 if scaling is None else scaling)
+            out = padded_attention(query, key, value, allowed, D ** -0.5 if scaling is None else scaling,
+                                   mask=attention_mask)
             if out is None:
                 raise Unsupported("a mask other than causal attention over padded rows")
             return out.transpose(1, 2).contiguous(), None
