@@ -11,7 +11,8 @@ whose reduction order is fixed by the reduced length alone, never by the number 
     topk                                             -> kernels.top_k (ties to the lowest index)
     index_add, index_add_                            -> adds in source order, one level of duplicates at a time
     scaled_dot_product_attention                     -> detmoe/invariant/attention.py (padding-invariant)
-    silu, sigmoid, gelu, tanh, exp, log, cos, sin, erf, rsqrt (CPU only; and their in-place forms)
+    mv, addmv                                        -> kernels.matmul
+    silu, sigmoid, gelu, tanh, exp, log, cos, sin, erf, rsqrt, pow by a scalar (CPU only; and in-place)
                                                      -> PyTorch's kernel on fixed 32768-element chunks
 
 The last group is there because PyTorch's CPU kernels compute an element in a loop's vector body or in its
@@ -63,6 +64,9 @@ def override(name: str, stock: Callable, keys: tuple[str, ...] = ("CPU", "CUDA")
                 return stock(*args, **kwargs)
             with override_body():
                 try:
+                    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
+                                                       for a in args):
+                        raise Unsupported("autograd (the kernels have no backward; the mode is for inference)")
                     with kernels.use_backend("batch_invariant"):
                         return fn(*args, **kwargs)
                 except Exact:
@@ -122,6 +126,19 @@ def _scaled_sum(bias: torch.Tensor, product: torch.Tensor, beta, alpha) -> torch
     if beta == 0:
         return product
     return product + (bias if beta == 1 else bias * beta)
+
+
+@override("mv", lambda a, x: aten.mv.out(a, x, out=_empty(a)))
+def mv(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    check_kernel_inputs(a, x)
+    if a.dim() != 2 or x.dim() != 1:
+        raise Exact()   # PyTorch names the error
+    return kernels.matmul(a, x[:, None])[:, 0]
+
+
+@override("addmv", lambda b, a, x, *, beta=1, alpha=1: aten.addmv.out(b, a, x, beta=beta, alpha=alpha, out=_empty(a)))
+def addmv(bias: torch.Tensor, a: torch.Tensor, x: torch.Tensor, *, beta=1, alpha=1) -> torch.Tensor:
+    return _scaled_sum(bias, mv.__wrapped__(a, x), beta, alpha)
 
 
 def _batched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -304,6 +321,8 @@ def topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: b
     check_kernel_inputs(x)
     if x.dim() == 0 or k == 0 or not 1 <= k <= x.shape[dim]:
         raise Exact()   # PyTorch's result (or error) takes no choice among ties
+    if not largest and bool(x.isnan().any()):
+        raise Unsupported("NaN among the smallest (PyTorch ranks NaN largest either way)")
     last = x.movedim(dim, -1)
     rows = last.reshape(-1, last.shape[-1])
     idx, val = kernels.top_k(rows if largest else -rows, int(k))   # sorted, ties to the lowest index
@@ -384,6 +403,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[
                           f"takes [batch, heads, length, head_dim] with equal key and value shapes)")
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
+    if q.numel() == 0 or k.numel() == 0:
+        raise Exact()   # nothing is summed
     if k.shape[0] != B or H % Hkv or (Hkv != H and not enable_gqa):
         raise Unsupported(f"{H} query heads over {Hkv} key heads{'' if enable_gqa else ' without enable_gqa'}")
     allowed, why = allowed_from_mask(attn_mask, is_causal, B, Sq, Sk)
@@ -413,12 +434,14 @@ def _chunked(op_out: Callable, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
 CPU_ELEMENTWISE = ("silu", "sigmoid", "gelu", "tanh", "exp", "log", "cos", "sin", "erf", "rsqrt")
 
 
-def _elementwise(name: str) -> None:
-    op_out = getattr(aten, name).out
+def _elementwise(name: str, functional: str = "default", out: str = "out", inplace: str = "default") -> None:
+    """Chunked CPU overrides of aten::<name>.<functional> and aten::<name>_.<inplace>."""
+    op = getattr(getattr(aten, name), functional)
+    op_out = getattr(getattr(aten, name), out)
 
     def stock(x, *args, **kwargs):
         # in the dtype PyTorch's functional form gives (an integer input promotes to float): its meta kernel's
-        dtype = getattr(aten, name).default(x.to("meta"), *args, **kwargs).dtype
+        dtype = op(x.to("meta"), *args, **kwargs).dtype
         return op_out(x, *args, out=_empty(x, dtype), **kwargs)
 
     def run(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -426,12 +449,15 @@ def _elementwise(name: str) -> None:
             raise Unsupported(f"a {x.dtype} {x.device.type} tensor")
         return _chunked(op_out, x, *args, **kwargs)
 
-    override(name, stock, keys=("CPU",))(run)
+    suffix = "" if functional == "default" else "." + functional
+    override(name + suffix, stock, keys=("CPU",))(run)
     if hasattr(aten, name + "_"):
-        override(name + "_", lambda x, *a, **k: op_out(x, *a, out=x, **k), keys=("CPU",))(
+        suffix = "" if inplace == "default" else "." + inplace
+        override(name + "_" + suffix, lambda x, *a, **k: op_out(x, *a, out=x, **k), keys=("CPU",))(
             lambda x, *a, **k: x.copy_(run(x, *a, **k)))
 
 
 for _name in CPU_ELEMENTWISE:
     _elementwise(_name)
 del _name
+_elementwise("pow", "Tensor_Scalar", "Tensor_Scalar_out", "Scalar")   # x ** 1.7 (x ** 2 is exact anyway)

@@ -124,6 +124,8 @@ def cached_plan(allowed: Optional[torch.Tensor], key: Optional[torch.Tensor], B:
             hit = plan_for(None, B, Sq, Sk, dev)
             _cache.unmasked = {shape: hit}
         return hit
+    if key is not None and key.is_inference():
+        key = None   # an inference tensor keeps no version counter: planned per call
     last = getattr(_cache, "masked", None)
     if key is not None and last is not None and last[0]() is key and last[1] == (key._version, shape):
         return last[2]

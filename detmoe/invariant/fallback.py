@@ -7,6 +7,7 @@ Both are shared by every override (detmoe/invariant/aten_ops.py, attention.py, t
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import warnings
 from typing import Iterator
@@ -51,15 +52,16 @@ def override_body() -> Iterator[None]:
 
 def fall_back(op: str, reason: str) -> None:
     """Record that `op` runs on PyTorch's kernel for `reason`: raise under strict, else warn once per
-    (op, reason) in the process."""
+    (op, reason) in the process (reasons that differ only in numbers, such as shapes, count as one)."""
     message = (f"invariant_mode: {op} ran on PyTorch's own kernel, which may give a row other bits in "
                f"another batch: {reason}")
     if strict():
         raise NotInvariantError(message)
+    kind = (op, re.sub(r"\d+", "#", reason))   # once per kind of reason: shapes and lengths vary by step
     with _warned_lock:
-        if (op, reason) in _warned:
+        if kind in _warned:
             return
-        _warned.add((op, reason))
+        _warned.add(kind)
     warnings.warn(message, InvariantModeWarning, stacklevel=3)
 
 

@@ -102,7 +102,8 @@ def kernelized_norms(model: torch.nn.Module) -> Iterator[int]:
         return
     # kernelize sets (or removes) `forward` and `_kernel_repo` on instances of marked classes, also of other
     # layer names; these are put back exactly as they were
-    touched = [m for m in model.modules() if hasattr(type(m), "kernel_layer_name") or hasattr(m, "_kernel_funcs")]
+    touched = [m for m in model.modules() if hasattr(type(m), "kernel_layer_name")]
+    touched += [f for m in model.modules() for f in (getattr(m, "_kernel_funcs", None) or {}).values()]
     saved = [(m, {k: m.__dict__[k] for k in ("forward", "_kernel_repo") if k in m.__dict__}) for m in touched]
     device = next(model.parameters()).device
     repo = InMemoryLayerRepository(InvariantRMSNorm)

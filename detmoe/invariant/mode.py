@@ -5,8 +5,9 @@
     with detmoe.invariant_mode(model):            # also the model's attention, experts and norms through
         out = model.generate(**batch)             # transformers' registries (transformers_hooks.py)
 
-Entering registers the overrides with `torch.library` for the CPU and CUDA dispatch keys; leaving the
-outermost block removes them, so PyTorch's own kernels are back, also when the block raises. Blocks nest.
+Entering registers the overrides with `torch.library` for the CPU and CUDA dispatch keys, and runs
+`torch.compile`d functions eagerly (compiled code would bypass the dispatcher); leaving the outermost block
+undoes both, so PyTorch's own kernels are back, also when the block raises. Blocks nest.
 
 Threads: PyTorch's dispatcher is process-wide, so while any thread is inside a block every thread's calls
 of the overridden operators run on the overrides (and `strict` holds for all while any strict block is
@@ -30,6 +31,7 @@ _lock = threading.Lock()
 _entries = 0
 _strict_entries = 0
 _library: Optional[torch.library.Library] = None
+_stance = None   # torch.compiler.set_stance("force_eager") while a block is open
 
 
 def _register() -> torch.library.Library:
@@ -62,7 +64,7 @@ def invariant_mode(model: Optional[torch.nn.Module] = None, *, strict: bool = Fa
         the aten overrides alone apply, which cover transformers' sdpa attention and grouped experts too.
     strict: raise `NotInvariantError` instead of warning where a call falls back to a PyTorch kernel.
     """
-    global _entries, _strict_entries, _library
+    global _entries, _strict_entries, _library, _stance
     if not isinstance(strict, bool):
         raise ValueError(f"strict must be True or False, got {strict!r}")
     if model is not None and not isinstance(model, torch.nn.Module):
@@ -70,6 +72,9 @@ def invariant_mode(model: Optional[torch.nn.Module] = None, *, strict: bool = Fa
     with _lock:
         if _entries == 0:
             _library = _register()
+            # compiled code (torch.compile; transformers compiles a static cache's decode step itself) runs
+            # kernels of its own, past the dispatcher: inside the mode, compiled functions run eagerly
+            _stance = torch.compiler.set_stance("force_eager")
         _entries += 1
         _strict_entries += strict
         fallback.set_strict_entries(_strict_entries)
@@ -88,3 +93,5 @@ def invariant_mode(model: Optional[torch.nn.Module] = None, *, strict: bool = Fa
             if _entries == 0:
                 _library._destroy()
                 _library = None
+                _stance.__exit__(None, None, None)   # the stance in force before the first entry
+                _stance = None

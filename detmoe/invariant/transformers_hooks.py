@@ -13,15 +13,19 @@ block, then back at what it had:
   * experts: detmoe's expert sort, grouped SwiGLU GEMM, grouped down GEMM and ordered combine
     (detmoe/kernels), the kernels detmoe's own MoE layer runs.
 
-What these cannot run (sliding windows, soft-capping, attention sinks, dropout in training; experts with
-biases, interleaved gate/up, another activation, a post-expert norm, expert parallelism) goes to
-transformers' sdpa attention or grouped experts after a warning (an error under strict): inside
+What these cannot run (sliding windows, soft-capping, attention sinks or position biases, dropout in
+training, value head dims unlike the keys'; experts with biases, interleaved gate/up, another activation,
+a post-expert norm, expert parallelism) goes, after a warning (an error under strict), to the attention
+implementation the model had before the switch, or to transformers' grouped experts: inside
 `invariant_mode()` those run on the aten overrides, batch-invariant but, for attention, not padding-invariant.
+A (sub-)model transformers cannot switch (its attention is its own code) is named in a warning too.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+import sys
+import threading
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -34,6 +38,32 @@ from detmoe.invariant.hub_layers import kernelized_norms
 NAME = "detmoe_invariant"
 
 
+# keyword arguments transformers passes to attention functions that do not change what is computed
+_INERT = frozenset({"position_ids", "use_cache", "output_router_logits", "cache_position", "output_attentions",
+                    "past_key_values", "past_key_value", "layer_idx", "is_causal"})
+# each config's attention implementation before the switch (for the fallback): id(config) -> name
+_previous_attention: dict[int, str] = {}
+
+
+def _own_attention(module: torch.nn.Module, mask: Optional[torch.Tensor], causal: bool, query: torch.Tensor,
+                   Sk: int) -> tuple[Callable, Optional[torch.Tensor]]:
+    """The attention function the module's model used before the switch, with the mask in its form: the
+    modelling file's eager one (an additive mask) where that was "eager", else transformers' sdpa one (the
+    boolean mask the switch's mask builder made)."""
+    previous = _previous_attention.get(id(getattr(module, "config", None)), "sdpa")
+    Sq, dtype, device = query.shape[2], query.dtype, query.device
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if previous == "eager" and eager is not None:
+        if mask is None and causal and Sq > 1:   # the sdpa builder's "causal, no padding": eager needs it drawn
+            q_pos = torch.arange(Sk - Sq, Sk, device=device)[:, None]
+            mask = (torch.arange(Sk, device=device)[None, :] <= q_pos)[None, None]
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        return eager, mask
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward, mask
+
+
 def invariant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                         scaling: Optional[float] = None, sliding_window: Optional[int] = None,
@@ -41,27 +71,40 @@ def invariant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     """transformers' attention-function signature: query [B, H, Sq, D], key and value [B, Hkv, Sk, D]
     -> ([B, Sq, H, D], None)."""
     B, H, Sq, D = query.shape
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
     with override_body(), kernels.use_backend("batch_invariant"):
         try:
-            if sliding_window is not None or softcap is not None or kwargs.get("s_aux") is not None:
-                raise Unsupported("a sliding window, soft-capping or attention sinks")
+            others = sorted(k for k, v in kwargs.items() if v is not None and k not in _INERT)
+            if sliding_window is not None or softcap is not None or others:
+                raise Unsupported("a sliding window, soft-capping or arguments the kernel does not take ("
+                                  + ", ".join(others or ["sliding_window/softcap"]) + ")")
             if dropout > 0 and module.training:
                 raise Unsupported("dropout in training")
+            if query.numel() == 0 or key.numel() == 0:
+                raise Unsupported("an empty batch")
+            if value.shape != key.shape:
+                raise Unsupported("values of another head dim than the keys")
             check_kernel_inputs(query, key, value)
-            # transformers passes no mask for a causal batch without padding
-            allowed, why = allowed_from_mask(attention_mask, attention_mask is None and Sq > 1, B, Sq, key.shape[2])
-            if why is not None:
-                raise Unsupported(why)
+            if attention_mask is None and not causal:     # bidirectional: every query sees every key
+                allowed = torch.ones(B, Sq, key.shape[2], dtype=torch.bool, device=query.device)
+            else:
+                # transformers passes no mask for a causal batch without padding
+                allowed, why = allowed_from_mask(attention_mask, attention_mask is None and Sq > 1, B, Sq,
+                                                 key.shape[2])
+                if why is not None:
+                    raise Unsupported(why)
             out = padded_attention(query, key, value, allowed, D ** -0.5 if scaling is None else scaling,
                                    mask=attention_mask)
             if out is None:
-                raise Unsupported("a mask other than causal attention over padded rows")
+                raise Unsupported("a mask other than attention over padded rows (each query sees its row's "
+                                  "first real keys)")
             return out.transpose(1, 2).contiguous(), None
         except Unsupported as e:
             fall_back(f"{NAME} attention", str(e))
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  sliding_window=sliding_window, softcap=softcap, **kwargs)
+    attention, attention_mask = _own_attention(module, attention_mask, causal, query, key.shape[2])
+    return attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                     sliding_window=sliding_window, softcap=softcap, **kwargs)
 
 
 def _experts_unsupported(experts: torch.nn.Module, x: torch.Tensor) -> Optional[str]:
@@ -119,22 +162,60 @@ def _has_experts_switch(model: torch.nn.Module) -> bool:
     return hasattr(model, "set_experts_implementation") and model._can_set_experts_implementation()
 
 
+def _models(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model and its sub-models with configs of their own (a vision tower, a text model)."""
+    return [m for m in model.modules() if hasattr(m, "config") and hasattr(m, "set_attn_implementation")]
+
+
+_lock = threading.Lock()
+_switched: dict[int, list] = {}   # id(model) -> [blocks open on it, what to put back]
+
+
+def _switch(model: torch.nn.Module) -> contextlib.ExitStack:
+    """Point every (sub-)model at NAME; returns what puts them back."""
+    undo = contextlib.ExitStack()
+    saved = [(m, m.config._attn_implementation, getattr(m.config, "_experts_implementation", None))
+             for m in _models(model)]
+    for m, attention, _ in saved:
+        _previous_attention[id(m.config)] = attention
+    model.set_attn_implementation(NAME)
+    # the outer model first (it sets its sub-models too), then each sub-model that had its own
+    undo.callback(lambda: [m.set_attn_implementation(a) for m, a, _ in saved if m.config._attn_implementation != a])
+    if _has_experts_switch(model):
+        model.set_experts_implementation(NAME)
+        undo.callback(lambda: [m.set_experts_implementation(e) for m, _, e in saved
+                               if e is not None and m._can_set_experts_implementation()
+                               and m.config._experts_implementation != e])
+    unswitched = sorted({type(m).__name__ for m, _, _ in saved if m.config._attn_implementation != NAME})
+    if unswitched:
+        fall_back(f"{NAME} attention", f"transformers could not switch {', '.join(unswitched)} (its attention "
+                                       "is not the registry's): batch-invariant through the aten overrides, "
+                                       "not padding-invariant")
+    undo.enter_context(kernelized_norms(model))
+    return undo
+
+
 @contextlib.contextmanager
 def switched(model: torch.nn.Module) -> Iterator[None]:
-    """`model` on detmoe's attention, experts and norms for the block; its own implementations back on exit."""
+    """`model` on detmoe's attention, experts and norms for the block; its own implementations back when the
+    last block open on it closes (blocks of several threads on one model are counted)."""
     if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
         raise ValueError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     register()
-    attention_before = model.config._attn_implementation
-    experts = _has_experts_switch(model)
-    experts_before = model.config._experts_implementation if experts else None
-    model.set_attn_implementation(NAME)
+    with _lock:
+        entry = _switched.setdefault(id(model), [0, None])
+        if entry[0] == 0:
+            try:
+                entry[1] = _switch(model)
+            except BaseException:
+                del _switched[id(model)]
+                raise
+        entry[0] += 1
     try:
-        if experts:
-            model.set_experts_implementation(NAME)
-        with kernelized_norms(model):
-            yield
+        yield
     finally:
-        model.set_attn_implementation(attention_before)
-        if experts:
-            model.set_experts_implementation(experts_before)
+        with _lock:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _switched[id(model)]
+                entry[1].close()

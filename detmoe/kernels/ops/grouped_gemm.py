@@ -305,7 +305,7 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: in
         return out
     strides_out = (out.stride(-2), out.stride(-1), out.stride(0) if kind == "partials" else 0)
     row_ends = offsets if offsets.dtype == torch.int32 else offsets.to(torch.int32)
-    if packed if packed is not None else runtime.interpreting():
+    if packed if packed is not None else runtime.interpreting() and packed_fits(E, t.BLOCK_N, block_k):
         row_starts = torch.cat([row_ends.new_zeros(1), row_ends[:-1]])
         _launch_packed(x, w, out, strides_out, row_starts, row_ends, K, chunks, t.BLOCK_N, block_k)
         return out
@@ -331,6 +331,13 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: in
         enable_fp_fusion=not swiglu,
     )
     return out
+
+
+def packed_fits(E: int, block_n: int, block_k: int) -> bool:
+    """Whether the packed kernel's blocks (all experts at once) stay within Triton's 2**20 elements a block;
+    where they would not (many experts or groups), the per-tile kernel runs instead (the same bits)."""
+    e_pow2 = runtime.next_pow2(E)
+    return e_pow2 * max(PACKED_BLOCK_M * block_k, block_k * block_n, PACKED_BLOCK_M * block_n) <= 2**20
 
 
 def _launch_packed(x, w, out, strides_out, row_starts, row_ends, K: int, chunks: int, block_n: int,
