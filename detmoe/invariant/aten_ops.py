@@ -9,7 +9,7 @@ whose reduction order is fixed by the reduced length alone, never by the number 
     sum, mean (any dims)                             -> a fixed-order row sum (kernels.matmul by ones, fp32)
     _softmax, _log_softmax (any dim)                 -> kernels.softmax / kernels.log_softmax
     topk                                             -> kernels.top_k (ties to the lowest index)
-    index_add, index_add_                            -> adds in source order, one level of duplicates at a time
+    index_add(_), scatter_add(_)                     -> adds in source order, one level of duplicates at a time
     scaled_dot_product_attention                     -> detmoe/invariant/attention.py (padding-invariant)
     mv, addmv                                        -> kernels.matmul
     silu, sigmoid, gelu, tanh, exp, log, cos, sin, erf, rsqrt, pow by a scalar (CPU only; and in-place)
@@ -30,6 +30,7 @@ override, torch calls run PyTorch's kernels (`fallback.override_body`).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -378,6 +379,36 @@ def _stock_index_add_(x, dim, index, source, *, alpha=1):
 @override("index_add_", _stock_index_add_)
 def index_add_(x: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tensor, *, alpha=1) -> torch.Tensor:
     return x.copy_(_ordered_index_add(x, dim, index, source, alpha))
+
+
+def _stock_scatter_add(x, dim, index, src):
+    return aten.scatter_add.out(x, dim, index, src, out=_empty(x))
+
+
+def _ordered_scatter_add(x: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """x with src[i] added at x[i with index[i] along dim], for every position i of index: each destination's
+    additions in the row-major order of index, as `_ordered_index_add` adds them."""
+    if x.dtype != src.dtype or index.dim() != x.dim() or index.dim() != src.dim() or x.dim() == 0:
+        raise Unsupported("mixed dtypes or ranks")   # PyTorch names the error
+    if any(index.shape[d] > src.shape[d] or (d != dim % x.dim() and index.shape[d] > x.shape[d])
+           for d in range(x.dim())):
+        raise Unsupported("an index larger than its source or destination")
+    dim = dim % x.dim()
+    where = torch.meshgrid(*[torch.arange(n, device=x.device) for n in index.shape], indexing="ij")
+    where = [index.long() if d == dim else w for d, w in enumerate(where)]
+    flat = sum(w * math.prod(x.shape[d + 1:]) for d, w in enumerate(where))   # row-major position in x
+    values = src[tuple(slice(0, n) for n in index.shape)].reshape(-1)
+    return _ordered_index_add(x.reshape(-1), 0, flat.reshape(-1), values, 1).view(x.shape)
+
+
+@override("scatter_add", _stock_scatter_add)
+def scatter_add(x: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    return _ordered_scatter_add(x, dim, index, src)
+
+
+@override("scatter_add_", lambda x, dim, index, src: x.copy_(_stock_scatter_add(x, dim, index, src)))
+def scatter_add_(x: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    return x.copy_(_ordered_scatter_add(x, dim, index, src))
 
 
 # --- attention ------------------------------------------------------------------------------------------

@@ -294,6 +294,33 @@ def test_index_add_with_duplicates_adds_in_source_order(seed, dtype, dim):
                  **(dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=0.5)))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [0, 1])
+def test_scatter_add_adds_each_destinations_values_in_index_order(seed, dtype, dim):
+    R, C, n = 6, 9, 40                        # n source rows (or columns) aimed at R destinations
+    x = randn(*((R, C) if dim == 0 else (C, R)), dtype=dtype)
+    src = randn(*((n + 2, C + 1) if dim == 0 else (C + 1, n + 2)), dtype=dtype) * 8   # larger than index
+    index = torch.randint(0, R, (n, C) if dim == 0 else (C, n))
+    want = x.clone()
+    for pos in torch.cartesian_prod(*[torch.arange(m) for m in index.shape]).tolist():   # row-major order
+        dest = list(pos)
+        dest[dim] = int(index[tuple(pos)])
+        want[tuple(dest)] = want[tuple(dest)] + src[tuple(pos)]
+    with detmoe.invariant_mode(strict=True):
+        functional = x.scatter_add(dim, index, src)
+        in_place = x.clone()
+        in_place.scatter_add_(dim, index, src)
+        # transformers-style: each token's row to its destination, the index expanded over the columns
+        tokens, values = torch.randint(0, R, (n,)), randn(n, C, dtype=dtype)
+        rows = torch.zeros(R, C, dtype=dtype).scatter_add(0, tokens[:, None].expand(-1, C), values)
+    assert_same_bits(functional, want, "scatter_add against one value at a time")
+    assert_same_bits(in_place, want, "scatter_add_ against one value at a time")
+    assert_same_bits(rows, _sequential_index_add(torch.zeros(R, C, dtype=dtype), 0, tokens, values),
+                     "scatter_add of token rows against index_add one row at a time")
+    assert_close(functional, x.scatter_add(dim, index, src),
+                 **(dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=0.5)))
+
+
 # --- CPU elementwise -------------------------------------------------------------------------------------
 
 UNARY = {
