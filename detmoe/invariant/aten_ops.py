@@ -52,6 +52,14 @@ class Exact(Exception):
     """This call's result does not depend on the order of its arithmetic: PyTorch's kernel, silently."""
 
 
+AUTOGRAD = ("autograd: an input requires a gradient and the kernels have no backward (the mode is for "
+            "inference: run under torch.no_grad() or torch.inference_mode())")
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 # (aten name with overload, dispatch keys, implementation), filled by @override
 OVERRIDES: list[tuple[str, tuple[str, ...], Callable]] = []
 
@@ -65,9 +73,8 @@ def override(name: str, stock: Callable, keys: tuple[str, ...] = ("CPU", "CUDA")
                 return stock(*args, **kwargs)
             with override_body():
                 try:
-                    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
-                                                       for a in args):
-                        raise Unsupported("autograd (the kernels have no backward; the mode is for inference)")
+                    if needs_grad(*(a for a in args if isinstance(a, torch.Tensor))):
+                        raise Unsupported(AUTOGRAD)
                     with kernels.use_backend("batch_invariant"):
                         return fn(*args, **kwargs)
                 except Exact:

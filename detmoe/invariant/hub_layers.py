@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from detmoe import kernels
-from detmoe.invariant.aten_ops import Unsupported, check_kernel_inputs
+from detmoe.invariant.aten_ops import AUTOGRAD, Unsupported, check_kernel_inputs, needs_grad
 from detmoe.invariant.fallback import fall_back, override_body
 
 LAYER_NAME = "RMSNorm"
@@ -35,6 +35,8 @@ class InvariantRMSNorm(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         with override_body(), kernels.use_backend("batch_invariant"):
             try:
+                if needs_grad(hidden_states, self.weight):
+                    raise Unsupported(AUTOGRAD)
                 check_kernel_inputs(hidden_states, self.weight)
                 return kernels.rms_norm(hidden_states, self.weight, float(self.variance_epsilon))
             except Unsupported as e:

@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from detmoe import kernels
-from detmoe.invariant.aten_ops import Unsupported, check_kernel_inputs
+from detmoe.invariant.aten_ops import AUTOGRAD, Unsupported, check_kernel_inputs, needs_grad
 from detmoe.invariant.attention import allowed_from_mask, padded_attention
 from detmoe.invariant.fallback import fall_back, override_body
 from detmoe.invariant.hub_layers import kernelized_norms
@@ -83,6 +83,8 @@ def invariant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
                 raise Unsupported("dropout in training")
             if query.numel() == 0 or key.numel() == 0:
                 raise Unsupported("an empty batch")
+            if needs_grad(query, key, value):
+                raise Unsupported(AUTOGRAD)
             if value.shape != key.shape:
                 raise Unsupported("values of another head dim than the keys")
             check_kernel_inputs(query, key, value)
@@ -107,7 +109,7 @@ def invariant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
                      sliding_window=sliding_window, softcap=softcap, **kwargs)
 
 
-def _experts_unsupported(experts: torch.nn.Module, x: torch.Tensor) -> Optional[str]:
+def _experts_unsupported(experts: torch.nn.Module) -> Optional[str]:
     from transformers.integrations.moe import _default_apply_gate
     # attributes of transformers' experts decorator; releases before one of them lacked its feature
     if not getattr(experts, "has_gate", True) or not getattr(experts, "is_concatenated", True) \
@@ -129,9 +131,11 @@ def invariant_experts(experts: torch.nn.Module, hidden_states: torch.Tensor, top
     -> [T, D]: each token's experts in slot order, summed in fp32 in slot order."""
     with override_body(), kernels.use_backend("batch_invariant"):
         try:
-            why = _experts_unsupported(experts, hidden_states)
+            why = _experts_unsupported(experts)
             if why is not None:
                 raise Unsupported(why)
+            if needs_grad(hidden_states, experts.gate_up_proj, experts.down_proj):
+                raise Unsupported(AUTOGRAD)
             transposed = getattr(experts, "is_transposed", False)
             w_gate_up = experts.gate_up_proj if transposed else experts.gate_up_proj.transpose(1, 2)
             w_down = experts.down_proj if transposed else experts.down_proj.transpose(1, 2)
