@@ -16,14 +16,13 @@ import argparse
 import contextlib
 import random
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import detmoe
 from benchmarks import diagnose_hf
-from benchmarks.diagnose_hf import SHAPES, build, cell
+from benchmarks.diagnose_hf import SHAPES, build, cell, timed
 from detmoe.diagnose import compare, record, recording
 from detmoe.diagnose.batches import pad_rows, positions_from_mask
 from detmoe.lab.outputs import write_csv, write_json
@@ -103,15 +102,6 @@ def distinct(model, shape: str, modes: list, runs: int, probe_len: int, lengths:
     return rows
 
 
-def _median_ms(fn, repeats: int) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - start) / repeats
-
-
 @torch.no_grad()
 def price(model, shape: str, modes: list, rounds: int, seed: int) -> dict:
     """Median wall time (ms) of a 16 x 512 prefill forward and of a greedy generation of 32 tokens for 16
@@ -132,7 +122,7 @@ def price(model, shape: str, modes: list, rounds: int, seed: int) -> dict:
         for name in modes:
             with mode_of(model, name):
                 for w, fn in work.items():
-                    times[(w, name)].append(_median_ms(fn, 1 if w.startswith("generate") else 3))
+                    times[(w, name)].append(1e3 * timed(fn, 1 if w.startswith("generate") else 3))
     out = {}
     for w in work:
         base = statistics.median(times[(w, "stock")])

@@ -313,7 +313,7 @@ def check_dense_row_parallel(what: str, x_of: Callable[[int, int], torch.Tensor]
             ref_dt = ref if dt == dtype else parallel.row_parallel_matmul(x.to(dt), w.to(dt), C, None)
             xs_dt, ws_dt = [t.to(dt) for t in xs], [t.to(dt) for t in ws]
             for threshold in (ONE_ALL_GATHER, ALL_TO_ALL) if both_forms else (parallel.GATHER_BELOW_BYTES,):
-                with _gather_below(threshold):
+                with _module_value(parallel, "GATHER_BELOW_BYTES", threshold):
                     outs = run_ranks(ranks, lambda v: parallel.row_parallel_matmul(xs_dt[v.rank], ws_dt[v.rank], C, v))
                 for r, out in enumerate(outs):
                     assert bits_equal(out, ref_dt), \
@@ -326,13 +326,15 @@ ONE_ALL_GATHER, ALL_TO_ALL = 1 << 62, 0
 
 
 @contextlib.contextmanager
-def _gather_below(n: int):
-    """parallel.GATHER_BELOW_BYTES set for a block (0: every cross-rank sum takes the all-to-all form)."""
-    old, parallel.GATHER_BELOW_BYTES = parallel.GATHER_BELOW_BYTES, n
+def _module_value(module, name: str, value):
+    """module.name set to value for a block: parallel.GATHER_BELOW_BYTES (0: every cross-rank sum takes the
+    all-to-all form) and layer.EP_DEVICE_RUN_MAX (0: every step finds its rows on the host)."""
+    old = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        parallel.GATHER_BELOW_BYTES = old
+        setattr(module, name, old)
 
 
 def attention_output_case(cfg: moe.ModelConfig, T: int, N: int):
@@ -475,7 +477,7 @@ def check_moe_layer(cfg: moe.ModelConfig, T: int, D: int, runs=LAYER_RUNS, dtype
             ranks = rank_views(experts, W)
             built[experts, W] = ranks, sharded_layers(single, ranks)
         ranks, layers = built[experts, W]
-        with _ep_device_run_max(EP_DEVICE_RUN_MAX if ep_rows == "device" else 0):
+        with _module_value(moe_layer, "EP_DEVICE_RUN_MAX", EP_DEVICE_RUN_MAX if ep_rows == "device" else 0):
             outs = run_ranks(ranks, lambda v: layers[v.rank](x, seq_ids))
         for r, (y, rt) in enumerate(outs):
             assert torch.equal(rt.experts, routing.experts), f"{experts}x{W} rank {r}: routing"
@@ -483,16 +485,6 @@ def check_moe_layer(cfg: moe.ModelConfig, T: int, D: int, runs=LAYER_RUNS, dtype
 
 
 EP_DEVICE_RUN_MAX = moe_layer.EP_DEVICE_RUN_MAX   # (the module's value, before any test changes it)
-
-
-@contextlib.contextmanager
-def _ep_device_run_max(n: int):
-    """layer.EP_DEVICE_RUN_MAX set for a block (0: every step finds its rows on the host)."""
-    old, moe_layer.EP_DEVICE_RUN_MAX = moe_layer.EP_DEVICE_RUN_MAX, n
-    try:
-        yield
-    finally:
-        moe_layer.EP_DEVICE_RUN_MAX = old
 
 
 def random_layer(cfg: moe.ModelConfig, D: int, dtype: Optional[torch.dtype] = None) -> MoELayer:
@@ -595,7 +587,7 @@ def test_controls_break_the_bits(seed, batch_invariant, emulated_collectives, in
         assert not bits_equal(kernels.tree_sum(subtrees_of(2, 1), F32), ref32), f"{what}: 2 ranks, 1 leaf each"
         # the model's cross_rank_sum on 4 threads whose group delivers in the order 0, 2, 1, 3
         for threshold in (ONE_ALL_GATHER, ALL_TO_ALL):
-            with _gather_below(threshold):
+            with _module_value(parallel, "GATHER_BELOW_BYTES", threshold):
                 for deliver, same in ((None, True), ([0, 2, 1, 3], False)):
                     outs = run_ranks(rank_views("tp", 4, deliver),
                                      lambda v: parallel.cross_rank_sum(four[v.rank], v, F32))
@@ -609,7 +601,7 @@ def test_controls_break_the_bits(seed, batch_invariant, emulated_collectives, in
     ranks = rank_views("ep", 4, deliver=[1, 0, 3, 2])
     layers = sharded_layers(single, ranks)
     for max_rows in (EP_DEVICE_RUN_MAX, 0):
-        with _ep_device_run_max(max_rows):
+        with _module_value(moe_layer, "EP_DEVICE_RUN_MAX", max_rows):
             outs = run_ranks(ranks, lambda v: layers[v.rank](xx, seq_ids)[0])
         assert not any(bits_equal(y, ref) for y in outs), max_rows
 
